@@ -1,0 +1,167 @@
+"""The PyTorch backend: the per-backend primitives written with plain torch ops.
+
+Every backend (``torch``, ``triton``, ``cuda``) implements the same six primitives with the same
+signatures and output dtypes; the custom ops in :mod:`crossvit_fast.ops` compose them with the
+small per-sample products. This module is also the readable statement of the math (design.md §2).
+
+Conventions shared by all backends:
+
+* activations (``x``, ``x0``, ``patches``, ``dy``) come in one dtype ``T`` (fp32, fp16 or bf16);
+  parameters and ``kt``/``dz`` may be of any float dtype and are read as fp32;
+* statistics (``mean``, ``rstd``, ``lse``), ``z`` and every parameter gradient are returned in
+  fp32 (float64 when the activations are float64: the tests' reference precision); activation
+  gradients and ``y``/``h`` are returned in ``T``;
+* ``patches`` may be a strided view (e.g. ``tokens[:, 1:]``) and may have ``N == 0`` tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the accumulation dtype: float64 stays float64, everything else becomes fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(n, mean, rstd)`` of LayerNorm over the last dim, ``n = (x - mean) * rstd``."""
+    x = _acc(x)
+    mean = x.mean(dim=-1)
+    var = (x - mean.unsqueeze(-1)).square().mean(dim=-1)
+    rstd = torch.rsqrt(var + eps)
+    return (x - mean.unsqueeze(-1)) * rstd.unsqueeze(-1), mean, rstd
+
+
+def _layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
+    """Gradient through ``n = (x - mean) * rstd`` given ``dn = dL/dn`` (all fp32)."""
+    mean_dn = dn.mean(dim=-1, keepdim=True)
+    mean_dn_n = (dn * n).mean(dim=-1, keepdim=True)
+    return (dn - mean_dn - n * mean_dn_n) * rstd.unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLS attention pooling: the token pass of the single-query cross-attention.
+# ---------------------------------------------------------------------------------------------
+
+def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                  eps: float) -> Tuple[Tensor, Tensor]:
+    """Softmax-weighted mean of the LayerNorm-ed tokens ``[x0 ‖ patches]``, one per head.
+
+    With ``x̂_j = γ ⊙ n_j + β`` (LayerNorm of token j) and scores ``s_hj = kt_h · x̂_j``:
+    returns ``z[b, h] = Σ_j softmax_j(s_h)_j x̂_j`` (``[B, H, C]``) and ``lse[b, h] =
+    logsumexp_j s_hj`` (``[B, H]``). ``x0``: ``[B, C]``; ``patches``: ``[B, N, C]``;
+    ``kt``: ``[B, H, C]``. The CLS token and the patches are read separately, never concatenated.
+    """
+    kt = _acc(kt)
+    xhat0, xhat = (_normalize(t, eps)[0] * _acc(gamma) + _acc(beta) for t in (x0.unsqueeze(1), patches))
+    s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
+    s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
+    lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
+    z = (torch.einsum("bhn,bnc->bhc", torch.exp(s0 - lse.unsqueeze(-1)), xhat0)
+         + torch.einsum("bhn,bnc->bhc", torch.exp(s - lse.unsqueeze(-1)), xhat))
+    return z, lse
+
+
+def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`attn_pool_fwd` given ``dz = dL/dz``.
+
+    Recomputes the probabilities from ``lse``; returns ``(dx0 [B, C] T, dpatches [B, N, C] T,
+    dkt [B, H, C], dgamma [C], dbeta [C])``. Per head, with ``δ_h = dz_h · z_h``:
+    ``ds_hj = a_hj (dz_h · x̂_j − δ_h)``, ``dx̂_j = Σ_h (a_hj dz_h + ds_hj kt_h)``,
+    ``dkt_h = Σ_j ds_hj x̂_j``, then LayerNorm's backward per token.
+    """
+    g, b_, kt, dz = _acc(gamma), _acc(beta), _acc(kt), _acc(dz)
+    delta = (dz * _acc(z)).sum(dim=-1, keepdim=True)                # [B, H, 1]
+
+    def token_grads(x: Tensor):
+        n, _, rstd = _normalize(x, eps)
+        xhat = n * g + b_
+        a = torch.exp(torch.einsum("bhc,bnc->bhn", kt, xhat) - lse.unsqueeze(-1))
+        ds = a * (torch.einsum("bhc,bnc->bhn", dz, xhat) - delta)
+        dxhat = torch.einsum("bhn,bhc->bnc", a, dz) + torch.einsum("bhn,bhc->bnc", ds, kt)
+        dx = _layer_norm_input_grad(dxhat * g, n, rstd)
+        return (dx.to(x.dtype), torch.einsum("bhn,bnc->bhc", ds, xhat),
+                (dxhat * n).sum(dim=(0, 1)), dxhat.sum(dim=(0, 1)))
+
+    dx0, dkt0, dg0, db0 = token_grads(x0.unsqueeze(1))
+    dp, dktp, dgp, dbp = token_grads(patches)
+    return dx0.squeeze(1), dp, dkt0 + dktp, dg0 + dgp, db0 + dbp
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm with an optional residual add folded in.
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``h = x + residual`` (rounded to ``T``; ``h = x`` without residual), ``y = LN(h)``.
+
+    ``x``, ``residual``: ``[M, C]``. Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
+    """
+    h = x if residual is None else x + residual
+    n, mean, rstd = _normalize(h, eps)
+    y = n * _acc(weight) + _acc(bias)
+    return y.to(x.dtype), h, mean, rstd
+
+
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`layer_norm_fwd`; ``dh`` is the gradient reaching ``h`` directly.
+
+    Returns ``(dx [M, C] T, dweight [C] fp32, dbias [C] fp32)``; ``dresidual`` equals ``dx``.
+    """
+    dy = _acc(dy)
+    n = (_acc(h) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dx = _layer_norm_input_grad(dy * _acc(weight), n, rstd)
+    if dh is not None:
+        dx = dx + _acc(dh)
+    return dx.to(h.dtype), (dy * n).sum(dim=0), dy.sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLS projection: LayerNorm -> GELU (erf) -> Linear.
+# ---------------------------------------------------------------------------------------------
+
+def _gelu_and_grad(u: Tensor) -> Tuple[Tensor, Tensor]:
+    cdf = 0.5 * (1.0 + torch.erf(u * _INV_SQRT2))
+    pdf = torch.exp(-0.5 * u * u) * (_INV_SQRT2 / math.sqrt(math.pi))
+    return u * cdf, cdf + u * pdf
+
+
+def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``y = GELU(LN(x)) @ weight.T + bias``; ``x``: ``[M, Cin]``, ``weight``: ``[Cout, Cin]``.
+
+    Returns ``(y [M, Cout] T, mean [M], rstd [M])``.
+    """
+    n, mean, rstd = _normalize(x, eps)
+    act, _ = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
+    y = torch.addmm(_acc(bias), act, _acc(weight).t())
+    return y.to(x.dtype), mean, rstd
+
+
+def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                 mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`cls_proj_fwd`.
+
+    Returns ``(dx [M, Cin] T, dln_weight, dln_bias, dweight [Cout, Cin], dbias)``.
+    """
+    dy = _acc(dy)
+    n = (_acc(x) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    act, dact_du = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
+    du = (dy @ _acc(weight)) * dact_du
+    dx = _layer_norm_input_grad(du * _acc(ln_weight), n, rstd)
+    return (dx.to(x.dtype), (du * n).sum(dim=0), du.sum(dim=0), dy.t() @ act, dy.sum(dim=0))
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """The PyTorch backend runs on every device."""
+    return None

@@ -1,0 +1,30 @@
+"""Test session set-up.
+
+On a machine without CUDA, Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1``
+must be set before Triton is first imported, so it is set here, before any test module loads.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from crossvit_fast import backends  # noqa: E402  (after TRITON_INTERPRET is set)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_param(name: str):
+    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run."""
+    reason = backends.unavailable_reason(name, DEVICE)
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+ALL_BACKENDS = [backend_param(name) for name in backends.CONCRETE_BACKENDS]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
