@@ -91,6 +91,11 @@ def test_attn_pool(backend, dtype, shape):
     grads = impl.attn_pool_bwd(dz.float(), x0, patches, kt.float(), gamma.float(), beta.float(),
                                z, lse, EPS)
     for name, g, e in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"), grads, expected):
+        if name == "dkt" and shape[1] == 0:
+            # One token: dkt is exactly 0, left as the rounding of dz·x̂ − dz·z (terms of size |dz||x̂|).
+            cancelling = (dz.norm(dim=-1).max() * z_ref.norm(dim=-1).max()).item()
+            assert g.abs().max().item() <= tol * cancelling, f"{backend} dkt with N=0"
+            continue
         assert_rel_close(g, e, tol, f"{backend} {name}")
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
