@@ -26,13 +26,14 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 
 
-def _check_name(name: str, what: str) -> str:
+def check_name(name: str, what: str) -> str:
+    """``name`` lower-cased if it is a backend name; a ValueError naming ``what`` otherwise."""
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{what}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name.lower()
 
 
-_requested = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+_requested = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
 
 
 def get_backend() -> str:
@@ -47,7 +48,7 @@ def set_backend(name: str) -> None:
     raises :class:`BackendUnavailableError` at once, with the reason.
     """
     global _requested
-    name = _check_name(name, "set_backend")
+    name = check_name(name, "set_backend")
     if name != "auto":
         _raise_if_unusable_everywhere(name)
     _requested = name
@@ -57,7 +58,7 @@ def set_backend(name: str) -> None:
 def use_backend(name: str) -> Iterator[str]:
     """Context manager: run fused ops on ``name`` inside the block, then restore the previous choice."""
     global _requested
-    name = _check_name(name, "use_backend")
+    name = check_name(name, "use_backend")
     if name != "auto":
         _raise_if_unusable_everywhere(name)
     previous, _requested = _requested, name
@@ -93,7 +94,7 @@ def _raise_if_unusable_everywhere(name: str) -> None:
 
 def resolve(requested: Optional[str], device: torch.device | str) -> str:
     """The concrete backend that runs on ``device`` for a ``requested`` name (None: current choice)."""
-    name = _check_name(requested, "backend") if requested is not None else _requested
+    name = check_name(requested, "backend") if requested is not None else _requested
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":

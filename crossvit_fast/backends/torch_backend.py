@@ -29,7 +29,7 @@ def _acc(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """``(n, mean, rstd)`` of LayerNorm over the last dim, ``n = (x - mean) * rstd``."""
     x = _acc(x)
     mean = x.mean(dim=-1)
@@ -38,7 +38,7 @@ def _normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     return (x - mean.unsqueeze(-1)) * rstd.unsqueeze(-1), mean, rstd
 
 
-def _layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
+def layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
     """Gradient through ``n = (x - mean) * rstd`` given ``dn = dL/dn`` (all fp32)."""
     mean_dn = dn.mean(dim=-1, keepdim=True)
     mean_dn_n = (dn * n).mean(dim=-1, keepdim=True)
@@ -59,7 +59,7 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     ``kt``: ``[B, H, C]``. The CLS token and the patches are read separately, never concatenated.
     """
     kt = _acc(kt)
-    xhat0, xhat = (_normalize(t, eps)[0] * _acc(gamma) + _acc(beta) for t in (x0.unsqueeze(1), patches))
+    xhat0, xhat = (normalize(t, eps)[0] * _acc(gamma) + _acc(beta) for t in (x0.unsqueeze(1), patches))
     s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
     s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
     lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
@@ -82,12 +82,12 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     delta = (dz * _acc(z)).sum(dim=-1, keepdim=True)                # [B, H, 1]
 
     def token_grads(x: Tensor):
-        n, _, rstd = _normalize(x, eps)
+        n, _, rstd = normalize(x, eps)
         xhat = n * g + b_
         a = torch.exp(torch.einsum("bhc,bnc->bhn", kt, xhat) - lse.unsqueeze(-1))
         ds = a * (torch.einsum("bhc,bnc->bhn", dz, xhat) - delta)
         dxhat = torch.einsum("bhn,bhc->bnc", a, dz) + torch.einsum("bhn,bhc->bnc", ds, kt)
-        dx = _layer_norm_input_grad(dxhat * g, n, rstd)
+        dx = layer_norm_input_grad(dxhat * g, n, rstd)
         return (dx.to(x.dtype), torch.einsum("bhn,bnc->bhc", ds, xhat),
                 (dxhat * n).sum(dim=(0, 1)), dxhat.sum(dim=(0, 1)))
 
@@ -107,7 +107,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     ``x``, ``residual``: ``[M, C]``. Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
     """
     h = x if residual is None else x + residual
-    n, mean, rstd = _normalize(h, eps)
+    n, mean, rstd = normalize(h, eps)
     y = n * _acc(weight) + _acc(bias)
     return y.to(x.dtype), h, mean, rstd
 
@@ -120,7 +120,7 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     """
     dy = _acc(dy)
     n = (_acc(h) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dx = _layer_norm_input_grad(dy * _acc(weight), n, rstd)
+    dx = layer_norm_input_grad(dy * _acc(weight), n, rstd)
     if dh is not None:
         dx = dx + _acc(dh)
     return dx.to(h.dtype), (dy * n).sum(dim=0), dy.sum(dim=0)
@@ -142,7 +142,7 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
 
     Returns ``(y [M, Cout] T, mean [M], rstd [M])``.
     """
-    n, mean, rstd = _normalize(x, eps)
+    n, mean, rstd = normalize(x, eps)
     act, _ = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
     y = torch.addmm(_acc(bias), act, _acc(weight).t())
     return y.to(x.dtype), mean, rstd
@@ -158,7 +158,7 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     n = (_acc(x) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     act, dact_du = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
     du = (dy @ _acc(weight)) * dact_du
-    dx = _layer_norm_input_grad(du * _acc(ln_weight), n, rstd)
+    dx = layer_norm_input_grad(du * _acc(ln_weight), n, rstd)
     return (dx.to(x.dtype), (du * n).sum(dim=0), du.sum(dim=0), dy.t() @ act, dy.sum(dim=0))
 
 

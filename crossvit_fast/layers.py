@@ -1,0 +1,266 @@
+"""Drop-in modules with timm's submodule names, running the fused ops where they apply.
+
+Each module keeps the parameters and child names of its timm counterpart (so ``state_dict`` keys
+are timm's) and falls back to timm's own math (:mod:`crossvit_fast.reference`) where a fused op
+does not apply: a non-affine or non-LayerNorm norm layer, dropout inside the attention while
+training, or inside :func:`crossvit_fast.reference.naive_math`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+
+
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over one trailing dim with weight and bias: what the fused ops implement."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and norm.weight is not None and norm.bias is not None
+            and not reference.naive_enabled())
+
+
+def add_and_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(norm(x + residual), x + residual)``, in one fused pass when ``norm`` is a LayerNorm."""
+    if _fusable_norm(norm):
+        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    h = x + residual
+    return norm(h), h
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dim through the fused LayerNorm op (fp32 statistics)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _fusable_norm(self):
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def drop_path(x: Tensor, drop_prob: float = 0., training: bool = False,
+              scale_by_keep: bool = True) -> Tensor:
+    """Stochastic depth per sample, as timm's ``drop_path`` (same random draws)."""
+    if drop_prob == 0. or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    random_tensor = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        random_tensor.div_(keep_prob)
+    return x * random_tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``)."""
+
+    def __init__(self, drop_prob: float = 0., scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, multi_conv=False,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        img_size = _pair(img_size)
+        patch_size = _pair(patch_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size[1] // patch_size[1]) * (img_size[0] // patch_size[0])
+        if multi_conv:
+            if patch_size[0] == 12:
+                self.proj = nn.Sequential(
+                    nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3, **dd),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=3, padding=0, **dd),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=1, padding=1, **dd),
+                )
+            elif patch_size[0] == 16:
+                self.proj = nn.Sequential(
+                    nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3, **dd),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=2, padding=1, **dd),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1, **dd),
+                )
+            else:
+                raise ValueError(f"PatchEmbed: multi_conv supports patch_size 12 or 16, got {patch_size[0]}")
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[-2:]
+        if (H, W) != tuple(self.img_size):
+            raise ValueError(f"PatchEmbed: input image size ({H}*{W}) doesn't match model "
+                             f"({self.img_size[0]}*{self.img_size[1]})")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention of the branch blocks (timm's ``Attention``, through SDPA)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"Attention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU → fc2 (timm's ``Mlp``)."""
+
+    def __init__(self, in_features, hidden_features=None, act_layer=nn.GELU, drop=0.,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (timm's ``Block``); ``x + attn`` and ``norm2`` run as one fused op."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, proj_drop=0., attn_drop=0.,
+                 drop_path=0., act_layer: Type[nn.Module] = nn.GELU,
+                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                              proj_drop=proj_drop, **dd)
+        self.ls1 = nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn_out = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        y, x = add_and_norm(self.norm2, attn_out, x)
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+class ClsProjection(nn.Sequential):
+    """timm's ``Sequential(norm, GELU, Linear)`` CLS projection, fused into one op.
+
+    Children stay ``0`` (LayerNorm), ``1`` (GELU), ``2`` (Linear) so keys are ``projs.i.{0,2}``.
+    """
+
+    def _fusable(self) -> bool:
+        if len(self) != 3:
+            return False
+        norm, act, linear = self
+        return (_fusable_norm(norm) and type(act) is nn.GELU and act.approximate == "none"
+                and isinstance(linear, nn.Linear) and linear.bias is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fusable():
+            norm, _, linear = self
+            return ops.cls_projection(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
+        return super().forward(x)
+
+
+class CrossAttention(nn.Module):
+    """timm's ``CrossAttention``: token 0 queries all tokens (naive math, K and V formed)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.wq = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.wk = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.wv = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = reference.cross_attention(
+            x, self.wq.weight, self.wq.bias, self.wk.weight, self.wk.bias, self.wv.weight,
+            self.wv.bias, self.proj.weight, self.proj.bias, self.num_heads, self.scale,
+            attn_drop=self.attn_drop)
+        return self.proj_drop(out)
+
+
+class CrossAttentionBlock(nn.Module):
+    """timm's ``CrossAttentionBlock``: ``cls + drop_path(attn(norm1([cls ‖ patches])))``.
+
+    ``forward(cls, patches)`` takes the CLS token ``[B, 1, C]`` and the other branch's patch view
+    separately and runs the fused op (no concatenation, no K or V); ``forward(x)`` also accepts
+    timm's concatenated ``[B, 1 + N, C]`` tokens. Returns the new CLS token ``[B, 1, C]``.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, proj_drop=0., attn_drop=0.,
+                 drop_path=0., act_layer: Type[nn.Module] = nn.GELU,
+                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = CrossAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                   attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _fusable(self) -> bool:
+        dropout_active = self.training and (self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0)
+        return _fusable_norm(self.norm1) and not dropout_active
+
+    def forward(self, x: Tensor, patches: Optional[Tensor] = None) -> Tensor:
+        cls, patches = (x[:, 0:1], x[:, 1:]) if patches is None else (x, patches)
+        if not self._fusable():
+            tokens = torch.cat((cls, patches), dim=1)
+            return cls + self.drop_path(self.attn(self.norm1(tokens)))
+        stochastic_depth = self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0
+        attn = self.attn
+        out = ops.cls_cross_attention(
+            cls, patches, self.norm1.weight, self.norm1.bias, attn.wq.weight, attn.wq.bias,
+            attn.wk.weight, attn.wk.bias, attn.wv.weight, attn.wv.bias, attn.proj.weight,
+            attn.proj.bias, attn.num_heads, attn.scale, self.norm1.eps,
+            add_residual=not stochastic_depth)
+        return cls + self.drop_path(out) if stochastic_depth else out
+
+
+def _pair(v) -> Tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

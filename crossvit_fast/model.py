@@ -1,0 +1,353 @@
+"""``CrossViT``: a drop-in for timm's ``CrossVit`` with fused CLS fusion, projections and norms.
+
+Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
+``timm.models.crossvit.CrossVit`` (timm 1.0.x); a timm or official IBM checkpoint loads with
+``strict=True`` (see :mod:`crossvit_fast.checkpoint`).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layers import Block, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair
+
+
+class MultiScaleBlock(nn.Module):
+    """Both branches' ViT blocks, then the CLS exchange: project, cross-attend, project back."""
+
+    def __init__(self, dim: Sequence[int], patches: Sequence[int], depth: Sequence[int],
+                 num_heads: Sequence[int], mlp_ratio: Sequence[float], qkv_bias: bool = False,
+                 proj_drop: float = 0., attn_drop: float = 0.,
+                 drop_path: Union[List[float], float] = 0., act_layer: Type[nn.Module] = nn.GELU,
+                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        num_branches = len(dim)
+        self.num_branches = num_branches
+        if not isinstance(drop_path, (list, tuple)):
+            drop_path = [drop_path] * (max(depth[:-1]) + depth[-1])
+        self.blocks = nn.ModuleList()
+        for d in range(num_branches):
+            branch = [Block(dim=dim[d], num_heads=num_heads[d], mlp_ratio=mlp_ratio[d],
+                            qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
+                            drop_path=drop_path[i], norm_layer=norm_layer, **dd)
+                      for i in range(depth[d])]
+            if branch:
+                self.blocks.append(nn.Sequential(*branch))
+        if len(self.blocks) == 0:
+            self.blocks = None
+
+        self.projs = nn.ModuleList([
+            ClsProjection(norm_layer(dim[d], **dd), act_layer(),
+                          nn.Linear(dim[d], dim[(d + 1) % num_branches], **dd))
+            for d in range(num_branches)])
+
+        self.fusion = nn.ModuleList()
+        for d in range(num_branches):
+            d_ = (d + 1) % num_branches
+            make = partial(CrossAttentionBlock, dim=dim[d_], num_heads=num_heads[d_],
+                           mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias, proj_drop=proj_drop,
+                           attn_drop=attn_drop, drop_path=drop_path[-1], norm_layer=norm_layer, **dd)
+            if depth[-1] == 0:  # timm's "backward capability": one block, not a Sequential
+                self.fusion.append(make())
+            else:
+                self.fusion.append(nn.Sequential(*[make() for _ in range(depth[-1])]))
+
+        self.revert_projs = nn.ModuleList([
+            ClsProjection(norm_layer(dim[(d + 1) % num_branches], **dd), act_layer(),
+                          nn.Linear(dim[(d + 1) % num_branches], dim[d], **dd))
+            for d in range(num_branches)])
+
+    @staticmethod
+    def _cross_attend(fusion: nn.Module, cls: Tensor, patches: Tensor) -> Tensor:
+        if isinstance(fusion, nn.Sequential):
+            # timm chains the blocks on their output, which is the CLS token alone
+            cls = fusion[0](cls, patches)
+            for block in fusion[1:]:
+                cls = block(cls)
+            return cls
+        return fusion(cls, patches)
+
+    def forward(self, x: List[Tensor]) -> List[Tensor]:
+        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
+        proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
+        outs = []
+        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
+            other = outs_b[(i + 1) % self.num_branches]
+            fused_cls = self._cross_attend(fusion, proj_cls_token[i], other[:, 1:])
+            outs.append(torch.cat((revert_proj(fused_cls), outs_b[i][:, 1:]), dim=1))
+        return outs
+
+
+def _compute_num_patches(img_size, patches):
+    return [i[0] // p * i[1] // p for i, p in zip(img_size, patches)]
+
+
+def scale_image(x: Tensor, ss: Tuple[int, int], crop_scale: bool = False) -> Tensor:
+    """Resize (bicubic) or centre-crop an image batch to ``ss``, as timm does per branch."""
+    H, W = x.shape[-2:]
+    if H != ss[0] or W != ss[1]:
+        if crop_scale and ss[0] <= H and ss[1] <= W:
+            cu, cl = int(round((H - ss[0]) / 2.)), int(round((W - ss[1]) / 2.))
+            x = x[:, :, cu:cu + ss[0], cl:cl + ss[1]]
+        else:
+            x = F.interpolate(x, size=ss, mode="bicubic", align_corners=False)
+    return x
+
+
+def feature_take_indices(num_features: int, indices: Optional[Union[int, List[int]]] = None
+                         ) -> Tuple[List[int], int]:
+    """Absolute feature indices: all if None, the last n if int, else the given (negative from end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_features + i if i < 0 else i
+            if not 0 <= idx < num_features:
+                raise ValueError(f"feature index {idx} is out of range (0 to {num_features - 1})")
+            take.append(idx)
+    return take, max(take)
+
+
+class CrossViT(nn.Module):
+    """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``)."""
+
+    def __init__(
+            self,
+            img_size: int = 224,
+            img_scale: Tuple[float, ...] = (1.0, 1.0),
+            patch_size: Tuple[int, ...] = (8, 16),
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: Tuple[int, ...] = (192, 384),
+            depth: Tuple[Tuple[int, ...], ...] = ((1, 3, 1), (1, 3, 1), (1, 3, 1)),
+            num_heads: Tuple[int, ...] = (6, 12),
+            mlp_ratio: Tuple[float, ...] = (2., 2., 4.),
+            multi_conv: bool = False,
+            crop_scale: bool = False,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Type[nn.Module] = partial(LayerNorm, eps=1e-6),
+            global_pool: str = "token",
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if len(patch_size) != 2 or len(embed_dim) != 2 or len(num_heads) != 2:
+            raise ValueError("CrossViT has two branches: patch_size, embed_dim and num_heads need "
+                             f"two entries each, got {patch_size}, {embed_dim}, {num_heads}")
+        for d, h in zip(embed_dim, num_heads):
+            if d % h:
+                raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.img_size = _pair(img_size)
+        img_scale = _pair(img_scale)
+        self.img_size_scaled = [tuple([int(sj * si) for sj in self.img_size]) for si in img_scale]
+        self.crop_scale = crop_scale
+        num_patches = _compute_num_patches(self.img_size_scaled, patch_size)
+        self.num_branches = len(patch_size)
+        self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = sum(embed_dim)
+        self.patch_embed = nn.ModuleList()
+
+        for i in range(self.num_branches):
+            setattr(self, f"pos_embed_{i}", nn.Parameter(torch.zeros(1, 1 + num_patches[i], embed_dim[i], **dd)))
+            setattr(self, f"cls_token_{i}", nn.Parameter(torch.zeros(1, 1, embed_dim[i], **dd)))
+
+        for im_s, p, d in zip(self.img_size_scaled, patch_size, embed_dim):
+            self.patch_embed.append(PatchEmbed(img_size=im_s, patch_size=p, in_chans=in_chans,
+                                               embed_dim=d, multi_conv=multi_conv, **dd))
+
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        total_depth = sum([sum(x[-2:]) for x in depth])
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total_depth, device="cpu")]
+        dpr_ptr = 0
+        self.blocks = nn.ModuleList()
+        for block_cfg in depth:
+            curr_depth = max(block_cfg[:-1]) + block_cfg[-1]
+            self.blocks.append(MultiScaleBlock(
+                embed_dim, num_patches, block_cfg, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[dpr_ptr:dpr_ptr + curr_depth], norm_layer=norm_layer, **dd))
+            dpr_ptr += curr_depth
+
+        self.num_feature_blocks = len(depth)
+        self.feature_info = [
+            dict(num_chs=embed_dim[b], reduction=round(patch_size[b] / img_scale[b]), module=f"blocks.{i}")
+            for b in range(self.num_branches) for i in range(self.num_feature_blocks)]
+
+        self.norm = nn.ModuleList([norm_layer(embed_dim[i], **dd) for i in range(self.num_branches)])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.ModuleList([
+            nn.Linear(embed_dim[i], num_classes, **dd) if num_classes > 0 else nn.Identity()
+            for i in range(self.num_branches)])
+
+        for i in range(self.num_branches):
+            nn.init.trunc_normal_(getattr(self, f"pos_embed_{i}"), std=.02)
+            nn.init.trunc_normal_(getattr(self, f"cls_token_{i}"), std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ---- timm's model API -------------------------------------------------------------------
+
+    def no_weight_decay(self) -> set:
+        out = set()
+        for i in range(self.num_branches):
+            out.add(f"cls_token_{i}")
+            pe = getattr(self, f"pos_embed_{i}", None)
+            if pe is not None and pe.requires_grad:
+                out.add(f"pos_embed_{i}")
+        return out
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise ValueError("gradient checkpointing is not supported by CrossViT (as in timm)")
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        ref = self.head[0].weight if isinstance(self.head[0], nn.Linear) else self.cls_token_0
+        dd = {"device": ref.device, "dtype": ref.dtype}
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.ModuleList([
+            nn.Linear(self.embed_dim[i], num_classes, **dd) if num_classes > 0 else nn.Identity()
+            for i in range(self.num_branches)])
+        self.head.train(self.training)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"CrossViT: x must be a torch.Tensor image batch, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"CrossViT: x must be a 4-D image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"CrossViT: x must have {self.in_chans} channels (in_chans), got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise TypeError(f"CrossViT: x must be a floating-point image batch, got {x.dtype}")
+        param = self.cls_token_0
+        if x.device != param.device:
+            raise ValueError(f"CrossViT: x is on {x.device} but the model is on {param.device}")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are {param.dtype}; "
+                            f"cast one to the other, or run under torch.autocast")
+
+    def _embed(self, x: Tensor) -> List[Tensor]:
+        self._check_input(x)
+        B = x.shape[0]
+        xs = []
+        for i, patch_embed in enumerate(self.patch_embed):
+            x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))
+            cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
+            x_ = torch.cat((cls_tokens, x_), dim=1)
+            x_ = x_ + (self.pos_embed_0 if i == 0 else self.pos_embed_1)
+            xs.append(self.pos_drop(x_))
+        return xs
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[List[Tensor], List[Tensor]]]:
+        """Final per-branch features and the patch-token outputs of each block (timm's layout:
+        index ``b * num_blocks + i`` is branch ``b`` after block ``i``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        reshape = output_fmt == "NCHW"
+        num_blocks = self.num_feature_blocks
+        take_indices, _ = feature_take_indices(self.num_branches * num_blocks, indices)
+        max_block = max([idx % num_blocks for idx in take_indices])
+
+        B = x.shape[0]
+        xs = self._embed(x)
+        blocks = self.blocks[:max_block + 1] if stop_early else self.blocks
+        branch_intermediates: List[List[Tensor]] = [[] for _ in range(self.num_branches)]
+        for i, blk in enumerate(blocks):
+            xs = blk(xs)
+            for b, norm_layer in enumerate(self.norm):
+                if b * num_blocks + i in take_indices:
+                    y = norm_layer(xs[b]) if norm else xs[b]
+                    branch_intermediates[b].append(y[:, 1:])
+
+        intermediates = []
+        for patch_embed, branch_feats in zip(self.patch_embed, branch_intermediates):
+            if reshape:
+                H = patch_embed.img_size[0] // patch_embed.patch_size[0]
+                W = patch_embed.img_size[1] // patch_embed.patch_size[1]
+                branch_feats = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in branch_feats]
+            intermediates.extend(branch_feats)
+        if intermediates_only:
+            return intermediates
+        xs = [norm_layer(xs[i]) for i, norm_layer in enumerate(self.norm)]
+        return xs, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks (and optionally norm and head) not needed for ``indices``."""
+        num_blocks = self.num_feature_blocks
+        take_indices, _ = feature_take_indices(self.num_branches * num_blocks, indices)
+        max_block = max([idx % num_blocks for idx in take_indices])
+        self.blocks = self.blocks[:max_block + 1]
+        if prune_norm:
+            self.norm = nn.ModuleList([nn.Identity() for _ in range(self.num_branches)])
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> List[Tensor]:
+        xs = self._embed(x)
+        for blk in self.blocks:
+            xs = blk(xs)
+        return [norm(xs[i]) for i, norm in enumerate(self.norm)]
+
+    def forward_head(self, xs: List[Tensor], pre_logits: bool = False) -> Tensor:
+        xs = [x[:, 1:].mean(dim=1) for x in xs] if self.global_pool == "avg" else [x[:, 0] for x in xs]
+        xs = [self.head_drop(x) for x in xs]
+        if pre_logits or isinstance(self.head[0], nn.Identity):
+            return torch.cat(xs, dim=1)
+        return torch.mean(torch.stack([head(xs[i]) for i, head in enumerate(self.head)], dim=0), dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,98 @@
+"""LayerNorm with an optional fused residual add, as an autograd-aware custom op.
+
+``add_layer_norm(x, residual)`` returns ``(LN(x + residual), x + residual)``: the pre-norm ViT
+block's ``x = x + attn(...)`` followed by ``norm2(x)`` reads and writes the token tensor once.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._common import (backend_impl, cast_like, check_float_tensor, check_same_device, check_vector,
+                      requested_backend, without_autocast)
+
+OP = "layer_norm"
+
+
+@torch.library.custom_op("crossvit_fast::layer_norm", mutates_args=())
+@without_autocast
+def _layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, h, mean, rstd)`` over rows ``[M, C]``; ``h`` is empty when there is no residual
+    (an op output may not alias its input ``x``)."""
+    y, h, mean, rstd = backend_impl(backend, x.device).layer_norm_fwd(x, residual, weight, bias, eps)
+    return y, (h if residual is not None else x.new_empty(0)), mean, rstd
+
+
+@_layer_norm.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    M = x.shape[0]
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
+            x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
+
+
+@torch.library.custom_op("crossvit_fast::layer_norm_backward", mutates_args=())
+@without_autocast
+def _layer_norm_backward(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor,
+                         mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
+    return list(backend_impl(backend, h.device).layer_norm_bwd(dy, dh, h, weight, mean, rstd))
+
+
+@_layer_norm_backward.register_fake
+def _(dy, dh, h, weight, mean, rstd, backend):
+    stat = torch.float64 if h.dtype == torch.float64 else torch.float32
+    C = h.shape[1]
+    return [torch.empty_like(h), h.new_empty((C,), dtype=stat), h.new_empty((C,), dtype=stat)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    _, h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
+                                      ctx.backend)
+    return (dx, dx if ctx.has_residual else None, cast_like(dw, weight), cast_like(db, bias),
+            None, None)
+
+
+_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float = 1e-6, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``(LayerNorm(x + residual), x + residual)`` over the last dim in one pass.
+
+    With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself.
+    ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
+    """
+    check_float_tensor("x", x, OP)
+    check_float_tensor("weight", weight, OP)
+    C = x.shape[-1] if x.dim() else 0
+    if x.dim() < 1 or C == 0:
+        raise ValueError(f"{OP}: x must have a non-empty last dim of normalized features, got {tuple(x.shape)}")
+    check_vector(OP, "weight", weight, C)
+    check_vector(OP, "bias", bias, C)
+    if residual is not None:
+        check_float_tensor("residual", residual, OP)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"{OP}: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+                             f"got ({tuple(residual.shape)}, {residual.dtype})")
+    check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
+    rows = x.reshape(-1, C)
+    res_rows = None if residual is None else residual.reshape(-1, C)
+    y, h, _, _ = _layer_norm(rows, res_rows, weight, bias, float(eps), requested_backend(backend))
+    return y.view(x.shape), (x if residual is None else h.view(x.shape))
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6,
+               backend: Optional[str] = None) -> Tensor:
+    """LayerNorm over the last dim (fp32 statistics, output in ``x``'s dtype)."""
+    return add_layer_norm(x, None, weight, bias, eps, backend)[0]

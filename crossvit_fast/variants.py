@@ -1,0 +1,72 @@
+"""The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from .checkpoint import load_checkpoint, pretrained_path
+from .model import CrossViT
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _args(embed, depth, heads, mlp, img_scale=(1.0, 224 / 240), multi_conv=False, img_size=240):
+    # timm's builder passes img_size from the variant's pretrained config (240 or 408)
+    return dict(img_size=img_size, img_scale=img_scale, patch_size=[12, 16], embed_dim=list(embed),
+                depth=[list(depth)] * 3, num_heads=list(heads), mlp_ratio=list(mlp),
+                multi_conv=multi_conv)
+
+
+# timm.models.crossvit model arguments, variant by variant.
+MODEL_ARGS: Dict[str, dict] = {
+    "crossvit_tiny_240": _args((96, 192), (1, 4, 0), (3, 3), (4, 4, 1)),
+    "crossvit_small_240": _args((192, 384), (1, 4, 0), (6, 6), (4, 4, 1)),
+    "crossvit_base_240": _args((384, 768), (1, 4, 0), (12, 12), (4, 4, 1)),
+    "crossvit_9_240": _args((128, 256), (1, 3, 0), (4, 4), (3, 3, 1)),
+    "crossvit_15_240": _args((192, 384), (1, 5, 0), (6, 6), (3, 3, 1)),
+    "crossvit_18_240": _args((224, 448), (1, 6, 0), (7, 7), (3, 3, 1)),
+    "crossvit_9_dagger_240": _args((128, 256), (1, 3, 0), (4, 4), (3, 3, 1), multi_conv=True),
+    "crossvit_15_dagger_240": _args((192, 384), (1, 5, 0), (6, 6), (3, 3, 1), multi_conv=True),
+    "crossvit_15_dagger_408": _args((192, 384), (1, 5, 0), (6, 6), (3, 3, 1),
+                                    img_scale=(1.0, 384 / 408), multi_conv=True, img_size=408),
+    "crossvit_18_dagger_240": _args((224, 448), (1, 6, 0), (7, 7), (3, 3, 1), multi_conv=True),
+    "crossvit_18_dagger_408": _args((224, 448), (1, 6, 0), (7, 7), (3, 3, 1),
+                                    img_scale=(1.0, 384 / 408), multi_conv=True, img_size=408),
+}
+
+
+def pretrained_cfg(name: str) -> dict:
+    """timm's default config of variant ``name`` (input size, normalisation, hub id, ...)."""
+    dagger = "dagger" in name
+    res = 408 if name.endswith("408") else 240
+    first_conv = ("patch_embed.0.proj.0", "patch_embed.1.proj.0") if dagger else ("patch_embed.0.proj", "patch_embed.1.proj")
+    return dict(architecture=name, tag="in1k", hf_hub_id=f"timm/{name}.in1k", num_classes=1000,
+                input_size=(3, res, res), pool_size=None, crop_pct=1.0 if res == 408 else 0.875,
+                interpolation="bicubic", mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                fixed_input_size=True, first_conv=first_conv, classifier=("head.0", "head.1"),
+                license="apache-2.0")
+
+
+def list_models() -> List[str]:
+    """The variant names ``create_model`` accepts (timm's names), sorted."""
+    return sorted(MODEL_ARGS)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
+                 cache_dir: Optional[str] = None, **kwargs) -> CrossViT:
+    """Build variant ``name``; ``kwargs`` override its arguments as in ``timm.create_model``.
+
+    ``checkpoint_path`` loads a ``.safetensors``/``.pth``/``.pt``/``.bin`` file (timm or official
+    IBM key style) strictly; ``pretrained=True`` fetches timm's published weights from the Hugging
+    Face Hub (or its local cache, ``cache_dir``); with another ``num_classes`` the pretrained
+    head is left out, as in timm.
+    """
+    if name not in MODEL_ARGS:
+        raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
+    model = CrossViT(**dict(MODEL_ARGS[name], **kwargs))
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name)
+    if pretrained:
+        load_checkpoint(model, pretrained_path(name, cache_dir), drop_head=model.num_classes != 1000)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
