@@ -105,25 +105,27 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     """``h = x + residual`` (rounded to ``T``; ``h = x`` without residual), ``y = LN(h)``.
 
     ``x``, ``residual``: ``[M, C]``. Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
+    Runs ATen's native LayerNorm kernel (fp32 statistics for fp16/bf16 rows).
     """
     h = x if residual is None else x + residual
-    n, mean, rstd = normalize(h, eps)
-    y = n * _acc(weight) + _acc(bias)
-    return y.to(x.dtype), h, mean, rstd
+    acc = _acc(x).dtype
+    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
+    return y, h, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
                    rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`layer_norm_fwd`; ``dh`` is the gradient reaching ``h`` directly.
 
-    Returns ``(dx [M, C] T, dweight [C] fp32, dbias [C] fp32)``; ``dresidual`` equals ``dx``.
+    Returns ``(dx [M, C] T, dweight [C], dbias [C])``; ``dresidual`` equals ``dx``.
     """
-    dy = _acc(dy)
-    n = (_acc(h) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dx = layer_norm_input_grad(dy * _acc(weight), n, rstd)
+    acc = _acc(h).dtype
+    dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
+        dy.to(h.dtype), h, [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
+        weight.to(acc), None, [True, True, False])
     if dh is not None:
-        dx = dx + _acc(dh)
-    return dx.to(h.dtype), (dy * n).sum(dim=0), dy.sum(dim=0)
+        dx = (_acc(dx) + _acc(dh)).to(h.dtype)
+    return dx, dweight, _acc(dy).sum(dim=0)
 
 
 # ---------------------------------------------------------------------------------------------

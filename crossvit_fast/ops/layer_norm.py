@@ -70,8 +70,9 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
                    eps: float = 1e-6, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """``(LayerNorm(x + residual), x + residual)`` over the last dim in one pass.
 
-    With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself.
-    ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
+    With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself. Mixed
+    dtypes promote as ``x + residual`` does (e.g. a bf16 branch output under autocast added to
+    the fp32 residual stream). ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
     """
     check_float_tensor("x", x, OP)
     check_float_tensor("weight", weight, OP)
@@ -82,9 +83,10 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     check_vector(OP, "bias", bias, C)
     if residual is not None:
         check_float_tensor("residual", residual, OP)
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"{OP}: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-                             f"got ({tuple(residual.shape)}, {residual.dtype})")
+        if residual.shape != x.shape:
+            raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)

@@ -1,0 +1,83 @@
+"""Timing and environment capture shared by ``crossvit-fast bench`` and the bench/ harness.
+
+Times are medians over warmed-up, synchronized runs: CUDA events on a GPU, ``perf_counter``
+on the CPU.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
+            iters: int = 10, min_seconds: float = 0.0) -> List[float]:
+    """Seconds per call of ``fn`` over ``iters`` calls (more until ``min_seconds`` have passed)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start_all < min_seconds:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    """Median and spread (min, 10th/90th percentile, max) of a list of seconds."""
+    ordered = sorted(times)
+    pct = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return dict(median_s=statistics.median(ordered), min_s=ordered[0], p10_s=pct(0.1),
+                p90_s=pct(0.9), max_s=ordered[-1], runs=len(ordered))
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from, or 'unknown'."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str) -> Dict[str, str]:
+    """Device name, driver, library versions and commit, for result files."""
+    device = torch.device(device)
+    env = {"device": "cpu: " + (platform.processor() or platform.machine()),
+           "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = "unknown"
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    return env

@@ -1,0 +1,109 @@
+"""Checkpoint loading: file formats, wrappers, key styles, errors, and pretrained via the Hub cache."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import crossvit_fast
+from crossvit_fast import CheckpointError, create_model
+
+NAME = "crossvit_9_240"
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    return create_model(NAME).eval()
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# safetensors files hold a flat mapping of tensors; pickles may wrap it as training scripts do
+ROUND_TRIPS = [("safetensors", None)] + [(fmt, wrapper) for fmt in ("pth", "pt", "bin")
+                                         for wrapper in (None, "model", "state_dict")]
+
+
+@pytest.mark.parametrize("fmt,wrapper", ROUND_TRIPS)
+def test_round_trip(source, tmp_path, fmt, wrapper):
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"ckpt.{fmt}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({wrapper: state, "epoch": 3} if wrapper else state, path)
+    assert same_weights(create_model(NAME, checkpoint_path=str(path)), source)
+
+
+def test_ibm_key_style_and_ddp_prefix_load(source, tmp_path):
+    state = {("module." + k).replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
+             for k, v in source.state_dict().items()}
+    assert "module.pos_embed.1" in state
+    torch.save(state, tmp_path / "ibm.pth")
+    assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "ibm.pth")), source)
+
+
+def test_mismatched_keys_and_shapes_are_named(source, tmp_path):
+    state = dict(source.state_dict())
+    del state["blocks.0.fusion.0.attn.wq.weight"]
+    state["blocks.0.extra.weight"] = torch.zeros(3)
+    state["head.0.weight"] = torch.zeros(10, 128)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        create_model(NAME, checkpoint_path=str(tmp_path / "bad.pth"))
+    msg = str(err.value)
+    assert "missing keys: blocks.0.fusion.0.attn.wq.weight" in msg
+    assert "unexpected keys: blocks.0.extra.weight" in msg
+    assert "head.0.weight (checkpoint (10, 128), model (1000, 128))" in msg
+
+
+def test_another_variant_is_refused(tmp_path):
+    torch.save(create_model("crossvit_tiny_240").state_dict(), tmp_path / "tiny.pth")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        create_model(NAME, checkpoint_path=str(tmp_path / "tiny.pth"))
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        create_model(NAME, checkpoint_path=str(tmp_path / "missing.pth"))
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected a .safetensors, .pth, .pt or .bin"):
+        create_model(NAME, checkpoint_path=str(tmp_path / "weights.npz"))
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="mapping of parameter names to tensors"):
+        create_model(NAME, checkpoint_path=str(tmp_path / "list.pth"))
+
+
+def make_hub_cache(root, name, state):
+    """The on-disk layout huggingface_hub uses for a cached file of repo timm/<name>.in1k."""
+    repo = root / f"models--timm--{name}.in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+
+
+def test_pretrained_from_a_local_hub_cache(source, tmp_path):
+    make_hub_cache(tmp_path, NAME, source.state_dict())
+    assert same_weights(create_model(NAME, pretrained=True, cache_dir=str(tmp_path)), source)
+    # another num_classes keeps the fresh head, as timm does
+    model = create_model(NAME, pretrained=True, cache_dir=str(tmp_path), num_classes=7)
+    assert model.head[0].weight.shape == (7, 128)
+    assert torch.equal(model.blocks[0].projs[0][2].weight, source.blocks[0].projs[0][2].weight)
+
+
+def test_pretrained_without_network_or_cache_says_what_to_do(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="could not fetch pretrained weights for crossvit_9_240.*checkpoint_path"):
+        create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
+
+
+def test_load_checkpoint_is_exported(source, tmp_path):
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    model = create_model(NAME)
+    crossvit_fast.load_checkpoint(model, tmp_path / "w.pt")
+    assert same_weights(model, source)

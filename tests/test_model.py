@@ -1,0 +1,182 @@
+"""CrossViT: variants, timm's state_dict keys, the fused path against the naive one, the API."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import crossvit_fast
+from crossvit_fast import CrossViT, create_model, list_models
+from crossvit_fast.reference import naive_math
+
+from .numerics import rel_err
+
+TIMM_KEYS = json.loads((Path(__file__).parent / "data" / "timm_state_dict_keys.json").read_text())
+VARIANTS = sorted(TIMM_KEYS["state_dict_shapes"])
+
+
+def small_model(**kwargs) -> CrossViT:
+    """A tiny CrossViT with the real structure (two branches, 3 multi-scale blocks)."""
+    args = dict(img_size=48, img_scale=(1.0, 32 / 48), patch_size=(12, 16), embed_dim=(24, 48),
+                depth=((1, 2, 0), (1, 2, 0), (1, 2, 0)), num_heads=(2, 2), mlp_ratio=(2, 2, 1),
+                num_classes=10)
+    return CrossViT(**dict(args, **kwargs))
+
+
+def test_list_models_is_timms_eleven():
+    assert list_models() == VARIANTS and len(VARIANTS) == 11
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown CrossViT variant 'crossvit_huge'.*crossvit_tiny_240"):
+        create_model("crossvit_huge")
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_keys_and_shapes_equal_timms(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == TIMM_KEYS["state_dict_shapes"][name]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_runs_forward_and_backward(name):
+    model = create_model(name)
+    res = model.pretrained_cfg["input_size"][-1]
+    batch = 1 if res > 240 else 2
+    x = torch.randn(batch, 3, res, res, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (batch, 1000) and torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
+
+
+def test_fused_model_equals_naive_model_in_float64():
+    torch.manual_seed(0)
+    model = small_model().double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    dy = torch.randn(2, 10, dtype=torch.float64)
+    outs, grads = [], []
+    for naive in (False, True):
+        model.zero_grad()
+        with naive_math(naive):
+            y = model(x)
+            (y * dy).sum().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert rel_err(outs[0], outs[1]) < 1e-10
+    for name in grads[1]:
+        assert rel_err(grads[0][name], grads[1][name]) < 1e-9, name
+
+
+def test_stochastic_depth_and_dropout_train_like_the_naive_model():
+    """Same seed, same random draws: training-mode outputs equal the naive model's."""
+    model = small_model(drop_path_rate=0.3, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_rate=0.2).double().train()
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+    outs = []
+    for naive in (False, True):
+        torch.manual_seed(1)
+        with naive_math(naive):
+            outs.append(model(x))
+    assert rel_err(outs[0], outs[1]) < 1e-10
+    torch.manual_seed(2)
+    assert rel_err(model(x), outs[0]) > 1e-3  # dropout is live in training mode
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_stochastic_depth_alone_uses_the_fused_cross_attention(monkeypatch):
+    model = small_model(drop_path_rate=0.5).train()
+    calls = []
+    real = crossvit_fast.ops.cls_cross_attention
+    monkeypatch.setattr(crossvit_fast.ops, "cls_cross_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model(torch.randn(2, 3, 48, 48))
+    assert calls and any(not k["add_residual"] for k in calls)
+
+
+def test_forward_head_and_features():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    feats = model.forward_features(x)
+    assert [f.shape for f in feats] == [(2, 17, 24), (2, 5, 48)]
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 72)
+    assert torch.allclose(model.forward_head(feats), model(x))
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 72) and isinstance(model.get_classifier()[0], nn.Identity)
+    model.reset_classifier(5, global_pool="avg")
+    assert model(x).shape == (2, 5) and model.global_pool == "avg"
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(5, global_pool="max")
+
+
+def test_forward_intermediates():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 6 and inter[0].shape == (2, 24, 4, 4) and inter[3].shape == (2, 48, 2, 2)
+    assert all(torch.allclose(a, b) for a, b in zip(final, model.forward_features(x)))
+    only = model.forward_intermediates(x, indices=[2, -1], output_fmt="NLC", intermediates_only=True)
+    assert [t.shape for t in only] == [(2, 16, 24), (2, 4, 48)]
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[9])
+    kept = model.prune_intermediate_layers(indices=[0, 3])
+    assert kept == [0, 3] and len(model.blocks) == 1
+
+
+def test_timm_helper_methods():
+    model = small_model()
+    assert model.no_weight_decay() == {"cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1"}
+    assert set(model.group_matcher()) == {"stem", "blocks"}
+    assert model.num_features == model.head_hidden_size == 72
+    assert [f["num_chs"] for f in model.feature_info] == [24] * 3 + [48] * 3
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.set_grad_checkpointing(True)
+
+
+def test_other_image_sizes_are_rescaled_like_timm():
+    model = small_model().eval()
+    assert model(torch.randn(1, 3, 64, 40)).shape == (1, 10)
+
+
+def test_bad_images_get_clear_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"4-D image batch \[B, C, H, W\].*\(3, 48, 48\)"):
+        model(torch.randn(3, 48, 48))
+    with pytest.raises(ValueError, match=r"3 channels \(in_chans\), got 1"):
+        model(torch.randn(2, 1, 48, 48))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(2, 3, 48, 48, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="torch.float16 but the model's parameters are torch.float32"):
+        model(torch.randn(2, 3, 48, 48, dtype=torch.float16))
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        model(torch.randn(2, 3, 48, 48, device="meta"))
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        small_model(embed_dim=(25, 48))
+
+
+def test_autocast_bf16_runs_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert rel_err(y, ref) < 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_matches_float64_within_pytorchs_own_error(dtype):
+    """The model cast to bf16/fp16: fused vs naive, both against the float64 model."""
+    torch.manual_seed(0)
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    ref = model.double()(x.double())
+    model = model.to(dtype)
+    fused = model(x.to(dtype))
+    with naive_math():
+        naive = model(x.to(dtype))
+    assert rel_err(fused, ref) <= 4 * max(rel_err(naive, ref), 1e-3)

@@ -1,0 +1,203 @@
+"""The fused custom ops against the naive reference (timm's math), forward and every gradient."""
+import pytest
+import torch
+
+from crossvit_fast import backends, ops, reference
+from crossvit_fast.backends import BackendUnavailableError
+
+from .conftest import ALL_BACKENDS, DEVICE
+from .numerics import assert_rel_close, rel_err, tolerance, torch_lowp_error
+
+# (B, N, C, H, qkv_bias): odd N, B == 1, N == 0, C not a multiple of 16, head dims 32/64 and others.
+CROSS_SHAPES = [(2, 13, 96, 3, True), (1, 7, 40, 2, False), (3, 0, 24, 2, True), (2, 9, 128, 2, True),
+                (1, 21, 36, 3, True)]
+
+
+def cross_inputs(B, N, C, H, qkv_bias, dtype=torch.float64, device=DEVICE):
+    """CLS token [B, 1, C], patches as the view tokens[:, 1:], and timm-like parameters."""
+    g = lambda *s, scale=1.0: (scale * torch.randn(*s, dtype=torch.float64)).to(device)  # noqa: E731
+    tokens = g(B, N + 1, C).to(dtype)
+    params = dict(norm_weight=1 + g(C, scale=0.2), norm_bias=g(C, scale=0.2))
+    for name in ("wq", "wk", "wv", "proj"):
+        params[f"{name}_weight"] = g(C, C, scale=C ** -0.5)
+        params[f"{name}_bias"] = g(C, scale=0.1) if (qkv_bias or name == "proj") else None
+    return g(B, 1, C).to(dtype), tokens[:, 1:], params, dict(num_heads=H, scale=(C // H) ** -0.5)
+
+
+def leaves(cls, patches, params):
+    """Fresh leaf copies requiring grad, in the order (cls, patches, *present params)."""
+    out = [cls.detach().clone().requires_grad_(), patches.detach().clone().requires_grad_()]
+    named = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in params.items()}
+    return out[0], out[1], named
+
+
+def grads_of(y, dy, cls, patches, params):
+    wrt = [cls, patches] + [v for v in params.values() if v is not None]
+    return torch.autograd.grad(y, wrt, dy, allow_unused=False)
+
+
+@pytest.mark.parametrize("shape", CROSS_SHAPES, ids=str)
+@pytest.mark.parametrize("add_residual", [True, False])
+def test_absorbed_cross_attention_equals_naive_in_float64(shape, add_residual):
+    cls, patches, params, cfg = cross_inputs(*shape)
+    c1, p1, w1 = leaves(cls, patches, params)
+    c2, p2, w2 = leaves(cls, patches, params)
+    y = ops.cls_cross_attention(c1, p1, **w1, **cfg, add_residual=add_residual, backend="torch")
+    y_ref = reference.cls_cross_attention(c2, p2, **w2, **cfg, add_residual=add_residual)
+    assert y.shape == cls.shape and y.dtype == torch.float64
+    assert rel_err(y, y_ref) < 1e-10
+    dy = torch.randn_like(y)
+    names = ["cls", "patches"] + [k for k, v in params.items() if v is not None]
+    for name, g, e in zip(names, grads_of(y, dy, c1, p1, w1), grads_of(y_ref, dy, c2, p2, w2)):
+        assert rel_err(g, e) < 1e-10, f"d{name}: {rel_err(g, e):.2e}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", CROSS_SHAPES[:3], ids=str)
+def test_cross_attention_op_each_backend(backend, dtype, shape):
+    """The whole op (small products + the backend's token pass) against float64 naive math."""
+    cls, patches, params, cfg = cross_inputs(*shape)
+    c_ref, p_ref, w_ref = leaves(cls, patches, params)
+    y_ref = reference.cls_cross_attention(c_ref, p_ref, **w_ref, **cfg)
+    dy = torch.randn_like(y_ref)
+    expected = grads_of(y_ref, dy, c_ref, p_ref, w_ref)
+
+    low = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    c, p, w = leaves(cls.to(dtype), patches.to(dtype), low)
+    y = ops.cls_cross_attention(c, p, **w, **cfg, backend=backend)
+    got = grads_of(y, dy.to(dtype), c, p, w)
+    tol = tolerance(dtype)
+    if dtype != torch.float32:
+        names = [k for k, v in params.items() if v is not None]
+        naive = lambda cl, pa, *ws: reference.cls_cross_attention(  # noqa: E731
+            cl, pa, **dict(params, **dict(zip(names, ws))), **cfg)
+        tol = tolerance(dtype, [torch_lowp_error(naive, [cls, patches] + [params[k] for k in names], dtype)])
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, tol, f"{backend} y")
+    names = ["cls", "patches"] + [k for k, v in params.items() if v is not None]
+    for name, g, e in zip(names, got, expected):
+        if shape[1] == 0 and name in ("wq_weight", "wq_bias", "wk_weight"):
+            # one token: softmax ignores the query, these are exactly 0 up to rounding of O(1) terms
+            assert g.abs().max().item() <= 10 * tol, f"{backend} d{name} with N=0"
+            continue
+        # parameters stay fp32 here; gradients through low-precision activations get the dtype's bar
+        assert_rel_close(g, e, max(tol, tolerance(dtype, [])), f"{backend} d{name}")
+
+
+def test_wk_bias_gets_an_exact_zero_gradient():
+    cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True)
+    c, p, w = leaves(cls, patches, params)
+    ops.cls_cross_attention(c, p, **w, **cfg).sum().backward()
+    assert w["wk_bias"].grad is not None and torch.count_nonzero(w["wk_bias"].grad) == 0
+
+
+@pytest.mark.parametrize("op", ["cross_attention", "cls_projection", "add_layer_norm", "layer_norm"])
+def test_gradcheck_torch_backend(op):
+    d = dict(dtype=torch.float64, device=DEVICE)
+    if op == "cross_attention":
+        cls, patches, params, cfg = cross_inputs(2, 4, 12, 2, True)
+        names = [k for k, v in params.items() if v is not None]
+        fn = lambda c, pa, *ws: ops.cls_cross_attention(  # noqa: E731
+            c, pa, **dict(params, **dict(zip(names, ws))), **cfg, backend="torch")
+        inputs = [cls, patches] + [params[k] for k in names]
+    elif op == "cls_projection":
+        fn = lambda x, a, b, w, c: ops.cls_projection(x, a, b, w, c, backend="torch")  # noqa: E731
+        inputs = [torch.randn(3, 1, 8, **d), 1 + torch.randn(8, **d) / 5, torch.randn(8, **d) / 5,
+                  torch.randn(6, 8, **d) / 3, torch.randn(6, **d)]
+    elif op == "add_layer_norm":
+        fn = lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, backend="torch")  # noqa: E731
+        inputs = [torch.randn(2, 3, 10, **d), torch.randn(2, 3, 10, **d), 1 + torch.randn(10, **d) / 5,
+                  torch.randn(10, **d) / 5]
+    else:
+        fn = lambda x, w, b: ops.layer_norm(x, w, b, backend="torch")  # noqa: E731
+        inputs = [torch.randn(4, 10, **d), 1 + torch.randn(10, **d) / 5, torch.randn(10, **d) / 5]
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_cls_projection_matches_naive_float64():
+    d = dict(dtype=torch.float64, device=DEVICE)
+    tokens = torch.randn(3, 5, 24, **d)
+    args = [1 + torch.randn(24, **d) / 5, torch.randn(24, **d) / 5, torch.randn(40, 24, **d) / 5,
+            torch.randn(40, **d)]
+    y = ops.cls_projection(tokens[:, 0:1], *args, backend="torch")
+    assert y.shape == (3, 1, 40)
+    assert rel_err(y, reference.cls_projection(tokens[:, 0:1], *args)) < 1e-12
+
+
+def test_add_layer_norm_returns_sum_and_norm():
+    x, r = torch.randn(2, 7, 20), torch.randn(2, 7, 20)
+    w, b = torch.randn(20), torch.randn(20)
+    y, h = ops.add_layer_norm(x, r, w, b, backend="torch")
+    y_ref, h_ref = reference.add_layer_norm(x, r, w, b)
+    assert torch.equal(h, h_ref) and rel_err(y, y_ref) < 1e-6
+    y2, h2 = ops.add_layer_norm(x, None, w, b)
+    assert h2 is x and rel_err(y2, reference.add_layer_norm(x, None, w, b)[0]) < 1e-6
+
+
+def test_ops_run_under_autocast_and_keep_activation_dtype():
+    cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True, dtype=torch.float32)
+    params = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+        y = ops.cls_cross_attention(cls, patches, **params, **cfg)
+        z = ops.layer_norm(patches, params["norm_weight"], params["norm_bias"])
+    assert y.dtype == torch.float32 and z.dtype == torch.float32
+    # autocast must not leak into the op's own fp32 products
+    assert rel_err(y, ops.cls_cross_attention(cls, patches, **params, **cfg)) < 1e-6
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_cross_attention_rejects_bad_shapes_and_dtypes():
+    cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True, dtype=torch.float32)
+    params = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    with pytest.raises(ValueError, match="cls must be"):
+        ops.cls_cross_attention(cls.expand(2, 3, 24), patches, **params, **cfg)
+    with pytest.raises(ValueError, match=r"patches must be \[B, N, C\]"):
+        ops.cls_cross_attention(cls, patches[..., :20], **params, **cfg)
+    with pytest.raises(ValueError, match="patches must be"):
+        ops.cls_cross_attention(cls, patches[:1], **params, **cfg)
+    with pytest.raises(TypeError, match="patches dtype"):
+        ops.cls_cross_attention(cls, patches.half(), **params, **cfg)
+    with pytest.raises(TypeError, match="cls must be float32"):
+        ops.cls_cross_attention(cls.int(), patches, **params, **cfg)
+    with pytest.raises(ValueError, match="num_heads must be a positive divisor"):
+        ops.cls_cross_attention(cls, patches, **params, num_heads=5, scale=0.1)
+    bad = dict(params, wk_weight=params["wk_weight"][:, :20])
+    with pytest.raises(ValueError, match=r"wk_weight must be \[24, 24\]"):
+        ops.cls_cross_attention(cls, patches, **bad, **cfg)
+    bad = dict(params, proj_bias=params["proj_bias"][:3])
+    with pytest.raises(ValueError, match=r"proj_bias must have shape \(24,\)"):
+        ops.cls_cross_attention(cls, patches, **bad, **cfg)
+
+
+def test_ops_reject_a_device_mix():
+    cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True, dtype=torch.float32)
+    params = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    params["wv_weight"] = params["wv_weight"].to("meta")
+    with pytest.raises(ValueError, match="one device.*wv_weight on meta"):
+        ops.cls_cross_attention(cls, patches, **params, **cfg)
+    with pytest.raises(ValueError, match="one device"):
+        ops.layer_norm(torch.randn(3, 4), torch.ones(4, device="meta"), torch.zeros(4))
+
+
+def test_layer_norm_and_projection_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        ops.layer_norm(torch.randn(3, 8), torch.ones(7), torch.zeros(8))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        ops.add_layer_norm(torch.randn(3, 8), torch.randn(2, 8), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"x must be \[..., 8\]"):
+        ops.cls_projection(torch.randn(3, 6), torch.ones(8), torch.zeros(8), torch.randn(4, 8), torch.zeros(4))
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.layer_norm(torch.ones(3, 8, dtype=torch.long), torch.ones(8), torch.zeros(8))
+
+
+def test_unknown_and_unavailable_backends_say_why():
+    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*auto, triton, cuda, torch"):
+        ops.layer_norm(x, w, b, backend="fast")
+    reason = backends.unavailable_reason("cuda", "cpu")
+    assert reason  # the CUDA extension never runs on CPU tensors
+    with pytest.raises(BackendUnavailableError, match="cannot run on cpu"):
+        ops.layer_norm(x, w, b, backend="cuda")

@@ -1,0 +1,91 @@
+"""crossvit_fast.CrossViT against timm's own CrossVit: strict weight loading, same outputs.
+
+Runs wherever timm imports (tests/timm_import.py makes that work without torchvision).
+"""
+import pytest
+import torch
+
+import crossvit_fast
+from crossvit_fast.checkpoint import load_checkpoint
+
+from .numerics import rel_err
+from .timm_import import import_timm
+
+TOL = 1e-5  # fp32, relative
+
+
+@pytest.fixture(scope="module")
+def timm():
+    return import_timm()
+
+
+def pair(timm, name, **kwargs):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **kwargs).eval()
+    ours = crossvit_fast.create_model(name, **kwargs).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("name", crossvit_fast.list_models())
+def test_logits_and_features_match_timm(timm, name):
+    ref, ours = pair(timm, name)
+    res = ref.pretrained_cfg["input_size"][-1]
+    x = torch.randn(2 if res == 240 else 1, 3, res, res)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < TOL
+        for a, b in zip(ours.forward_features(x), ref.forward_features(x)):
+            assert rel_err(a, b) < TOL
+
+
+def test_intermediates_pre_logits_and_resized_input_match_timm(timm):
+    ref, ours = pair(timm, "crossvit_9_240")
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)  # not the model's 240: both rescale per branch
+        assert rel_err(ours(x), ref(x)) < TOL
+        x = torch.randn(1, 3, 240, 240)
+        a = ours.forward_intermediates(x, indices=[0, 4], norm=True)
+        b = ref.forward_intermediates(x, indices=[0, 4], norm=True)
+        for s, t in zip(a[0] + a[1], b[0] + b[1]):
+            assert s.shape == t.shape and rel_err(s, t) < TOL
+        feats = ours.forward_features(x)
+        assert rel_err(ours.forward_head(feats, pre_logits=True), ref.forward_head(ref.forward_features(x), pre_logits=True)) < TOL
+
+
+def test_training_step_matches_timm_with_dropout_and_stochastic_depth(timm):
+    """Same seed, same random draws, same gradients: a timm training script sees no difference."""
+    kwargs = dict(drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_rate=0.1, num_classes=7)
+    ref, ours = pair(timm, "crossvit_tiny_240", **kwargs)
+    ref.train(), ours.train()
+    x = torch.randn(2, 3, 240, 240)
+    outs = []
+    for model in (ref, ours):
+        torch.manual_seed(3)
+        y = model(x)
+        y.square().mean().backward()
+        outs.append((y, {n: p.grad for n, p in model.named_parameters()}))
+    assert rel_err(outs[1][0], outs[0][0]) < TOL
+    for name, g in outs[0][1].items():
+        assert rel_err(outs[1][1][name], g) < 1e-4, name
+
+
+def test_timm_defaults_match(timm):
+    ref, ours = pair(timm, "crossvit_15_dagger_408")
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    for key in ("input_size", "crop_pct", "mean", "std", "first_conv", "classifier", "hf_hub_id"):
+        assert as_tuple(ours.pretrained_cfg[key]) == as_tuple(ref.pretrained_cfg[key]), key
+    assert ours.no_weight_decay() == ref.no_weight_decay()
+    assert ours.group_matcher() == ref.group_matcher()
+    assert ours.feature_info == ref.feature_info
+
+
+def test_official_ibm_style_checkpoint_loads_strictly(timm, tmp_path):
+    ref, _ = pair(timm, "crossvit_tiny_240")
+    ibm = {k.replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
+           for k, v in ref.state_dict().items()}
+    assert "pos_embed.0" in ibm
+    torch.save({"model": ibm}, tmp_path / "crossvit_tiny_224.pth")
+    ours = crossvit_fast.create_model("crossvit_tiny_240", checkpoint_path=str(tmp_path / "crossvit_tiny_224.pth")).eval()
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < TOL
