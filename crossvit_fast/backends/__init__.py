@@ -10,6 +10,7 @@ extension where Triton cannot run, and PyTorch elsewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -77,7 +78,12 @@ def implementation(name: str) -> ModuleType:
 
 def unavailable_reason(name: str, device: torch.device | str) -> Optional[str]:
     """Why concrete backend ``name`` cannot run on ``device``, or ``None`` if it can."""
-    device = torch.device(device)
+    return _unavailable_reason(name, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    # cached: availability does not change within a process (a failed build stays failed)
     try:
         module = implementation(name)
     except ImportError as err:  # e.g. Triton not installed

@@ -19,6 +19,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -30,12 +31,9 @@ def _acc(t: Tensor) -> Tensor:
 
 
 def normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(n, mean, rstd)`` of LayerNorm over the last dim, ``n = (x - mean) * rstd``."""
-    x = _acc(x)
-    mean = x.mean(dim=-1)
-    var = (x - mean.unsqueeze(-1)).square().mean(dim=-1)
-    rstd = torch.rsqrt(var + eps)
-    return (x - mean.unsqueeze(-1)) * rstd.unsqueeze(-1), mean, rstd
+    """``(n, mean, rstd)`` of LayerNorm over the last dim, ``n = (x - mean) * rstd`` (one ATen op)."""
+    n, mean, rstd = torch.native_layer_norm(_acc(x), (x.shape[-1],), None, None, eps)
+    return n, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
@@ -144,10 +142,11 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
 
     Returns ``(y [M, Cout] T, mean [M], rstd [M])``.
     """
-    n, mean, rstd = normalize(x, eps)
-    act, _ = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
-    y = torch.addmm(_acc(bias), act, _acc(weight).t())
-    return y.to(x.dtype), mean, rstd
+    acc = _acc(x)
+    u, mean, rstd = torch.native_layer_norm(acc, (x.shape[-1],), ln_weight.to(acc.dtype),
+                                            ln_bias.to(acc.dtype), eps)
+    y = F.linear(F.gelu(u), weight.to(acc.dtype), bias.to(acc.dtype))
+    return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,

@@ -13,6 +13,12 @@ from .. import backends
 
 def backend_impl(requested: str, device: torch.device) -> ModuleType:
     """The module of the concrete backend that serves ``requested`` on ``device``."""
+    return _impl_for(requested, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _impl_for(requested: str, device: torch.device) -> ModuleType:
+    # availability is fixed per process (backends caches it), so the answer can be cached too
     return backends.implementation(backends.resolve(requested, device))
 
 
@@ -32,8 +38,10 @@ def without_autocast(fn):
     """Run an op implementation with autocast off: it chooses its own precision per product."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, Tensor))
-        with torch.autocast(device_type=device.type, enabled=False):
+        device_type = args[0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
             return fn(*args, **kwargs)
     return wrapper
 
