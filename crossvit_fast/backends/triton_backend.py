@@ -1,0 +1,67 @@
+"""The Triton backend: the six primitives of :mod:`.torch_backend`, run by the kernels in
+:mod:`crossvit_fast.kernels` (same signatures, same output dtypes).
+
+Triton runs CUDA tensors compiled, and CPU tensors only in its interpreter (``TRITON_INTERPRET=1``
+set before Triton is first imported), which is how the tests exercise it on machines without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # the registry asks unavailable_reason; the primitives are never called
+    triton = None
+else:
+    from ..kernels import attn_pool, cls_proj, layer_norm
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """``None`` where the kernels can run on ``device``, else why not."""
+    device = torch.device(device)
+    if triton is None:
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA device and TRITON_INTERPRET is not set (Triton runs CPU tensors only in its interpreter)"
+        if not attn_pool.INTERPRET:
+            return "TRITON_INTERPRET was set after the Triton kernels were imported; set it before importing Triton"
+        return None
+    return f"Triton does not run on {device.type} tensors"
+
+
+def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                  eps: float) -> Tuple[Tensor, Tensor]:
+    return attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
+
+
+def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
+
+
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps)
+
+
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return layer_norm.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
+
+
+def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return cls_proj.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                 mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)

@@ -1,0 +1,1 @@
+"""Triton kernels for crossvit-fast (importable as ``crossvit_fast.kernels``)."""

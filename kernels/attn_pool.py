@@ -1,0 +1,277 @@
+"""The token pass of the single-query cross-attention (design.md §2), forward and backward.
+
+One program walks a contiguous range of the ``T = N + 1`` tokens ``[x0 ‖ patches]`` of one sample
+(token 0 is the CLS token ``x0``, token ``t ≥ 1`` is ``patches[:, t - 1]``; the two are read through
+their own pointers and strides, never concatenated). Per block of ``BLOCK_N`` tokens it computes the
+LayerNorm statistics, the scores of all heads with one ``tl.dot`` (heads padded to ``H_PAD ≥ 16``,
+the smallest dot), and, forward, an online softmax with the weighted sums of the normalized tokens;
+backward, the token gradients and partial parameter gradients. Whole rows (``BLOCK_C =
+next_power_of_2(C)``) live in registers, so K, V, the normalized tokens and the scores never reach
+global memory.
+
+With few samples the token axis is split across programs (flash-decoding): each split writes a
+partial (max, sum, unnormalized accumulator) that a few torch ops combine.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Read once, as triton.jit does when it decorates the kernels below.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SM count assumed where there is no CUDA device (an H100), so the split heuristic still applies.
+DEFAULT_NUM_SMS = 132
+# A split of the token axis gets at least about this many tokens.
+MIN_SPLIT_TOKENS = 64
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtypes(dtype: torch.dtype):
+    """``(ACC, DOT)``: the accumulation dtype and the dtype of ``tl.dot`` operands for activations
+    of ``dtype``. Low-precision dots run on the activation dtype (tensor cores), except bf16 under
+    the interpreter, whose bf16 ``tl.dot`` is broken (design.md §4): there operands go up to fp32."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    dot = {torch.float16: tl.float16,
+           torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}.get(dtype, acc)
+    return acc, dot
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def _blocks(C: int, H: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads."""
+    block_c = max(16, triton.next_power_of_2(C))
+    h_pad = max(16, triton.next_power_of_2(H))
+    block_n = max(16, min(64, 8192 // block_c))
+    return block_c, h_pad, block_n, (4 if block_c <= 256 else 8)
+
+
+def _splits(B: int, T: int, block_n: int, device: torch.device,
+            splits: Optional[int]) -> Tuple[int, int]:
+    """``(num_splits, chunk)``: split the tokens when B alone cannot fill the GPU (B < 2·SMs).
+
+    ``chunk`` (tokens per split) is a multiple of ``block_n`` and every split gets at least one
+    token. ``splits`` forces a number of splits (tests, benchmarks).
+    """
+    if splits is None:
+        sms = _num_sms(device)
+        splits = 1 if B >= 2 * sms else min(triton.cdiv(2 * sms, B), triton.cdiv(T, MIN_SPLIT_TOKENS))
+    chunk = triton.cdiv(triton.cdiv(T, max(1, splits)), block_n) * block_n
+    return triton.cdiv(T, chunk), chunk
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn):
+    """Pointers ``[BLOCK_N, BLOCK_C]`` to tokens ``t`` of sample ``b`` (token 0 is ``x0``) and the
+    mask of those below ``end``."""
+    mask = (t < end)[:, None] & (cols < C)[None, :]
+    ptrs = tl.where((t == 0)[:, None], x0_ptr + b * s_x0b + cols[None, :],
+                    p_ptr + b * s_pb + (t - 1)[:, None] * s_pn + cols[None, :])
+    return ptrs, mask
+
+
+@triton.jit
+def _normalize(x, mask, C, eps):
+    """LayerNorm statistics of the rows of ``x`` (zero outside ``mask``): ``(mean, rstd, n)``."""
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    return mean, rstd, xc * rstd[:, None]
+
+
+@triton.jit
+def _scores(g, gsum, kb, x, mean, rstd, DOT: tl.constexpr):
+    """``s[h, j] = r_j (g_h · x_j − μ_j Σ_c g_hc) + kt_h · β``: one dot on the raw tokens."""
+    gx = tl.dot(g, tl.trans(x.to(DOT)), input_precision="ieee")
+    return rstd[None, :] * (gx - mean[None, :] * gsum[:, None]) + kb[:, None]
+
+
+@triton.jit
+def _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads, cols, H, C, ACC: tl.constexpr,
+                 DOT: tl.constexpr):
+    """``kt`` of sample ``b``, γ, β, and the absorbed score weights ``g = kt ⊙ γ`` (as dot
+    operand), ``Σ_c g`` (of that rounded ``g``, so the centring is exact) and ``kt · β``."""
+    hc_mask = (heads < H)[:, None] & (cols < C)[None, :]
+    kt = tl.load(kt_ptr + (b * H + heads[:, None]) * C + cols[None, :], mask=hc_mask, other=0.0)
+    gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+    beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
+    g = (kt * gamma[None, :]).to(DOT)
+    return kt, gamma, beta, g, tl.sum(g.to(ACC), 1), tl.sum(kt * beta[None, :], 1), hc_mask
+
+
+@triton.jit(do_not_specialize=["T", "chunk"])
+def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
+                          T, C, H, chunk, s_x0b, s_pb, s_pn, eps,
+                          H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ACC: tl.constexpr, DOT: tl.constexpr, FINAL: tl.constexpr):
+    """Grid ``(B, splits)``. ``FINAL`` (one split): writes ``z`` to ``out`` and ``lse``. Otherwise
+    writes this split's partials: unnormalized ``Σ p n`` to ``out`` ``[B, S, H, C]``, running max
+    to ``lse`` and sum to ``l`` (``[B, S, H]``)."""
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    heads = tl.arange(0, H_PAD)
+    cols = tl.arange(0, BLOCK_C)
+    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads,
+                                                         cols, H, C, ACC, DOT)
+    m = tl.full([H_PAD], float("-inf"), ACC)
+    l = tl.zeros([H_PAD], ACC)
+    acc = tl.zeros([H_PAD, BLOCK_C], ACC)
+    start = split * chunk
+    end = tl.minimum(start + chunk, T)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
+        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, mean, rstd, DOT), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))          # finite: every block has a token
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), n.to(DOT), input_precision="ieee")
+        m = m_new
+    row = b * tl.num_programs(1) + split
+    if FINAL:
+        z = gamma[None, :] * (acc / l[:, None]) + beta[None, :]
+        tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], z, mask=hc_mask)
+        tl.store(lse_ptr + row * H + heads, m + tl.log(l), mask=heads < H)
+    else:
+        tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], acc, mask=hc_mask)
+        tl.store(lse_ptr + row * H + heads, m, mask=heads < H)
+        tl.store(l_ptr + row * H + heads, l, mask=heads < H)
+
+
+@triton.jit(do_not_specialize=["T", "chunk"])
+def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr, lse_ptr,
+                          dx0_ptr, dp_ptr, dkt_ptr, dgamma_ptr, dbeta_ptr,
+                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_dx0b, s_dpb, s_dpn, eps,
+                          H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ACC: tl.constexpr, DOT: tl.constexpr):
+    """Grid ``(B, splits)``. Writes ``dx`` of this split's tokens and the split's partial
+    ``dkt`` (``[B, S, H, C]``), ``dγ`` and ``dβ`` (``[B·S, C]``), summed by the caller.
+
+    Per token: ``a = exp(s − lse)``, ``ds = a (dz·x̂ − δ)`` with ``dz·x̂ = (dz⊙γ)·n + dz·β``,
+    ``dx̂ = Σ_h a dz_h + ds kt_h``, then LayerNorm's backward. ``dkt = γ ⊙ Σ ds n + β Σ ds``."""
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    heads = tl.arange(0, H_PAD)
+    cols = tl.arange(0, BLOCK_C)
+    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads,
+                                                         cols, H, C, ACC, DOT)
+    hc_offs = (b * H + heads[:, None]) * C + cols[None, :]
+    dz = tl.load(dz_ptr + hc_offs, mask=hc_mask, other=0.0)
+    delta = tl.sum(dz * tl.load(z_ptr + hc_offs, mask=hc_mask, other=0.0), 1)
+    lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
+    dzg = (dz * gamma[None, :]).to(DOT)
+    dzb = tl.sum(dz * beta[None, :], 1)
+    dz_op = dz.to(DOT)
+    kt_op = kt.to(DOT)
+    dkt = tl.zeros([H_PAD, BLOCK_C], ACC)
+    ds_sum = tl.zeros([H_PAD], ACC)
+    dgamma = tl.zeros([BLOCK_C], ACC)
+    dbeta = tl.zeros([BLOCK_C], ACC)
+    start = split * chunk
+    end = tl.minimum(start + chunk, T)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
+        s = _scores(g, gsum, kb, x, mean, rstd, DOT)
+        a = tl.where((heads < H)[:, None] & (t < end)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        n_op = n.to(DOT)
+        da = tl.dot(dzg, tl.trans(n_op), input_precision="ieee") + dzb[:, None]
+        ds = a * (da - delta[:, None])
+        dxhat = (tl.dot(tl.trans(a.to(DOT)), dz_op, input_precision="ieee")
+                 + tl.dot(tl.trans(ds.to(DOT)), kt_op, input_precision="ieee"))
+        dn = dxhat * gamma[None, :]
+        dx = (dn - (tl.sum(dn, 1) / C)[:, None] - n * (tl.sum(dn * n, 1) / C)[:, None]) * rstd[:, None]
+        dptrs, _ = _token_ptrs(dx0_ptr, dp_ptr, b, t, cols, end, C, s_dx0b, s_dpb, s_dpn)
+        tl.store(dptrs, dx.to(dx0_ptr.dtype.element_ty), mask=mask)
+        dkt += tl.dot(ds.to(DOT), n_op, input_precision="ieee")
+        ds_sum += tl.sum(ds, 1)
+        dgamma += tl.sum(dxhat * n, 0)
+        dbeta += tl.sum(dxhat, 0)
+    row = b * tl.num_programs(1) + split
+    dkt = gamma[None, :] * dkt + beta[None, :] * ds_sum[:, None]
+    tl.store(dkt_ptr + (row * H + heads[:, None]) * C + cols[None, :], dkt, mask=hc_mask)
+    tl.store(dgamma_ptr + row * C + cols, dgamma, mask=cols < C)
+    tl.store(dbeta_ptr + row * C + cols, dbeta, mask=cols < C)
+
+
+def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                  eps: float, splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """``(z [B, H, C], lse [B, H])`` in the accumulation dtype; see ``torch_backend.attn_pool_fwd``.
+
+    ``splits`` forces the number of token splits (default: the heuristic of :func:`_splits`).
+    """
+    B, N, C = patches.shape
+    H = kt.shape[1]
+    acc = _acc_dtype(x0.dtype)
+    ACC, DOT = _tl_dtypes(x0.dtype)
+    x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
+    kt, gamma, beta = (t.to(acc).contiguous() for t in (kt, gamma, beta))
+    block_c, h_pad, block_n, num_warps = _blocks(C, H)
+    S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
+    z = x0.new_empty((B, H, C), dtype=acc)
+    lse = x0.new_empty((B, H), dtype=acc)
+    if S == 1:
+        out, m, l = z, lse, lse
+    else:
+        out = x0.new_empty((B, S, H, C), dtype=acc)
+        m, l = x0.new_empty((2, B, S, H), dtype=acc)
+    _attn_pool_fwd_kernel[(B, S)](
+        x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
+        x0.stride(0), patches.stride(0), patches.stride(1), eps,
+        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, FINAL=S == 1,
+        num_warps=num_warps)
+    if S == 1:
+        return z, lse
+    # Flash-decoding combine: rescale each split to the global max, then normalize.
+    m_all = m.amax(dim=1)                                            # [B, H]
+    w = torch.exp(m - m_all.unsqueeze(1))                            # [B, S, H]
+    l_all = (w * l).sum(dim=1)
+    z = torch.einsum("bsh,bshc->bhc", w, out) / l_all.unsqueeze(-1) * gamma + beta
+    return z, m_all + torch.log(l_all)
+
+
+def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float, splits: Optional[int] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx0, dpatches, dkt, dgamma, dbeta)``; see ``torch_backend.attn_pool_bwd``."""
+    B, N, C = patches.shape
+    H = kt.shape[1]
+    acc = _acc_dtype(x0.dtype)
+    ACC, DOT = _tl_dtypes(x0.dtype)
+    x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
+    kt, gamma, beta, z, dz, lse = (t.to(acc).contiguous() for t in (kt, gamma, beta, z, dz, lse))
+    block_c, h_pad, block_n, num_warps = _blocks(C, H)
+    S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
+    dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    dpatches = patches.new_empty((B, N, C))
+    dkt = x0.new_empty((B, S, H, C), dtype=acc)
+    dgamma, dbeta = x0.new_empty((2, B * S, C), dtype=acc)
+    _attn_pool_bwd_kernel[(B, S)](
+        x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, dkt, dgamma, dbeta,
+        N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
+        dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
+        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, num_warps=num_warps)
+    return dx0, dpatches, dkt.sum(dim=1), dgamma.sum(dim=0), dbeta.sum(dim=0)

@@ -1,0 +1,143 @@
+"""LayerNorm with an optional residual add folded in, forward and backward.
+
+Each program handles ``ROWS`` rows of width ``C`` whole in registers (``BLOCK_C =
+next_power_of_2(C)``). Forward: ``h = x + residual`` rounded to the activation dtype (stored, and
+the statistics are taken on that rounded ``h``), fp32 ``mean``/``rstd`` saved. Backward: a bounded
+number of programs each loop over row blocks, write ``dx (+ dh)`` and one row of partial
+``dweight``/``dbias`` each, summed by the caller.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# SM count assumed where there is no CUDA device; bounds the backward's partial sums.
+DEFAULT_NUM_SMS = 132
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def _blocks(C: int) -> Tuple[int, int, int]:
+    """``(BLOCK_C, ROWS, num_warps)``: about 4K elements per program."""
+    block_c = triton.next_power_of_2(C)
+    return block_c, max(1, min(16, 4096 // block_c)), (4 if block_c <= 1024 else 8)
+
+
+def _rows(t: Tensor, C: int) -> Tensor:
+    """``t`` as ``[M, C]`` rows with unit column stride (a copy only when it has none)."""
+    t = t.reshape(-1, C)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit(do_not_specialize=["M"])
+def _layer_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
+                           M, C, s_x, s_r, eps,
+                           ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RES: tl.constexpr,
+                           ACC: tl.constexpr):
+    """Grid ``cdiv(M, ROWS)``. ``y`` and ``h`` are contiguous ``[M, C]``."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    out_offs = rows[:, None] * C + cols[None, :]
+    h = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_RES:
+        # Add in ACC, round once to the activation dtype; the statistics see the rounded h.
+        r = tl.load(r_ptr + rows[:, None] * s_r + cols[None, :], mask=mask, other=0.0)
+        h = (h + r.to(ACC)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + out_offs, h, mask=mask)
+        h = h.to(ACC)
+    mean = tl.sum(h, 1) / C
+    hc = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, 1) / C + eps)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
+    b = tl.load(b_ptr + cols, mask=cols < C, other=0.0)
+    y = hc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rows < M)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _layer_norm_bwd_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
+                           dw_ptr, db_ptr, M, C, s_dy, s_dh, s_h,
+                           ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DH: tl.constexpr,
+                           ACC: tl.constexpr):
+    """Grid ``P``; program ``p`` takes row blocks ``p, p + P, …`` and writes row ``p`` of the
+    ``[P, C]`` partials. ``dx = rstd (dn − mean(dn) − n mean(dn n)) + dh`` with ``dn = dy ⊙ w``."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
+    dw = tl.zeros([BLOCK_C], ACC)
+    db = tl.zeros([BLOCK_C], ACC)
+    for r0 in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
+        rows = r0 + tl.arange(0, ROWS).to(tl.int64)
+        mask = (rows < M)[:, None] & (cols < C)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * s_h + cols[None, :], mask=mask, other=0.0).to(ACC)
+        mean = tl.load(mean_ptr + rows, mask=rows < M, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        n = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * s_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dn = dy * w[None, :]
+        dx = (dn - (tl.sum(dn, 1) / C)[:, None] - n * (tl.sum(dn * n, 1) / C)[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * n, 0)
+        db += tl.sum(dy, 0)
+    tl.store(dw_ptr + pid * C + cols, dw, mask=cols < C)
+    tl.store(db_ptr + pid * C + cols, db, mask=cols < C)
+
+
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, h, mean, rstd)`` for ``[M, C]`` rows; see ``torch_backend.layer_norm_fwd``.
+    Without a residual, ``h`` is ``x`` itself."""
+    M, C = x.shape
+    acc = _acc_dtype(x.dtype)
+    xr = _rows(x, C)
+    res = None if residual is None else _rows(residual, C)
+    weight, bias = weight.to(acc).contiguous(), bias.to(acc).contiguous()
+    block_c, rows, num_warps = _blocks(C)
+    y = x.new_empty((M, C))
+    h = x if res is None else x.new_empty((M, C))
+    mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
+    _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+        xr, xr if res is None else res, weight, bias, y, h, mean, rstd, M, C,
+        xr.stride(0), (xr if res is None else res).stride(0), eps,
+        ROWS=rows, BLOCK_C=block_c, HAS_RES=res is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``; see ``torch_backend.layer_norm_bwd``."""
+    M, C = h.shape
+    acc = _acc_dtype(h.dtype)
+    dy, hr = _rows(dy, C), _rows(h, C)
+    dh = None if dh is None else _rows(dh, C)
+    weight, mean, rstd = (t.to(acc).contiguous() for t in (weight, mean, rstd))
+    block_c, rows, num_warps = _blocks(C)
+    programs = max(1, min(triton.cdiv(M, rows), 2 * _num_sms(h.device)))
+    dx = h.new_empty((M, C))
+    dw, db = h.new_empty((2, programs, C), dtype=acc)
+    _layer_norm_bwd_kernel[(programs,)](
+        dy, dy if dh is None else dh, hr, weight, mean, rstd, dx, dw, db, M, C,
+        dy.stride(0), (dy if dh is None else dh).stride(0), hr.stride(0),
+        ROWS=rows, BLOCK_C=block_c, HAS_DH=dh is not None,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
+    return dx, dw.sum(dim=0), db.sum(dim=0)

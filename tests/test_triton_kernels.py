@@ -1,0 +1,272 @@
+"""Triton-specific checks beyond the shared primitive tests (tests/test_primitives.py).
+
+* the kernels really launch for every primitive, forward and backward (no silent torch fallback);
+* the flash-decoding split of the token axis, forced on and off, and chosen by the heuristic;
+* CrossViT-18 widths (224, 448) with 7 heads, 1 and 16 heads, float64, and odd strides.
+
+Under ``TRITON_INTERPRET=1`` (set by conftest.py on CPU machines) the kernels run in Triton's
+interpreter, so shapes stay small.
+"""
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+from crossvit_fast import backends, ops
+from crossvit_fast.backends import torch_backend as ref
+
+from .conftest import DEVICE
+from .numerics import assert_rel_close, rel_err, tolerance, torch_lowp_error
+from .test_primitives import EPS, f64, naive_attn_pool, naive_cls_proj, pool_inputs
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                                reason=str(backends.unavailable_reason("triton", DEVICE)))
+
+if backends.unavailable_reason("triton", DEVICE) is None:
+    from crossvit_fast.backends import triton_backend as tb
+    from crossvit_fast.kernels import attn_pool, cls_proj, layer_norm
+
+    KERNELS = {
+        "attn_pool_fwd": (attn_pool, "_attn_pool_fwd_kernel"),
+        "attn_pool_bwd": (attn_pool, "_attn_pool_bwd_kernel"),
+        "layer_norm_fwd": (layer_norm, "_layer_norm_fwd_kernel"),
+        "layer_norm_bwd": (layer_norm, "_layer_norm_bwd_kernel"),
+        "cls_proj_fwd": (cls_proj, "_cls_proj_fwd_kernel"),
+        "cls_proj_bwd": (cls_proj, "_cls_proj_bwd_kernel"),
+    }
+
+
+class _Spy:
+    """Stands in for a ``@triton.jit`` kernel: records the grid of each launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.grids.append(tuple(grid))
+            return launch(*args, **kwargs)
+        return run
+
+
+@contextlib.contextmanager
+def spied(*names):
+    """Replace the named kernels (keys of KERNELS) by spies; yields ``{name: spy}``."""
+    spies = {name: _Spy(getattr(*KERNELS[name])) for name in names}
+    with contextlib.ExitStack() as stack:
+        for name, spy in spies.items():
+            stack.enter_context(mock.patch.object(KERNELS[name][0], KERNELS[name][1], spy))
+        yield spies
+
+
+def check_attn_pool(fwd, bwd, shape, dtype, **kwargs):
+    """``fwd``/``bwd`` (with ``kwargs``) against the float64 reference, at test_primitives' bars."""
+    x0, patches, kt, gamma, beta = pool_inputs(*shape, dtype)
+    ref_in = f64(x0, patches, kt, gamma, beta)
+    z_ref, lse_ref = ref.attn_pool_fwd(*ref_in, EPS)
+    lowp = dtype not in (torch.float32, torch.float64)
+    tol = tolerance(dtype, [torch_lowp_error(naive_attn_pool, ref_in, dtype)] if lowp else [])
+    z, lse = fwd(x0, patches, kt.float(), gamma.float(), beta.float(), EPS, **kwargs)
+    assert_rel_close(z, z_ref, tol, "z")
+    assert_rel_close(lse, lse_ref, tol, "lse")
+    dz = torch.randn_like(z_ref)
+    expected = ref.attn_pool_bwd(dz, *ref_in, z_ref, lse_ref, EPS)
+    if lowp:
+        naive_grads = lambda *a: torch.autograd.grad(  # noqa: E731
+            naive_attn_pool(*a)[0], a, dz.to(a[0].dtype))
+        tol = tolerance(dtype, [torch_lowp_error(naive_grads, [t.requires_grad_() for t in ref_in], dtype)])
+    grads = bwd(dz.float(), x0, patches, kt.float(), gamma.float(), beta.float(), z, lse, EPS, **kwargs)
+    for name, g, e in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"), grads, expected):
+        if name == "dkt" and shape[1] == 0:   # exactly 0, left as rounding: as in test_primitives
+            cancelling = (dz.norm(dim=-1).max() * z_ref.norm(dim=-1).max()).item()
+            assert g.abs().max().item() <= tol * cancelling, "dkt with N=0"
+            continue
+        assert_rel_close(g, e, tol, name)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+
+# --- the kernels run -----------------------------------------------------------------------------
+
+def _primitive_calls(dtype):
+    """``{primitive name: thunk}`` calling each triton_backend primitive once on small inputs."""
+    x0, patches, kt, gamma, beta = pool_inputs(2, 9, 40, 3, dtype)
+    kt, gamma, beta = kt.float(), gamma.float(), beta.float()
+    z, lse = ref.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    rows = torch.randn(4, 40, device=DEVICE).to(dtype)
+    w, b = 1 + 0.3 * torch.randn(40, device=DEVICE), 0.3 * torch.randn(40, device=DEVICE)
+    _, h, mean, rstd = ref.layer_norm_fwd(rows, rows, w, b, EPS)
+    pw, pb = torch.randn(24, 40, device=DEVICE) / 40 ** 0.5, torch.randn(24, device=DEVICE)
+    _, pmean, prstd = ref.cls_proj_fwd(rows, w, b, pw, pb, EPS)
+    return {
+        "attn_pool_fwd": lambda: tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS),
+        "attn_pool_bwd": lambda: tb.attn_pool_bwd(torch.randn_like(z), x0, patches, kt, gamma, beta,
+                                                  z, lse, EPS),
+        "layer_norm_fwd": lambda: tb.layer_norm_fwd(rows, rows, w, b, EPS),
+        "layer_norm_bwd": lambda: tb.layer_norm_bwd(rows, rows, h, w, mean, rstd),
+        "cls_proj_fwd": lambda: tb.cls_proj_fwd(rows, w, b, pw, pb, EPS),
+        "cls_proj_bwd": lambda: tb.cls_proj_bwd(torch.randn(4, 24, device=DEVICE).to(dtype), rows,
+                                                w, b, pw, pmean, prstd),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_primitive_launches_its_kernel(dtype):
+    assert backends.resolve("triton", DEVICE) == "triton"
+    assert backends.implementation("triton") is tb
+    for name, call in _primitive_calls(dtype).items():
+        with spied(*KERNELS) as spies:
+            call()
+        launched = {k for k, s in spies.items() if s.grids}
+        assert launched == {name}, f"{name} launched {sorted(launched)}"
+
+
+def test_ops_route_through_the_kernels():
+    """Forward and backward of each custom op with backend='triton' launch the kernels."""
+    B, N, C, H = 2, 5, 24, 2
+    tokens = torch.randn(B, N + 1, C, device=DEVICE, requires_grad=True)
+    cls = torch.randn(B, 1, C, device=DEVICE, requires_grad=True)
+    nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
+    wq, wk, wv, wp = (torch.randn(C, C, device=DEVICE) / C ** 0.5 for _ in range(4))
+    with spied(*KERNELS) as spies:
+        y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, wq, None, wk, None, wv, None, wp,
+                                    None, H, (C // H) ** -0.5, backend="triton")
+        y, _ = ops.add_layer_norm(y, cls, nw, nb, backend="triton")
+        y = ops.cls_projection(y, nw, nb, wq, nw, backend="triton")
+        y.sum().backward()
+    assert all(s.grids for s in spies.values()), {k: s.grids for k, s in spies.items()}
+
+
+# --- flash-decoding split ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
+def test_attn_pool_forced_splits(splits, dtype):
+    # C = 40 -> BLOCK_N = 64; 151 tokens in 3 splits of at most 64.
+    with spied("attn_pool_fwd", "attn_pool_bwd") as spies:
+        check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (2, 150, 40, 3), dtype,
+                        splits=splits)
+    assert spies["attn_pool_fwd"].grids == [(2, splits)]
+    assert spies["attn_pool_bwd"].grids == [(2, splits)]
+
+
+def test_attn_pool_splits_n0_and_more_splits_than_blocks():
+    # Only the CLS token, and a request for more splits than there are token blocks.
+    with spied("attn_pool_fwd") as spies:
+        check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (2, 0, 24, 2),
+                        torch.float32, splits=4)
+        check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (1, 70, 24, 2),
+                        torch.float32, splits=8)
+    assert spies["attn_pool_fwd"].grids == [(2, 1), (1, 2)]
+
+
+def test_split_heuristic():
+    sms = attn_pool._num_sms(torch.device(DEVICE))
+    # Few samples, many tokens: split, at least MIN_SPLIT_TOKENS per split, every split non-empty.
+    S, chunk = attn_pool._splits(1, 401, 16, torch.device(DEVICE), None)
+    assert S > 1 and (S - 1) * chunk < 401 <= S * chunk and chunk % 16 == 0
+    # Enough samples to fill the GPU, or few tokens: no split.
+    assert attn_pool._splits(2 * sms, 401, 16, torch.device(DEVICE), None)[0] == 1
+    assert attn_pool._splits(1, 40, 16, torch.device(DEVICE), None)[0] == 1
+
+
+def test_backend_splits_small_batches_by_itself():
+    # B = 1, 201 tokens, C = 24 (BLOCK_N = 64): the default heuristic splits in 4.
+    with spied("attn_pool_fwd", "attn_pool_bwd") as spies:
+        check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (1, 200, 24, 2), torch.float32)
+    assert spies["attn_pool_fwd"].grids == [(1, 4)] and spies["attn_pool_bwd"].grids == [(1, 4)]
+
+
+# --- shapes and dtypes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [224, 448])
+def test_attn_pool_crossvit18_widths(C, dtype):
+    check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (2, 37, C, 7), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 11, 48, 16), (1, 20, 20, 1)], ids=str)
+def test_attn_pool_head_counts(shape):
+    check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_448_strided_rows(dtype):
+    big = torch.randn(3, 2 * 448, device=DEVICE).to(dtype)
+    x, res = big[:, :448], big[:, 448:]                     # rows with a row stride of 896
+    w, b = 1 + 0.3 * torch.randn(448, device=DEVICE), 0.3 * torch.randn(448, device=DEVICE)
+    y_ref, h_ref, mean_ref, rstd_ref = ref.layer_norm_fwd(*f64(x, res, w, b), EPS)
+    tol = tolerance(dtype, [rel_err(y_ref.to(dtype), y_ref)] if dtype != torch.float32 else [])
+    y, h, mean, rstd = tb.layer_norm_fwd(x, res, w, b, EPS)
+    for name, a, e in (("y", y, y_ref), ("h", h, h_ref), ("mean", mean, mean_ref), ("rstd", rstd, rstd_ref)):
+        assert_rel_close(a, e, tol, name)
+    dy = torch.randn(3, 2 * 448, device=DEVICE, dtype=torch.float64)[:, ::2]
+    expected = ref.layer_norm_bwd(dy, None, h_ref, w.double(), mean_ref, rstd_ref)
+    grads = tb.layer_norm_bwd(dy.to(dtype), None, h, w, mean, rstd)
+    for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected):
+        assert_rel_close(g, e, max(tol, tolerance(dtype, [2 * rel_err(dy.to(dtype), dy)])), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cls_proj_448_to_224(dtype):
+    tokens = torch.randn(3, 2, 448, device=DEVICE).to(dtype)
+    x = tokens[:, 0]
+    ln_w, ln_b = 1 + 0.3 * torch.randn(448, device=DEVICE), 0.3 * torch.randn(448, device=DEVICE)
+    w, b = torch.randn(224, 448, device=DEVICE) / 448 ** 0.5, 0.1 * torch.randn(224, device=DEVICE)
+    ref_in = f64(x, ln_w, ln_b, w, b)
+    y_ref, mean_ref, rstd_ref = ref.cls_proj_fwd(*ref_in, EPS)
+    lowp = dtype != torch.float32
+    tol = tolerance(dtype, [torch_lowp_error(naive_cls_proj, ref_in, dtype)] if lowp else [])
+    y, mean, rstd = tb.cls_proj_fwd(x, ln_w, ln_b, w, b, EPS)
+    assert_rel_close(y, y_ref, tol, "y")
+    dy = torch.randn(3, 224, device=DEVICE, dtype=torch.float64)
+    expected = ref.cls_proj_bwd(dy, *ref_in[:4], mean_ref, rstd_ref)
+    if lowp:
+        naive_grads = lambda *a: torch.autograd.grad(naive_cls_proj(*a), a, dy.to(a[0].dtype))  # noqa: E731
+        tol = tolerance(dtype, [torch_lowp_error(naive_grads, [t.requires_grad_() for t in ref_in], dtype)])
+    grads = tb.cls_proj_bwd(dy.to(dtype), x, ln_w, ln_b, w, mean, rstd)
+    for name, g, e in zip(("dx", "dln_weight", "dln_bias", "dweight", "dbias"), grads, expected):
+        assert_rel_close(g, e, tol, name)
+
+
+def test_float64_matches_the_reference_to_rounding():
+    """float64 activations accumulate in float64 (what gradcheck of the ops relies on)."""
+    x0, patches, kt, gamma, beta = pool_inputs(2, 9, 20, 3, torch.float64)
+    z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    z_ref, lse_ref = ref.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    dz = torch.randn_like(z)
+    got = [z, lse, *tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)]
+    want = [z_ref, lse_ref, *ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z_ref, lse_ref, EPS)]
+    rows, pw = (torch.randn(*s, device=DEVICE, dtype=torch.float64) for s in ((5, 20), (12, 20)))
+    w, b = (torch.rand(20, device=DEVICE, dtype=torch.float64) + k for k in (1, 0))
+    for impl, out in ((tb, got), (ref, want)):
+        y, h, mean, rstd = impl.layer_norm_fwd(rows, rows, w, b, EPS)
+        out += [y, h, mean, rstd, *impl.layer_norm_bwd(rows, rows, h, w, mean, rstd)]
+        y, mean, rstd = impl.cls_proj_fwd(rows, w, b, pw, b[:12], EPS)
+        out += [y, *impl.cls_proj_bwd(y, rows, w, b, pw, mean, rstd)]
+    assert len(got) == len(want) == 20
+    for g, e in zip(got, want):
+        assert g.dtype == torch.float64
+        assert rel_err(g, e) < 1e-12
+
+
+def test_patches_without_unit_stride_and_strided_x0():
+    tokens = torch.randn(2, 24, 10, device=DEVICE).transpose(1, 2)   # [B, N+1, C], stride(-1) = 10
+    x0, patches = tokens[:, 0], tokens[:, 1:]
+    kt = torch.randn(2, 3, 24, device=DEVICE) / 5
+    gamma, beta = 1 + torch.rand(24, device=DEVICE), torch.rand(24, device=DEVICE)
+    z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    z_ref, lse_ref = ref.attn_pool_fwd(*f64(x0, patches, kt, gamma, beta), EPS)
+    assert_rel_close(z, z_ref, 1e-5, "z")
+    assert_rel_close(lse, lse_ref, 1e-5, "lse")
+
+
+def test_unavailable_reason(monkeypatch):
+    assert tb.unavailable_reason(torch.device("cpu" if DEVICE == "cpu" else "cuda")) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in tb.unavailable_reason(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert "CUDA" in tb.unavailable_reason(torch.device("cuda"))
+    assert tb.unavailable_reason(torch.device("meta")) is not None
