@@ -2,6 +2,8 @@
 
 Runs wherever timm imports (tests/timm_import.py makes that work without torchvision).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -89,3 +91,39 @@ def test_official_ibm_style_checkpoint_loads_strictly(timm, tmp_path):
     x = torch.randn(1, 3, 240, 240)
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) < TOL
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """fp32 matmuls and convolutions in full fp32, restoring the caller's settings after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("name", crossvit_fast.list_models())
+def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend):
+    """On the GPU: fp32 within 1e-5 of timm (tf32 off); bf16 autocast within 4× timm's own bf16 error."""
+    reason = crossvit_fast.backends.unavailable_reason(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    ref, ours = pair(timm, name)
+    ref, ours = ref.cuda(), ours.cuda()
+    res = ref.pretrained_cfg["input_size"][-1]
+    x = torch.randn(4, 3, res, res, device="cuda")
+    with torch.no_grad(), crossvit_fast.use_backend(backend), no_tf32():
+        expected = ref.double()(x.double()).float()
+        ref.float()
+        assert rel_err(ours(x), expected) < TOL
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timm_bf16 = ref(x)
+            ours_bf16 = ours(x)
+    assert rel_err(ours_bf16, expected) <= 4 * max(rel_err(timm_bf16, expected), 1e-3)
