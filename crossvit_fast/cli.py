@@ -147,7 +147,11 @@ def cmd_bench(args) -> int:
 
 def cmd_build_ext(args) -> int:
     from ._extension import build_extension
-    build_extension(verbose=True)
+    try:
+        build_extension(verbose=True)
+    except RuntimeError as err:   # the compiler's output was printed above
+        print(f"crossvit-fast build-ext: {err}", file=sys.stderr)
+        return 1
     print("crossvit_fast CUDA extension built")
     return 0
 

@@ -1,0 +1,86 @@
+"""The CUDA C++ backend: the six primitives of :mod:`.torch_backend`, run by the kernels in
+``csrc/`` (ops ``torch.ops.crossvit_fast_cuda.*``, built on first use by
+:mod:`crossvit_fast._extension`). Same signatures and output dtypes as the torch backend.
+
+Two differences of the C++ ops are absorbed here:
+
+* ``layer_norm_fwd`` without a residual: the op returns an empty ``h`` (an op output may not
+  alias its input), while the torch backend returns ``x`` itself as ``h``; so does this one.
+* float64 activations are not taken by the kernels: those calls (the tests' reference precision)
+  run the torch backend instead, on the same device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from .._extension import load_extension
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """``None`` where the extension runs on ``device``; else why not (builds it on first call)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device.type}"
+    if not torch.cuda.is_available():
+        return "needs a CUDA device; torch.cuda.is_available() is False"
+    return load_extension()
+
+
+def _ops():
+    return torch.ops.crossvit_fast_cuda
+
+
+def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                  eps: float) -> Tuple[Tensor, Tensor]:
+    """See :func:`.torch_backend.attn_pool_fwd`."""
+    if x0.dtype == torch.float64:
+        return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
+    return _ops().attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
+
+
+def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.torch_backend.attn_pool_bwd`."""
+    if x0.dtype == torch.float64:
+        return torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
+    return _ops().attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
+
+
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.torch_backend.layer_norm_fwd`; without a residual, ``h`` is ``x`` itself."""
+    if x.dtype == torch.float64:
+        return torch_backend.layer_norm_fwd(x, residual, weight, bias, eps)
+    y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps)
+    return y, (x if residual is None else h), mean, rstd
+
+
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`.torch_backend.layer_norm_bwd`."""
+    if h.dtype == torch.float64:
+        return torch_backend.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
+    # The kernels take gradients in the activation dtype (as the torch backend casts them).
+    dh = None if dh is None else dh.to(h.dtype)
+    return _ops().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd)
+
+
+def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`.torch_backend.cls_proj_fwd`."""
+    if x.dtype == torch.float64:
+        return torch_backend.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+    return _ops().cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                 mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.torch_backend.cls_proj_bwd`."""
+    if x.dtype == torch.float64:
+        return torch_backend.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)
+    return _ops().cls_proj_bwd(dy.to(x.dtype), x, ln_weight, ln_bias, weight, mean, rstd)
