@@ -1,0 +1,412 @@
+"""End-to-end throughput: images/s of inference and of a training step, fused model vs timm.
+
+Four implementations of each variant: ``fast`` (``crossvit_fast.CrossViT``, fused ops on the
+default backend), ``fast+compile`` (the same under ``torch.compile``), ``timm`` (timm's own
+``CrossVit`` from ``timm.create_model``) and ``timm+compile``; in fp32 or under bf16/fp16
+autocast. Inference is a forward under ``no_grad``; a training step is zero_grad, forward,
+cross-entropy, backward and an SGD step (with a GradScaler under fp16). Each row has the median
+time and spread over warmed-up synchronized runs, images/s, the first call's seconds (the
+compilation, for the compiled implementations), the peak CUDA memory, and the achieved model
+FLOP/s (timm's FLOPs, counted once per variant with FlopCounterMode on the meta device) as a
+fraction of the matmul peak measured in the same run (bench/peaks.py).
+
+Eager rows run first and compiled ones after, each compiled model compiled once;
+``--compile-budget-s`` caps the seconds spent compiling, past which compiled rows are left out
+(listed under ``skipped``), so that a time limit cuts the most expensive rows first.
+
+    python -m bench.e2e --preset gpu-quick      # about 3 minutes on an H100
+    python -m bench.e2e --smoke                  # seconds on a CPU; writes to a temporary folder
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import crossvit_fast
+from crossvit_fast import backends
+from crossvit_fast.benchmarking import summarize, time_fn
+from crossvit_fast.reference import naive_math
+from crossvit_fast.variants import list_models
+
+from . import peaks
+from .common import (StudyResults, Stopped, environment_lines, fmt, markdown_table, out_dir, parse_dtype,
+                     parse_list, pick_device, stop_on_sigterm)
+
+IMPLS = ("fast", "fast+graphs", "fast+compile", "timm", "timm+compile")
+# Compiled or eager implementations of every row; fast+graphs (a CUDA-graph replay) is for inference.
+MAIN_IMPLS = ("fast", "fast+compile", "timm", "timm+compile")
+EAGER_IMPLS = ("fast", "timm")
+MODES = ("infer", "train")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row to measure."""
+    variant: str
+    mode: str
+    dtype: str
+    batch: int
+    impl: str
+
+    @property
+    def compiled(self) -> bool:
+        return self.impl.endswith("+compile")
+
+
+def expand(variants, modes, dtypes, batches, impls) -> List[Spec]:
+    """Every combination of the given lists, as specs."""
+    return [Spec(*combo) for combo in itertools.product(variants, modes, dtypes, batches, impls)]
+
+
+# --preset gpu-quick: six model compilations (the expensive part), about 3 minutes on an H100.
+PRESETS: Dict[str, Callable[[], List[Spec]]] = {
+    "gpu-quick": lambda: (
+        expand(["crossvit_18_240"], ["infer"], ["bf16"], [256], MAIN_IMPLS)
+        + expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1], IMPLS)  # batch-1 latency
+        + expand(["crossvit_18_240"], ["train"], ["bf16"], [128], MAIN_IMPLS)
+        + expand(list_models(), ["infer"], ["bf16"], [64], EAGER_IMPLS)),  # eager sweep, no compile
+}
+
+
+def load_timm() -> Tuple[Optional[object], Optional[str]]:
+    """timm, or None and the reason it cannot be imported here.
+
+    Where torchvision is missing, tests/timm_import.py's stand-in answers timm's torchvision
+    imports (CrossViT uses none of them), as the parity tests do.
+    """
+    if importlib.util.find_spec("timm") is None:
+        return None, "timm is not installed (pip install --no-deps timm pillow pyyaml)"
+    try:
+        if importlib.util.find_spec("torchvision") is None:
+            from tests.timm_import import _TorchvisionStandIn
+            if not any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
+                sys.meta_path.insert(0, _TorchvisionStandIn())
+        import timm
+        return timm, None
+    except Exception as err:  # noqa: BLE001 - any import failure is a reason to leave timm out
+        return None, f"timm could not be imported: {type(err).__name__}: {err}"
+
+
+def build_model(spec: Spec, timm) -> torch.nn.Module:
+    """An fp32 model of ``spec.variant`` (random weights): crossvit_fast's or timm's."""
+    if spec.impl.startswith("timm"):
+        return timm.create_model(spec.variant)
+    return crossvit_fast.create_model(spec.variant)
+
+
+def wrap_model(model: torch.nn.Module, spec: Spec, settings) -> torch.nn.Module:
+    """``model`` as ``spec.impl`` runs it: compiled, CUDA-graph replayed, or as is."""
+    if spec.compiled:
+        return torch.compile(model, **settings.compile_options)
+    if spec.impl == "fast+graphs":
+        return crossvit_fast.GraphedInference(model.eval())
+    return model
+
+
+def count_flops(variant: str, timm) -> Dict[str, object]:
+    """FLOPs per image of inference (forward) and of a training step (forward and backward).
+
+    Counted with FlopCounterMode on the meta device (nothing is computed): on timm's model where
+    timm imports, else on crossvit_fast's model under ``naive_math`` (timm's math, op for op).
+    """
+    counts = {}
+    with torch.device("meta"), naive_math():
+        model = timm.create_model(variant) if timm is not None else crossvit_fast.create_model(variant)
+        x = torch.empty(1, *model.pretrained_cfg["input_size"])
+        for mode in MODES:
+            with FlopCounterMode(display=False) as counter:
+                out = model(x)
+                if mode == "train":
+                    out.sum().backward()
+            counts[mode] = counter.get_total_flops()
+    counts["source"] = "timm" if timm is not None else "crossvit_fast naive math"
+    return counts
+
+
+def step_function(model: torch.nn.Module, spec: Spec, device: torch.device,
+                  base: torch.nn.Module) -> Callable[[], object]:
+    """One inference forward or one training step of ``model`` (``base`` as wrapped by
+    :func:`wrap_model`) on a fixed random batch."""
+    dtype = parse_dtype(spec.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    x = torch.randn(spec.batch, *base.pretrained_cfg["input_size"], device=device)
+    if spec.mode == "infer":
+        base.eval()
+
+        def infer():
+            with torch.no_grad(), autocast:
+                return model(x)
+        return infer
+
+    base.train()
+    labels = torch.randint(0, base.num_classes, (spec.batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return train
+
+
+@dataclass
+class Settings:
+    """One run of the study, every default filled in."""
+    device: torch.device
+    specs: List[Spec]
+    preset: Optional[str]
+    warmup: int
+    iters: int
+    compile_options: Dict[str, str]
+    compile_budget_s: Optional[float]
+    matmul_n: int
+    smoke: bool
+
+    def config(self) -> dict:
+        """The settings as recorded in the results."""
+        return dict(smoke=self.smoke, preset=self.preset, device=str(self.device), warmup=self.warmup,
+                    iters=self.iters, compile=self.compile_options, compile_budget_s=self.compile_budget_s,
+                    fused_backend=backends.resolve(None, self.device), optimizer="SGD(momentum=0.9)",
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32, specs=[asdict(s) for s in self.specs])
+
+
+class Runner:
+    """Measures specs one by one, keeping the FLOP counts and the compile seconds spent."""
+
+    def __init__(self, settings: Settings, run_peaks: dict, timm, timm_reason: Optional[str]):
+        self.settings, self.peaks = settings, run_peaks
+        self.timm, self.timm_reason = timm, timm_reason
+        self.flops: Dict[str, dict] = {}
+        self.compile_spent_s = 0.0
+
+    def skip_reason(self, spec: Spec) -> Optional[str]:
+        """Why ``spec`` is not measured, or None."""
+        budget = self.settings.compile_budget_s
+        if spec.impl.startswith("timm") and self.timm is None:
+            return self.timm_reason
+        if spec.impl == "fast+graphs" and (spec.mode != "infer" or self.settings.device.type != "cuda"):
+            return "CUDA-graph replay is for inference on a CUDA device"
+        if spec.compiled and budget is not None and self.compile_spent_s >= budget:
+            return f"compile budget of {budget:g} s spent"
+        return None
+
+    def measure(self, spec: Spec) -> dict:
+        """Time ``spec``: its first call (the compilation), then warm-up and timed calls."""
+        device, settings = self.settings.device, self.settings
+        torch._dynamo.reset()  # each compiled model starts afresh: no recompile limit across rows
+        base = build_model(spec, self.timm).to(device)
+        model = wrap_model(base, spec, settings)
+        step = step_function(model, spec, device, base)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first_call_s = time.perf_counter() - start
+        if spec.compiled:
+            self.compile_spent_s += first_call_s
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = summarize(time_fn(step, device, warmup=settings.warmup, iters=settings.iters))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if spec.variant not in self.flops:
+            self.flops[spec.variant] = count_flops(spec.variant, self.timm)
+        flops = self.flops[spec.variant][spec.mode] * spec.batch
+        tflops = flops / stats["median_s"] / 1e12
+        return dict(asdict(spec), images_per_s=spec.batch / stats["median_s"], **stats,
+                    first_call_s=first_call_s, peak_memory_bytes=peak,
+                    flops_per_image=self.flops[spec.variant][spec.mode],
+                    flops_source=self.flops[spec.variant]["source"], TFLOPs=tflops,
+                    flop_fraction=tflops / self.peaks["matmul"][spec.dtype]["TFLOPs"])
+
+
+def key(row: dict) -> tuple:
+    return row["variant"], row["mode"], row["dtype"], row["batch"]
+
+
+def add_speedups(rows: List[dict]) -> None:
+    """Each row's speedup over timm eager (and over fast eager) at the same variant, mode, dtype
+    and batch; None where that row is missing."""
+    for base in ("timm", "fast"):
+        times = {key(r): r["median_s"] for r in rows if r["impl"] == base}
+        for row in rows:
+            ref = times.get(key(row))
+            row[f"vs_{base}"] = None if ref is None else ref / row["median_s"]
+
+
+HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "median ms", "p10–p90 ms", "vs timm",
+           "vs fast", "first call s", "peak MiB", "TFLOP/s", "% matmul peak"]
+
+
+def table_row(row: dict) -> List[str]:
+    """One result row as Markdown cells."""
+    speedup = lambda v: fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
+    peak = row["peak_memory_bytes"]
+    return [row["variant"], row["mode"], row["dtype"], row["batch"], row["impl"], f"{row['images_per_s']:.1f}",
+            f"{row['median_s'] * 1e3:.2f}", f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
+            speedup(row["vs_timm"]), speedup(row["vs_fast"]), f"{row['first_call_s']:.1f}",
+            fmt(None if peak is None else peak / 2 ** 20, ".0f"), f"{row['TFLOPs']:.2f}",
+            f"{100 * row['flop_fraction']:.1f}%"]
+
+
+def markdown(results: StudyResults) -> str:
+    """The results file's Markdown: environment, peaks, settings, the table, what was left out."""
+    payload = results.payload
+    config, rows = payload["config"], payload["rows"]
+    matmuls = ", ".join(f"{name} {m['TFLOPs']:.2f} TFLOP/s" for name, m in payload["peaks"]["matmul"].items())
+    ordered = sorted(rows, key=lambda r: (*key(r), IMPLS.index(r["impl"])))
+    skipped = [f"- {s['variant']} {s['mode']} {s['dtype']} batch {s['batch']} {s['impl']}: {s['reason']}"
+               for s in payload["skipped"]]
+    return "\n".join([
+        f"# End-to-end throughput on {payload['environment']['device']}", "",
+        *environment_lines(payload["environment"]), "",
+        f"Measured matmul peak (this run, n={config['matmul_n']}): {matmuls}. Fused backend "
+        f"{config['fused_backend']}; torch.compile {config['compile']}, compile budget {config['compile_budget_s']} s "
+        f"(spent {payload.get('compile_spent_s', 0):.0f} s); {config['warmup']} warm-up + {config['iters']} "
+        f"timed runs; training step: forward, cross-entropy, backward, {config['optimizer']}; "
+        f"bf16/fp16 rows run under autocast. FLOPs: {payload['flops_source']}."
+        + (" (smoke run)" if config["smoke"] else "")
+        + (f" **Incomplete: {payload['stopped']}.**" if payload.get("stopped") else ""),
+        "", markdown_table(HEADERS, [table_row(r) for r in ordered]),
+        *(["", "## Left out", "", *skipped] if skipped else []),
+    ])
+
+
+def draw(plt, rows: List[dict]):
+    """Images/s per configuration (log scale), one bar per implementation."""
+    groups = list(dict.fromkeys(key(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(groups) + 1.5))
+    height = 0.8 / len(IMPLS)
+    for k, impl in enumerate(IMPLS):
+        by_key = {key(r): r["images_per_s"] for r in rows if r["impl"] == impl}
+        ys = [i + k * height for i, g in enumerate(groups) if g in by_key]
+        ax.barh(ys, [by_key[g] for g in groups if g in by_key], height=height, label=impl)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(groups))])
+    ax.set_yticklabels([f"{v} {m} {d} B={b}" for v, m, d, b in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel="images/s")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Fill the defaults that depend on ``--smoke``, ``--preset`` and the device."""
+    device = pick_device(args.device, args.smoke)
+    gpu, smoke = device.type == "cuda", args.smoke
+    if args.preset:
+        specs = PRESETS[args.preset]()
+    else:
+        variants = args.variants or ("crossvit_tiny_240" if smoke else "crossvit_18_240")
+        specs = expand(list_models() if variants == "all" else parse_list(variants),
+                       parse_list(args.modes or ",".join(MODES)),
+                       parse_list(args.dtypes or ("bf16" if gpu else "fp32")),
+                       parse_list(args.batch_sizes or ("1" if smoke else "64" if gpu else "8"), int),
+                       parse_list(args.impls or (",".join(EAGER_IMPLS) if smoke else ",".join(IMPLS))))
+    for spec in specs:  # clear errors before anything runs
+        parse_dtype(spec.dtype)
+        if spec.variant not in list_models() or spec.mode not in MODES or spec.impl not in IMPLS:
+            raise SystemExit(f"unknown variant, mode or impl in {spec}; variants: {', '.join(list_models())}; "
+                             f"modes: {', '.join(MODES)}; impls: {', '.join(IMPLS)}")
+    compile_options = {"backend": args.compile_backend or ("aot_eager" if smoke else "inductor")}
+    if args.compile_mode:
+        compile_options["mode"] = args.compile_mode
+    budget = args.compile_budget_s if args.compile_budget_s is not None else (100.0 if gpu else None)
+    return Settings(
+        device=device, specs=sorted(specs, key=lambda s: s.compiled),  # eager first; stable otherwise
+        preset=args.preset,
+        warmup=args.warmup if args.warmup is not None else (2 if smoke else 3),
+        iters=args.iters if args.iters is not None else (2 if smoke else 20 if gpu else 5),
+        compile_options=compile_options, compile_budget_s=None if budget is not None and budget < 0 else budget,
+        matmul_n=512 if smoke else 8192 if gpu else 1024, smoke=smoke)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="crossvit_tiny_240, batch 1, fp32, eager only, 2 timed runs, on the CPU; "
+                             "with --impls, compiled rows use aot_eager")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="gpu-quick: crossvit_18_240 bf16 inference at 256 and training at 128, "
+                             "crossvit_tiny_240 fp32 batch-1 latency (all four impls), and an eager sweep of all "
+                             "11 variants at bf16 batch 64 (replaces --variants/--modes/--dtypes/--batch-sizes/--impls)")
+    parser.add_argument("--device", default=None, help="auto (CUDA if present; CPU with --smoke), cpu, cuda, cuda:N")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated, or 'all' (default crossvit_18_240; crossvit_tiny_240 with --smoke)")
+    parser.add_argument("--modes", default=None, help="comma-separated from infer,train (default both)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated from fp32,bf16,fp16; bf16/fp16 run under autocast "
+                             "(default bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 64 on CUDA, 8 on CPU, 1 with --smoke)")
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated from {','.join(IMPLS)} (default all; fast,timm with --smoke)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 3; 2 with --smoke)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 on CUDA, 5 on CPU, 2 with --smoke)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager with --smoke)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    parser.add_argument("--compile-budget-s", type=float, default=None,
+                        help="seconds of compilation after which compiled rows are left out "
+                             "(default 100 on CUDA, none elsewhere; negative: none)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default bench/results; a temporary folder with --smoke)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from tqdm import tqdm
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    stop_on_sigterm()
+    timm, timm_reason = load_timm()
+    timing = dict(warmup=max(settings.warmup, 3), iters=max(settings.iters, 5))
+    run_peaks = dict(matmul={name: peaks.matmul_peak(settings.device, settings.matmul_n, parse_dtype(name), **timing)
+                             for name in dict.fromkeys(s.dtype for s in settings.specs)})
+    config = dict(settings.config(), matmul_n=settings.matmul_n)
+    results = StudyResults(out_dir(args.out, settings.smoke), "e2e-smoke" if settings.smoke else "e2e",
+                           settings.device, config, peaks=run_peaks, timm=timm_reason or "imported",
+                           flops_source="timm's model (FlopCounterMode, meta device)" if timm is not None
+                           else "crossvit_fast's model under naive_math (timm not importable)", skipped=[])
+    runner = Runner(settings, run_peaks, timm, timm_reason)
+    stopped = None
+    try:
+        for spec in tqdm(settings.specs, desc="e2e", unit="row", file=sys.stderr):
+            reason = runner.skip_reason(spec)
+            if reason is None:
+                try:
+                    results.add(runner.measure(spec))
+                    continue
+                except torch.cuda.OutOfMemoryError:
+                    reason = "out of memory"
+                except Exception as err:  # noqa: BLE001 - one failing row must not end the study
+                    reason = f"failed: {type(err).__name__}: {str(err)[:300]}"
+                    print(f"e2e: {spec} {reason}", file=sys.stderr)
+            results.payload["skipped"].append(dict(asdict(spec), reason=reason))
+            if settings.device.type == "cuda":
+                torch.cuda.empty_cache()  # an OOM must not leave the next row short of memory
+    except Stopped as stop:
+        stopped = str(stop)
+    add_speedups(results.payload["rows"])
+    results.payload["compile_spent_s"] = runner.compile_spent_s
+    text = markdown(results)
+    written = results.finish(text, draw, stopped)
+    print(text[text.index("| variant"):])
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The bench/ studies in smoke mode on the CPU: they run, and write complete, plausible results.
+
+Run in-process (``main(argv)``) to share one torch import; about 30 s on two cores.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, e2e, kernels
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def load(out: Path, study: str) -> dict:
+    """The single JSON a smoke run of ``study`` wrote into ``out``, with its Markdown beside it."""
+    paths = sorted(out.glob(f"{study}-smoke-*.json"))
+    assert len(paths) == 1, paths
+    assert paths[0].with_suffix(".md").read_text().startswith("# ")
+    payload = json.loads(paths[0].read_text())
+    assert payload["complete"] is True and "stopped" not in payload
+    for field in ("device", "torch", "triton", "python", "commit"):
+        assert payload["environment"][field], field
+    assert payload["config"]["smoke"] is True
+    return payload
+
+
+def check_timing(row: dict) -> None:
+    assert row["runs"] >= 2
+    assert 0 < row["min_s"] <= row["p10_s"] <= row["median_s"] <= row["p90_s"] <= row["max_s"] < 60
+    assert row["first_call_s"] > 0
+
+
+def test_smoke_never_writes_into_bench_results():
+    assert common.out_dir(None, smoke=True) != common.DEFAULT_OUT
+    assert common.out_dir(None, smoke=False) == common.DEFAULT_OUT
+
+
+def test_kernels_smoke(tmp_path):
+    assert kernels.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = load(tmp_path, "kernels")
+    assert payload["peaks"]["copy"]["GBps"] > 0.1
+    assert payload["peaks"]["matmul"]["fp32"]["TFLOPs"] > 1e-4
+    assert payload["config"]["dtypes"] == ["fp32"] and payload["skipped"] == []
+    rows = payload["rows"]
+    # crossvit_tiny_240 has 6 op shapes (2 of each op); each in 2 passes by naive, compiled naive, torch
+    impls = {"naive", "naive+compile", "torch"}
+    assert {r["impl"] for r in rows} >= impls
+    for op in kernels.OPS:
+        for pass_name in kernels.PASSES:
+            group = [r for r in rows if (r["op"], r["pass_name"]) == (op, pass_name)]
+            assert {r["impl"] for r in group} >= impls
+            assert len(group) == 2 * len({r["impl"] for r in rows}), (op, pass_name)
+    for row in rows:
+        check_timing(row)
+        assert row["dtype"] == "fp32" and row["shape"]["B"] == 2
+        assert row["bytes"] > 0 and row["flops"] > 0
+        assert row["GBps"] > 0 and row["TFLOPs"] > 0 and row["bw_fraction"] > 0 and row["flop_fraction"] > 0
+        assert row["vs_naive"] > 0 and row["vs_compiled_naive"] > 0
+        if row["impl"] == "naive":
+            assert row["vs_naive"] == 1.0
+    fwd_bwd = {r["op"]: r["bytes"] for r in rows if r["pass_name"] == "fwd+bwd"}
+    fwd = {r["op"]: r["bytes"] for r in rows if r["pass_name"] == "fwd"}
+    assert all(fwd_bwd[op] > fwd[op] for op in kernels.OPS)
+
+
+def test_e2e_smoke(tmp_path):
+    assert e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = load(tmp_path, "e2e")
+    rows = payload["rows"]
+    timm_ok = payload["timm"] == "imported"
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        (impl, mode) for impl in (("fast", "timm") if timm_ok else ("fast",)) for mode in e2e.MODES}
+    assert [s["impl"] for s in payload["skipped"]] == ([] if timm_ok else ["timm", "timm"])
+    infer_flops = next(r["flops_per_image"] for r in rows if r["mode"] == "infer")
+    train_flops = next(r["flops_per_image"] for r in rows if r["mode"] == "train")
+    assert 1e9 < infer_flops < 1e10  # timm: crossvit_tiny_240 is 1.6 GMACs
+    assert 2.5 < train_flops / infer_flops < 3.5  # backward is about twice the forward
+    for row in rows:
+        check_timing(row)
+        assert (row["variant"], row["dtype"], row["batch"]) == ("crossvit_tiny_240", "fp32", 1)
+        assert row["images_per_s"] == pytest.approx(1 / row["median_s"])
+        assert row["TFLOPs"] > 0 and row["flop_fraction"] > 0
+        assert row["peak_memory_bytes"] is None  # CPU
+        assert row["vs_fast"] > 0
+        if row["impl"] == "fast":
+            assert row["vs_fast"] == 1.0
+        assert (row["vs_timm"] is not None) == timm_ok
+
+
+def test_e2e_compile_budget_leaves_compiled_rows_out(tmp_path):
+    argv = ["--smoke", "--modes", "infer", "--impls", "fast,fast+compile", "--compile-budget-s", "0",
+            "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    payload = load(tmp_path, "e2e")
+    assert [r["impl"] for r in payload["rows"]] == ["fast"]
+    assert [(s["impl"], s["reason"]) for s in payload["skipped"]] == [("fast+compile", "compile budget of 0 s spent")]
+
+
+def test_gpu_quick_preset_counts_its_compilations():
+    specs = e2e.PRESETS["gpu-quick"]()
+    assert sum(s.compiled for s in specs) == 6
+    assert {s.variant for s in specs if s.impl == "fast"} == set(e2e.list_models())
