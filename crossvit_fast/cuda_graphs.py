@@ -1,0 +1,69 @@
+"""Opt-in CUDA-graph inference: replay a captured forward instead of launching ~100 kernels.
+
+At small batch the GPU finishes each kernel before Python has launched the next, so latency is
+the sum of launch overheads; replaying a CUDA graph launches the whole forward at once.
+
+    fast = crossvit_fast.GraphedInference(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = fast(images)        # first call per shape/dtype/autocast setting captures
+
+A graph is captured per input shape, dtype and autocast setting. Parameters are read in place,
+so ``load_state_dict`` and optimizer steps on the model are seen by later replays; swapping a
+parameter tensor for a new one (``model.weight = nn.Parameter(...)``) is not (call
+:meth:`GraphedInference.reset`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class GraphedInference(nn.Module):
+    """Inference-only wrapper of ``model`` (called under ``no_grad``, in eval mode)."""
+
+    def __init__(self, model: nn.Module, warmup_iters: int = 3):
+        super().__init__()
+        self.model = model
+        self.warmup_iters = warmup_iters
+        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget every captured graph (they are recaptured on the next calls)."""
+        self._graphs.clear()
+
+    @staticmethod
+    def _key(x: Tensor) -> Tuple:
+        autocast = torch.is_autocast_enabled("cuda")
+        return (tuple(x.shape), x.dtype, x.device,
+                autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+
+    def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static_in = x.clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
+            for _ in range(self.warmup_iters):
+                self.model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.model(static_in)
+        return graph, static_in, static_out
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_cuda:
+            raise ValueError(f"GraphedInference: x must be a CUDA tensor, got "
+                             f"{x.device if isinstance(x, Tensor) else type(x).__name__}")
+        if self.model.training:
+            raise RuntimeError("GraphedInference: the model is in training mode; call model.eval() "
+                               "(dropout and stochastic depth cannot be replayed)")
+        key = self._key(x)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
