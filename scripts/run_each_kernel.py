@@ -1,0 +1,50 @@
+"""Run every fused op of one backend once, forward and backward, at a few small shapes.
+
+A small, quick workload for ``compute-sanitizer`` (memcheck, racecheck) on a GPU machine:
+
+    compute-sanitizer --tool memcheck python scripts/run_each_kernel.py --backend triton
+
+The shapes cover the awkward cases (B = 1 with a split token axis, odd token counts, widths that
+are not multiples of 16, a strided patch view, fp32/fp16/bf16); the results are checked for
+finiteness only: correctness is the tests' job.
+"""
+import argparse
+
+import torch
+
+from crossvit_fast import ops
+
+SHAPES = [(1, 401, 224, 7), (3, 197, 96, 3), (2, 17, 40, 2)]   # (B, N, C, heads)
+
+
+def run(backend: str, dtype: torch.dtype, B: int, N: int, C: int, H: int) -> None:
+    dev = "cuda"
+    tokens = torch.randn(B, N + 1, C, device=dev, dtype=dtype, requires_grad=True)
+    cls = torch.randn(B, 1, C, device=dev, dtype=dtype, requires_grad=True)
+    params = [torch.randn(C, C, device=dev, requires_grad=True) for _ in range(4)]
+    nw = torch.ones(C, device=dev, requires_grad=True)
+    nb = torch.zeros(C, device=dev, requires_grad=True)
+    y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, params[0], None, params[1], None,
+                                params[2], None, params[3], None, H, (C // H) ** -0.5,
+                                backend=backend)
+    y, h = ops.add_layer_norm(y, cls, nw, nb, backend=backend)
+    z = ops.cls_projection(y, nw, nb, params[0][: C // 2], nb[: C // 2], backend=backend)
+    t = ops.layer_norm(tokens, nw, nb, backend=backend)
+    (z.float().sum() + h.float().sum() + t.float().sum()).backward()
+    torch.cuda.synchronize()
+    grads = [tokens.grad, cls.grad, nw.grad, nb.grad, *(p.grad for p in params)]
+    assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", required=True, choices=["triton", "cuda", "torch"])
+    args = parser.parse_args()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in SHAPES:
+            run(args.backend, dtype, *shape)
+    print(f"{args.backend}: every op ran forward and backward at {len(SHAPES)} shapes x 3 dtypes")
+
+
+if __name__ == "__main__":
+    main()
