@@ -5,6 +5,7 @@ on the CPU.
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -53,7 +54,13 @@ def summarize(times: List[float]) -> Dict[str, float]:
 
 
 def git_commit() -> str:
-    """The commit of the checkout this package runs from, or 'unknown'."""
+    """The commit of the checkout this package runs from, or 'unknown'.
+
+    ``CROSSVIT_FAST_COMMIT`` names it where the code runs from a copy without git history
+    (e.g. a working tree sent to a GPU machine).
+    """
+    if os.environ.get("CROSSVIT_FAST_COMMIT"):
+        return os.environ["CROSSVIT_FAST_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"

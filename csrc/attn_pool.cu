@@ -638,7 +638,10 @@ cudaError_t attn_pool_fwd(const AttnPoolArgs& a, const AttnPoolPlan& plan, float
     });
   });
   if (err != cudaSuccess || plan.splits == 1) return err;
-  attn_pool_combine_kernel<<<a.B * a.H, kCombineThreads, plan.splits * sizeof(float), stream>>>(
+  // Weights padded to whole float4s: ptxas merges the unrolled loop's tail loads into one
+  // 12-byte read, which must stay inside the allocation (compute-sanitizer caught it at S = 13).
+  const size_t weight_bytes = round_up(plan.splits, 4) * sizeof(float);
+  attn_pool_combine_kernel<<<a.B * a.H, kCombineThreads, weight_bytes, stream>>>(
       ws_acc, ws_m, ws_l, a.gamma, a.beta, z, lse, plan.splits, a.H, a.C);
   return cudaGetLastError();
 }

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, time-boxed for a briefly lent device machine.
+# The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
-#   OUT=/tmp/gpu bash scripts/gpu_check.sh checks   # build, GPU tests, compute-sanitizer, kernel bench
-#   OUT=/tmp/gpu bash scripts/gpu_check.sh e2e      # end-to-end bench (bench/e2e.py --preset gpu-quick)
+#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize kernels e2e"] [TESTS="pytest args"] \
+#     bash scripts/gpu_check.sh
 #
-# Each phase has its own time limit and the next runs whatever happened to the last. Logs and
-# results are packed into $OUT/gpu_check.tar.gz after every phase, so a cut-off run still returns
-# what it did. The extension build is cached by torch, so `e2e` after `checks` skips it.
+# install and build the CUDA extension, then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA graphs) with
+# per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
+# racecheck on the CUDA ones; the kernel microbenchmark (bf16); then the end-to-end benchmark in
+# whatever time is left before DEADLINE_S (skipped under a minute). Each phase has its own time limit and the next runs
+# whatever happened to the last. Logs and results are packed into $OUT/gpu_check.tar.gz after
+# every phase, so a cut-off run still returns what it did.
 set -u
 # Each tensor its own cudaMalloc, so that memcheck sees accesses past a tensor, not just past a pool.
 SAN="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"
-MODE=${1:?usage: gpu_check.sh checks|e2e}
+DEADLINE_S=${DEADLINE_S:-500}
+STEPS=${STEPS:-tests sanitize kernels e2e}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/gpu_check}
 WORK="$OUT/gpu_check"
 mkdir -p "$WORK/logs" "$WORK/results"
@@ -29,26 +34,31 @@ phase() {  # phase NAME SECONDS COMMAND...: run under a time limit into logs/NAM
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  git rev-parse HEAD; git status --short | head -20
+  echo "commit ${CROSSVIT_FAST_COMMIT:-unknown} (plus the uncommitted changes of the sending checkout)"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} > "$WORK/logs/environment-$MODE.log" 2>&1
-cat "$WORK/logs/environment-$MODE.log"
+} > "$WORK/logs/environment.log" 2>&1
+cat "$WORK/logs/environment.log"
 phase install 60 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 phase build_ext 180 python3 -m crossvit_fast.cli build-ext
 
-if [ "$MODE" = checks ]; then
-  phase tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider --durations=8 -rs \
-    tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py \
-    tests/test_ops.py tests/test_timm_parity.py tests/test_cuda_graphs.py tests/test_csrc_compile.py
-  phase memcheck_triton 60 $SAN --tool memcheck --error-exitcode 9 \
+GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py
+  tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py
+  tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
+step tests && phase tests "${TESTS_S:-150}" python3 -m pytest -v -n 14 -p no:cacheprovider \
+  --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS}
+TAIL_LINES=4
+if step sanitize; then
+  phase memcheck_triton 45 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend triton
-  phase memcheck_cuda 40 $SAN --tool memcheck --error-exitcode 9 \
+  phase memcheck_cuda 30 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend cuda
-  phase racecheck_cuda 50 $SAN --tool racecheck --error-exitcode 9 \
+  phase racecheck_cuda 40 $SAN --tool racecheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend cuda
-  phase bench_kernels "${KERNELS_LIMIT:-110}" python3 -m bench.kernels --out "$WORK/results"
-else
-  phase bench_e2e "${E2E_LIMIT:-270}" python3 -m bench.e2e --preset gpu-quick --out "$WORK/results"
 fi
+step kernels && phase bench_kernels "${KERNELS_S:-90}" python3 -m bench.kernels --dtypes bf16 \
+  --out "$WORK/results"
+E2E_S=$((DEADLINE_S - SECONDS - 15))
+step e2e && [ "$E2E_S" -ge 60 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e --preset gpu-quick \
+  --compile-budget-s "${COMPILE_BUDGET_S:-100}" --out "$WORK/results"
 cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
 cat "$WORK/logs/summary.log"

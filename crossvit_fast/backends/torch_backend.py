@@ -107,8 +107,10 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     """
     h = x if residual is None else x + residual
     acc = _acc(x).dtype
-    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
-    return y, h, mean.squeeze(-1), rstd.squeeze(-1)
+    # fp16/bf16 rows go up to fp32 first: ATen's CUDA kernel wants weights of the input's dtype,
+    # and rounding the fp32 affine parameters down would add an error timm does not have.
+    y, mean, rstd = torch.native_layer_norm(_acc(h), (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
+    return y.to(h.dtype), h, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
@@ -119,11 +121,11 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     """
     acc = _acc(h).dtype
     dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
-        dy.to(h.dtype), h, [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
+        _acc(dy), _acc(h), [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
         weight.to(acc), None, [True, True, False])
     if dh is not None:
-        dx = (_acc(dx) + _acc(dh)).to(h.dtype)
-    return dx, dweight, _acc(dy).sum(dim=0)
+        dx = dx + _acc(dh)
+    return dx.to(h.dtype), dweight, _acc(dy).sum(dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
