@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
-#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize kernels e2e"] [TESTS="pytest args"] \
-#     bash scripts/gpu_check.sh
+#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize diagnose kernels e2e"] [TESTS="pytest args"] \
+#     [E2E_ARGS="bench.e2e args"] bash scripts/gpu_check.sh
 #
 # install and build the CUDA extension, then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA graphs) with
 # per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
 # racecheck on the CUDA ones; the kernel microbenchmark (bf16); then the end-to-end benchmark in
-# whatever time is left before DEADLINE_S (skipped under a minute). Each phase has its own time limit and the next runs
+# whatever time is left before DEADLINE_S (skipped under 30 s). `diagnose` runs the CUDA ops
+# outside the sanitizer with a host traceback, profiles one cross-attention call and reruns the
+# tests named in FAILING on their own, for their tracebacks. Each phase has its own time limit and the next runs
 # whatever happened to the last. Logs and results are packed into $OUT/gpu_check.tar.gz after
 # every phase, so a cut-off run still returns what it did.
 set -u
@@ -55,10 +57,15 @@ if step sanitize; then
   phase racecheck_cuda 40 $SAN --tool racecheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend cuda
 fi
+if step diagnose; then   # a plain run (host traceback on a crash) and the op's time breakdown
+  phase failing 40 python3 -m pytest -q -p no:cacheprovider --tb=short ${FAILING:-tests/test_triton_kernels.py}
+  phase run_cuda 30 python3 -X faulthandler scripts/run_each_kernel.py --backend cuda
+  phase profile 40 python3 scripts/profile_cross_attention.py
+fi
 step kernels && phase bench_kernels "${KERNELS_S:-90}" python3 -m bench.kernels --dtypes bf16 \
   --out "$WORK/results"
 E2E_S=$((DEADLINE_S - SECONDS - 15))
-step e2e && [ "$E2E_S" -ge 60 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e --preset gpu-quick \
-  --compile-budget-s "${COMPILE_BUDGET_S:-100}" --out "$WORK/results"
+step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \
+  ${E2E_ARGS:---preset gpu-quick --compile-budget-s 100} --out "$WORK/results"
 cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
 cat "$WORK/logs/summary.log"
