@@ -269,9 +269,14 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     dpatches = patches.new_empty((B, N, C))
     dkt = x0.new_empty((B, S, H, C), dtype=acc)
     dgamma, dbeta = x0.new_empty((2, B * S, C), dtype=acc)
+    # Pipelining the token loads keeps several [BLOCK_N, BLOCK_C] tiles in shared memory; with
+    # 4-byte rows of 512+ columns that took the backward past an H100's 227 KB (233 KB measured
+    # at C = 448, fp32), so wide fp32 rows are loaded one tile at a time.
+    stages = {"num_stages": 1} if block_c * x0.element_size() >= 2048 else {}
     _attn_pool_bwd_kernel[(B, S)](
         x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, dkt, dgamma, dbeta,
         N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
         dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
-        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, num_warps=num_warps)
+        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, num_warps=num_warps,
+        **stages)
     return dx0, dpatches, dkt.sum(dim=1), dgamma.sum(dim=0), dbeta.sum(dim=0)

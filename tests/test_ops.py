@@ -85,6 +85,31 @@ def test_cross_attention_op_each_backend(backend, dtype, shape):
         assert_rel_close(g, e, max(tol, tolerance(dtype, [])), f"{backend} d{name}")
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_broadcast_gradients_are_accepted(backend, dtype):
+    """``loss = out.sum()`` hands each op's backward a stride-0 view; every backend must take it
+    and give the gradients of a dense copy of it."""
+    B, N, C, H = 2, 7, 40, 2
+    tokens = torch.randn(B, N + 1, C, device=DEVICE).to(dtype)
+    nw, nb = 1 + 0.1 * torch.randn(C, device=DEVICE), 0.1 * torch.randn(C, device=DEVICE)
+    proj_w, proj_b = torch.randn(C // 2, C, device=DEVICE) / C ** 0.5, torch.zeros(C // 2, device=DEVICE)
+
+    def grads(reduce):
+        x = tokens.clone().requires_grad_()
+        y, h = ops.add_layer_norm(x, x * 0.5, nw, nb, backend=backend)
+        z = ops.cls_projection(x[:, 0], nw, nb, proj_w, proj_b, backend=backend)
+        t = ops.layer_norm(x, nw, nb, backend=backend)
+        reduce(y.float() + h.float() + t.float()).backward(retain_graph=True)
+        reduce(z.float()).backward()
+        return x.grad.float()
+
+    broadcast = grads(lambda out: out.sum())
+    dense = grads(lambda out: (out * torch.ones_like(out).contiguous()).sum())
+    assert torch.isfinite(broadcast).all()
+    assert rel_err(broadcast, dense) < tolerance(dtype), backend
+
+
 def test_wk_bias_gets_an_exact_zero_gradient():
     cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True)
     c, p, w = leaves(cls, patches, params)

@@ -111,7 +111,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("name", crossvit_fast.list_models())
 def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend):
-    """On the GPU: fp32 within 1e-5 of timm (tf32 off); bf16 autocast within 4× timm's own bf16 error."""
+    """On the GPU, against timm in float64: fp32 (tf32 off) within 1e-5, or within 2x timm's own
+    fp32 error where that is larger (crossvit_base's 768-wide rows: 1.1e-5 on an H100); bf16
+    autocast within 4x timm's own bf16 error."""
     reason = crossvit_fast.backends.unavailable_reason(backend, "cuda")
     if reason:
         pytest.skip(reason)
@@ -121,8 +123,8 @@ def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend):
     x = torch.randn(4, 3, res, res, device="cuda")
     with torch.no_grad(), crossvit_fast.use_backend(backend), no_tf32():
         expected = ref.double()(x.double()).float()
-        ref.float()
-        assert rel_err(ours(x), expected) < TOL
+        timm_fp32 = ref.float()(x)
+        assert rel_err(ours(x), expected) <= max(TOL, 2 * rel_err(timm_fp32, expected))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             timm_bf16 = ref(x)
             ours_bf16 = ours(x)

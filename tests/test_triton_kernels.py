@@ -270,3 +270,23 @@ def test_unavailable_reason(monkeypatch):
     if not torch.cuda.is_available():
         assert "CUDA" in tb.unavailable_reason(torch.device("cuda"))
     assert tb.unavailable_reason(torch.device("meta")) is not None
+
+
+def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(monkeypatch):
+    """Triton's OutOfResources (seen on an H100 for very wide fp32 rows) is not a crash."""
+    from triton.runtime.errors import OutOfResources
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(238592, 232448, "shared memory")
+
+    monkeypatch.setattr(attn_pool, "attn_pool_fwd", too_big)
+    monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
+    monkeypatch.setattr(tb, "_warned", set())
+    x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU.*PyTorch backend"):
+        z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    dz = torch.randn_like(z)
+    with pytest.warns(RuntimeWarning, match="cross-attention backward"):
+        grads = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
+    want = ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want))

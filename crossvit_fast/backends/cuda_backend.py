@@ -34,6 +34,12 @@ def _ops():
     return torch.ops.crossvit_fast_cuda
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with unit stride along its last dim, as the kernels read it. Gradients often arrive
+    as broadcast views (the backward of ``.sum()`` has stride 0): those are copied."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float) -> Tuple[Tensor, Tensor]:
     """See :func:`.torch_backend.attn_pool_fwd`."""
@@ -66,8 +72,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     if h.dtype == torch.float64:
         return torch_backend.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
     # The kernels take gradients in the activation dtype (as the torch backend casts them).
-    dh = None if dh is None else dh.to(h.dtype)
-    return _ops().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd)
+    dh = None if dh is None else _rows(dh.to(h.dtype))
+    return _ops().layer_norm_bwd(_rows(dy.to(h.dtype)), dh, h, weight, mean, rstd)
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
@@ -83,4 +89,4 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     """See :func:`.torch_backend.cls_proj_bwd`."""
     if x.dtype == torch.float64:
         return torch_backend.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)
-    return _ops().cls_proj_bwd(dy.to(x.dtype), x, ln_weight, ln_bias, weight, mean, rstd)
+    return _ops().cls_proj_bwd(_rows(dy.to(x.dtype)), x, ln_weight, ln_bias, weight, mean, rstd)

@@ -7,17 +7,25 @@ set before Triton is first imported), which is how the tests exercise it on mach
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import torch_backend
 
 try:
     import triton  # noqa: F401
 except ImportError:  # the registry asks unavailable_reason; the primitives are never called
     triton = None
 else:
+    from triton.runtime.errors import OutOfResources
+
     from ..kernels import attn_pool, cls_proj, layer_norm
+
+# The kernels already reported as not fitting the GPU (warned once each).
+_warned: set = set()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -36,15 +44,35 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
+def _torch_when_out_of_resources(kernel_call, torch_call, what: str):
+    """``kernel_call()``; if Triton cannot fit the kernel on this GPU (shared memory or
+    registers for very wide rows), warn once per shape and dtype and run ``torch_call()``."""
+    try:
+        return kernel_call()
+    except OutOfResources as err:
+        if what not in _warned:
+            _warned.add(what)
+            warnings.warn(f"crossvit_fast: the Triton {what} kernel does not fit this GPU ({err}); "
+                          "the PyTorch backend runs it instead (slower, same results)",
+                          RuntimeWarning, stacklevel=3)
+        return torch_call()
+
+
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float) -> Tuple[Tensor, Tensor]:
-    return attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
+    return _torch_when_out_of_resources(
+        lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps),
+        lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps),
+        f"cross-attention forward (C={x0.shape[-1]}, {x0.dtype})")
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
+    return _torch_when_out_of_resources(
+        lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps),
+        lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps),
+        f"cross-attention backward (C={x0.shape[-1]}, {x0.dtype})")
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
