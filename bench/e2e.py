@@ -1,7 +1,8 @@
 """End-to-end throughput: images/s of inference and of a training step, fused model vs timm.
 
-Four implementations of each variant: ``fast`` (``crossvit_fast.CrossViT``, fused ops on the
-default backend), ``fast+compile`` (the same under ``torch.compile``), ``timm`` (timm's own
+Five implementations of each variant: ``fast`` (``crossvit_fast.CrossViT``, fused ops on the
+default backend), ``fast+graphs`` (the same replayed as a CUDA graph, inference on CUDA only),
+``fast+compile`` (the same under ``torch.compile``), ``timm`` (timm's own
 ``CrossVit`` from ``timm.create_model``) and ``timm+compile``; in fp32 or under bf16/fp16
 autocast. Inference is a forward under ``no_grad``; a training step is zero_grad, forward,
 cross-entropy, backward and an SGD step (with a GradScaler under fp16). Each row has the median
