@@ -46,7 +46,8 @@ phase build_ext 180 python3 -m crossvit_fast.cli build-ext
 GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py
   tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
-step tests && phase tests "${TESTS_S:-150}" python3 -m pytest -v -n 14 -p no:cacheprovider \
+# One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
+step tests && phase tests "${TESTS_S:-150}" env OMP_NUM_THREADS=1 python3 -m pytest -v -n 14 -p no:cacheprovider \
   --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS}
 TAIL_LINES=4
 if step sanitize; then
