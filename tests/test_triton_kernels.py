@@ -8,6 +8,7 @@ Under ``TRITON_INTERPRET=1`` (set by conftest.py on CPU machines) the kernels ru
 interpreter, so shapes stay small.
 """
 import contextlib
+import warnings
 from unittest import mock
 
 import pytest
@@ -273,15 +274,19 @@ def test_unavailable_reason(monkeypatch):
 
 
 def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(monkeypatch):
-    """Triton's OutOfResources (seen on an H100 for very wide fp32 rows) is not a crash."""
+    """Triton's OutOfResources (seen on an H100 for very wide fp32 rows) is not a crash; after the
+    first failure that kernel is not tried (nor warned about) again."""
     from triton.runtime.errors import OutOfResources
 
+    attempts = []
+
     def too_big(*args, **kwargs):
+        attempts.append(1)
         raise OutOfResources(238592, 232448, "shared memory")
 
     monkeypatch.setattr(attn_pool, "attn_pool_fwd", too_big)
     monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
-    monkeypatch.setattr(tb, "_warned", set())
+    monkeypatch.setattr(tb, "_does_not_fit", set())
     x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))
     with pytest.warns(RuntimeWarning, match="does not fit this GPU.*PyTorch backend"):
         z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
@@ -290,3 +295,7 @@ def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(mon
         grads = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
     want = ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
     assert all(torch.equal(g, w) for g, w in zip(grads, want))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z_again, _ = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    assert len(attempts) == 2 and torch.equal(z_again, z)

@@ -24,9 +24,9 @@ else:
 
     from ..kernels import attn_pool, cls_proj, layer_norm
 
-# The kernels already reported as not fitting the GPU (warned once each).
-_warned: set = set()
-
+# (kernel, C, heads, dtype) of the kernels that did not fit the GPU: they go straight to torch
+# after the first failure instead of failing (and warning) again on every call.
+_does_not_fit: set = set()
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """``None`` where the kernels can run on ``device``, else why not."""
@@ -44,35 +44,37 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
-def _torch_when_out_of_resources(kernel_call, torch_call, what: str):
+def _torch_when_out_of_resources(key: tuple, kernel_call, torch_call):
     """``kernel_call()``; if Triton cannot fit the kernel on this GPU (shared memory or
-    registers for very wide rows), warn once per shape and dtype and run ``torch_call()``."""
+    registers for very wide rows), warn once for ``key`` and run ``torch_call()`` from then on."""
+    if key in _does_not_fit:
+        return torch_call()
     try:
         return kernel_call()
     except OutOfResources as err:
-        if what not in _warned:
-            _warned.add(what)
-            warnings.warn(f"crossvit_fast: the Triton {what} kernel does not fit this GPU ({err}); "
-                          "the PyTorch backend runs it instead (slower, same results)",
-                          RuntimeWarning, stacklevel=3)
+        _does_not_fit.add(key)
+        what, C, H, dtype = key
+        warnings.warn(f"crossvit_fast: the Triton {what} kernel (C={C}, {H} heads, {dtype}) does not "
+                      f"fit this GPU ({err}); the PyTorch backend runs it instead (slower, same results)",
+                      RuntimeWarning, stacklevel=3)
         return torch_call()
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float) -> Tuple[Tensor, Tensor]:
     return _torch_when_out_of_resources(
+        ("cross-attention forward", x0.shape[-1], kt.shape[1], x0.dtype),
         lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps),
-        lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps),
-        f"cross-attention forward (C={x0.shape[-1]}, {x0.dtype})")
+        lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps))
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _torch_when_out_of_resources(
+        ("cross-attention backward", x0.shape[-1], kt.shape[1], x0.dtype),
         lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps),
-        lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps),
-        f"cross-attention backward (C={x0.shape[-1]}, {x0.dtype})")
+        lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps))
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
