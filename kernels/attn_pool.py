@@ -10,7 +10,8 @@ next_power_of_2(C)``) live in registers, so K, V, the normalized tokens and the 
 global memory.
 
 With few samples the token axis is split across programs (flash-decoding): each split writes a
-partial (max, sum, unnormalized accumulator) that a few torch ops combine.
+partial (max, sum, unnormalized accumulator) that a small combine kernel reduces; the backward's
+per-split parameter-gradient partials are summed by the caller.
 """
 from __future__ import annotations
 
@@ -52,11 +53,16 @@ def _num_sms(device: torch.device) -> int:
     return DEFAULT_NUM_SMS
 
 
-def _blocks(C: int, H: int) -> Tuple[int, int, int, int]:
-    """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads."""
+def _blocks(C: int, H: int, backward: bool) -> Tuple[int, int, int, int]:
+    """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads.
+
+    Tiles of about 16K elements forward and 8K backward (which holds several tiles live), at most
+    32 tokens. On an H100 at B = 32, C = 448 (bf16), the forward ran fastest with 32-token tiles,
+    8 warps and no software pipelining (``scripts/tune_attn_pool.py``).
+    """
     block_c = max(16, triton.next_power_of_2(C))
     h_pad = max(16, triton.next_power_of_2(H))
-    block_n = max(16, min(64, 8192 // block_c))
+    block_n = max(16, min(32, (8192 if backward else 16384) // block_c))
     return block_c, h_pad, block_n, (4 if block_c <= 256 else 8)
 
 
@@ -105,12 +111,14 @@ def _scores(g, gsum, kb, x, mean, rstd, DOT: tl.constexpr):
 
 
 @triton.jit
-def _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads, cols, H, C, ACC: tl.constexpr,
-                 DOT: tl.constexpr):
-    """``kt`` of sample ``b``, γ, β, and the absorbed score weights ``g = kt ⊙ γ`` (as dot
-    operand), ``Σ_c g`` (of that rounded ``g``, so the centring is exact) and ``kt · β``."""
+def _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr, b, heads, cols, H, C,
+                 ACC: tl.constexpr, DOT: tl.constexpr):
+    """``kt`` of sample ``b`` (strides ``s_ktb``, ``s_kth``, unit column stride), γ, β, and the
+    absorbed score weights ``g = kt ⊙ γ`` (as dot operand), ``Σ_c g`` (of that rounded ``g``, so
+    the centring is exact) and ``kt · β``."""
     hc_mask = (heads < H)[:, None] & (cols < C)[None, :]
-    kt = tl.load(kt_ptr + (b * H + heads[:, None]) * C + cols[None, :], mask=hc_mask, other=0.0)
+    kt = tl.load(kt_ptr + b * s_ktb + heads[:, None] * s_kth + cols[None, :], mask=hc_mask,
+                 other=0.0).to(ACC)
     gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
     beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
     g = (kt * gamma[None, :]).to(DOT)
@@ -119,7 +127,7 @@ def _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads, cols, H, C, ACC: tl.cons
 
 @triton.jit(do_not_specialize=["T", "chunk"])
 def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
-                          T, C, H, chunk, s_x0b, s_pb, s_pn, eps,
+                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr, DOT: tl.constexpr, FINAL: tl.constexpr):
     """Grid ``(B, splits)``. ``FINAL`` (one split): writes ``z`` to ``out`` and ``lse``. Otherwise
@@ -129,8 +137,8 @@ def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, l
     split = tl.program_id(1)
     heads = tl.arange(0, H_PAD)
     cols = tl.arange(0, BLOCK_C)
-    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads,
-                                                         cols, H, C, ACC, DOT)
+    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr,
+                                                         b, heads, cols, H, C, ACC, DOT)
     m = tl.full([H_PAD], float("-inf"), ACC)
     l = tl.zeros([H_PAD], ACC)
     acc = tl.zeros([H_PAD, BLOCK_C], ACC)
@@ -162,7 +170,8 @@ def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, l
 @triton.jit(do_not_specialize=["T", "chunk"])
 def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr, lse_ptr,
                           dx0_ptr, dp_ptr, dkt_ptr, dgamma_ptr, dbeta_ptr,
-                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_dx0b, s_dpb, s_dpn, eps,
+                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
+                          s_dx0b, s_dpb, s_dpn, eps,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr, DOT: tl.constexpr):
     """Grid ``(B, splits)``. Writes ``dx`` of this split's tokens and the split's partial
@@ -174,10 +183,11 @@ def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_
     split = tl.program_id(1)
     heads = tl.arange(0, H_PAD)
     cols = tl.arange(0, BLOCK_C)
-    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, gamma_ptr, beta_ptr, b, heads,
-                                                         cols, H, C, ACC, DOT)
+    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr,
+                                                         b, heads, cols, H, C, ACC, DOT)
     hc_offs = (b * H + heads[:, None]) * C + cols[None, :]
-    dz = tl.load(dz_ptr + hc_offs, mask=hc_mask, other=0.0)
+    dz = tl.load(dz_ptr + b * s_dzb + heads[:, None] * s_dzh + cols[None, :], mask=hc_mask,
+                 other=0.0).to(ACC)
     delta = tl.sum(dz * tl.load(z_ptr + hc_offs, mask=hc_mask, other=0.0), 1)
     lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
     dzg = (dz * gamma[None, :]).to(DOT)
@@ -217,6 +227,31 @@ def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_
     tl.store(dbeta_ptr + row * C + cols, dbeta, mask=cols < C)
 
 
+@triton.jit
+def _attn_pool_combine_kernel(out_ptr, m_ptr, l_ptr, gamma_ptr, beta_ptr, z_ptr, lse_ptr, S, H, C,
+                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid ``(B, H)``: the flash-decoding combine of the ``S`` split partials of one sample and
+    head. Each split is rescaled to the global max, then ``z = γ ⊙ Σ w acc / Σ w l + β`` and
+    ``lse = max + log Σ w l`` (every split holds at least one token, so every max is finite)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_C)
+    rows = (b * S + splits) * H + h
+    m = tl.load(m_ptr + rows, mask=splits < S, other=float("-inf"))
+    l = tl.load(l_ptr + rows, mask=splits < S, other=0.0)
+    m_all = tl.max(m, 0)
+    w = tl.exp(m - m_all)
+    l_all = tl.sum(w * l, 0)
+    acc = tl.load(out_ptr + rows[:, None] * C + cols[None, :],
+                  mask=(splits < S)[:, None] & (cols < C)[None, :], other=0.0)
+    gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+    beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
+    z = gamma * (tl.sum(acc * w[:, None], 0) / l_all) + beta
+    tl.store(z_ptr + (b * H + h) * C + cols, z, mask=cols < C)
+    tl.store(lse_ptr + b * H + h, m_all + tl.log(l_all))
+
+
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(z [B, H, C], lse [B, H])`` in the accumulation dtype; see ``torch_backend.attn_pool_fwd``.
@@ -227,9 +262,9 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     H = kt.shape[1]
     acc = _acc_dtype(x0.dtype)
     ACC, DOT = _tl_dtypes(x0.dtype)
-    x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
-    kt, gamma, beta = (t.to(acc).contiguous() for t in (kt, gamma, beta))
-    block_c, h_pad, block_n, num_warps = _blocks(C, H)
+    x0, patches, kt = _unit_last_stride(x0), _unit_last_stride(patches), _unit_last_stride(kt)
+    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
+    block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=False)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     z = x0.new_empty((B, H, C), dtype=acc)
     lse = x0.new_empty((B, H), dtype=acc)
@@ -240,17 +275,14 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
         m, l = x0.new_empty((2, B, S, H), dtype=acc)
     _attn_pool_fwd_kernel[(B, S)](
         x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
-        x0.stride(0), patches.stride(0), patches.stride(1), eps,
+        x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
         H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, FINAL=S == 1,
-        num_warps=num_warps)
-    if S == 1:
-        return z, lse
-    # Flash-decoding combine: rescale each split to the global max, then normalize.
-    m_all = m.amax(dim=1)                                            # [B, H]
-    w = torch.exp(m - m_all.unsqueeze(1))                            # [B, S, H]
-    l_all = (w * l).sum(dim=1)
-    z = torch.einsum("bsh,bshc->bhc", w, out) / l_all.unsqueeze(-1) * gamma + beta
-    return z, m_all + torch.log(l_all)
+        num_warps=num_warps, num_stages=1)
+    if S > 1:
+        _attn_pool_combine_kernel[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
+                                          BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c,
+                                          num_warps=4)
+    return z, lse
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
@@ -262,21 +294,22 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     acc = _acc_dtype(x0.dtype)
     ACC, DOT = _tl_dtypes(x0.dtype)
     x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
-    kt, gamma, beta, z, dz, lse = (t.to(acc).contiguous() for t in (kt, gamma, beta, z, dz, lse))
-    block_c, h_pad, block_n, num_warps = _blocks(C, H)
+    kt, dz = _unit_last_stride(kt), _unit_last_stride(dz)
+    gamma, beta, z, lse = (t.to(acc).contiguous() for t in (gamma, beta, z, lse))
+    block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=True)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)
     dpatches = patches.new_empty((B, N, C))
     dkt = x0.new_empty((B, S, H, C), dtype=acc)
     dgamma, dbeta = x0.new_empty((2, B * S, C), dtype=acc)
-    # Pipelining the token loads keeps several [BLOCK_N, BLOCK_C] tiles in shared memory; with
-    # 4-byte rows of 512+ columns that took the backward past an H100's 227 KB (233 KB measured
-    # at C = 448, fp32), so wide fp32 rows are loaded one tile at a time.
-    stages = {"num_stages": 1} if block_c * x0.element_size() >= 2048 else {}
+    # One token tile in flight (num_stages=1): pipelining keeps several [BLOCK_N, BLOCK_C] tiles
+    # in shared memory, which took fp32 rows of 448 columns past an H100's 227 KB.
     _attn_pool_bwd_kernel[(B, S)](
         x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, dkt, dgamma, dbeta,
         N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
+        kt.stride(0), kt.stride(1), dz.stride(0), dz.stride(1),
         dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
         H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, num_warps=num_warps,
-        **stages)
-    return dx0, dpatches, dkt.sum(dim=1), dgamma.sum(dim=0), dbeta.sum(dim=0)
+        num_stages=1)
+    return (dx0, dpatches, dkt.view(B, H, C) if S == 1 else dkt.sum(dim=1), dgamma.sum(dim=0),
+            dbeta.sum(dim=0))

@@ -31,6 +31,7 @@ if backends.unavailable_reason("triton", DEVICE) is None:
     KERNELS = {
         "attn_pool_fwd": (attn_pool, "_attn_pool_fwd_kernel"),
         "attn_pool_bwd": (attn_pool, "_attn_pool_bwd_kernel"),
+        "attn_pool_combine": (attn_pool, "_attn_pool_combine_kernel"),
         "layer_norm_fwd": (layer_norm, "_layer_norm_fwd_kernel"),
         "layer_norm_bwd": (layer_norm, "_layer_norm_bwd_kernel"),
         "cls_proj_fwd": (cls_proj, "_cls_proj_fwd_kernel"),
@@ -124,6 +125,13 @@ def test_every_primitive_launches_its_kernel(dtype):
         assert launched == {name}, f"{name} launched {sorted(launched)}"
 
 
+def test_split_forward_launches_the_combine_kernel():
+    x0, patches, kt, gamma, beta = pool_inputs(1, 200, 24, 3, torch.float32)
+    with spied("attn_pool_combine") as spies:
+        tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)     # B = 1: the heuristic splits
+    assert spies["attn_pool_combine"].grids == [(1, 3)]
+
+
 def test_ops_route_through_the_kernels():
     """Forward and backward of each custom op with backend='triton' launch the kernels."""
     B, N, C, H = 2, 5, 24, 2
@@ -131,7 +139,7 @@ def test_ops_route_through_the_kernels():
     cls = torch.randn(B, 1, C, device=DEVICE, requires_grad=True)
     nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
     wq, wk, wv, wp = (torch.randn(C, C, device=DEVICE) / C ** 0.5 for _ in range(4))
-    with spied(*KERNELS) as spies:
+    with spied(*(k for k in KERNELS if k != "attn_pool_combine")) as spies:  # too few tokens to split
         y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, wq, None, wk, None, wv, None, wp,
                                     None, H, (C // H) ** -0.5, backend="triton")
         y, _ = ops.add_layer_norm(y, cls, nw, nb, backend="triton")
@@ -145,12 +153,13 @@ def test_ops_route_through_the_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
 def test_attn_pool_forced_splits(splits, dtype):
-    # C = 40 -> BLOCK_N = 64; 151 tokens in 3 splits of at most 64.
-    with spied("attn_pool_fwd", "attn_pool_bwd") as spies:
+    # C = 40 -> BLOCK_N = 32; 151 tokens in 3 splits of at most 64; the combine runs per (b, h).
+    with spied("attn_pool_fwd", "attn_pool_bwd", "attn_pool_combine") as spies:
         check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (2, 150, 40, 3), dtype,
                         splits=splits)
     assert spies["attn_pool_fwd"].grids == [(2, splits)]
     assert spies["attn_pool_bwd"].grids == [(2, splits)]
+    assert spies["attn_pool_combine"].grids == ([] if splits == 1 else [(2, 3)])
 
 
 def test_attn_pool_splits_n0_and_more_splits_than_blocks():
@@ -160,7 +169,7 @@ def test_attn_pool_splits_n0_and_more_splits_than_blocks():
                         torch.float32, splits=4)
         check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (1, 70, 24, 2),
                         torch.float32, splits=8)
-    assert spies["attn_pool_fwd"].grids == [(2, 1), (1, 2)]
+    assert spies["attn_pool_fwd"].grids == [(2, 1), (1, 3)]   # 71 tokens: 3 blocks of 32
 
 
 def test_split_heuristic():
@@ -262,6 +271,25 @@ def test_patches_without_unit_stride_and_strided_x0():
     z_ref, lse_ref = ref.attn_pool_fwd(*f64(x0, patches, kt, gamma, beta), EPS)
     assert_rel_close(z, z_ref, 1e-5, "z")
     assert_rel_close(lse, lse_ref, 1e-5, "lse")
+
+
+def test_heads_first_kt_and_dz_views_read_in_place():
+    # The op passes kt and dz as [B, H, C] views of [H, B, C] products (no copy): same results
+    # as contiguous ones, forward and backward.
+    B, N, C, H = 3, 20, 24, 2
+    x0, patches = torch.randn(B, C, device=DEVICE), torch.randn(B, N, C, device=DEVICE)
+    kt = (torch.randn(H, B, C, device=DEVICE) / 5).transpose(0, 1)
+    dz = torch.randn(H, B, C, device=DEVICE).transpose(0, 1)
+    gamma, beta = 1 + torch.rand(C, device=DEVICE), torch.rand(C, device=DEVICE)
+    assert not kt.is_contiguous() and not dz.is_contiguous()
+    z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    z_ref, lse_ref = ref.attn_pool_fwd(*f64(x0, patches, kt, gamma, beta), EPS)
+    assert_rel_close(z, z_ref, 1e-5, "z")
+    assert_rel_close(lse, lse_ref, 1e-5, "lse")
+    got = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
+    want = ref.attn_pool_bwd(*f64(dz, x0, patches, kt, gamma, beta, z_ref, lse_ref), EPS)
+    for name, g, e in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"), got, want):
+        assert_rel_close(g, e, 1e-5, name)
 
 
 def test_unavailable_reason(monkeypatch):

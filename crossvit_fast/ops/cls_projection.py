@@ -10,16 +10,27 @@ import torch
 from torch import Tensor
 
 from ._common import (backend_impl, cast_like, check_float_tensor, check_same_device, check_vector,
-                      requested_backend, without_autocast)
+                      choose, eager_autograd, requested_backend, without_autocast)
 
 OP = "cls_projection"
 
 
-@torch.library.custom_op("crossvit_fast::cls_proj", mutates_args=())
 @without_autocast
-def _cls_proj(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
-              eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+             eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return backend_impl(backend, x.device).cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+@without_autocast
+def _backward_rows(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                   mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
+    return list(backend_impl(backend, x.device).cls_proj_bwd(dy, x, ln_weight, ln_bias, weight,
+                                                             mean, rstd))
+
+
+_cls_proj = torch.library.custom_op("crossvit_fast::cls_proj", _forward, mutates_args=())
+_cls_proj_backward = torch.library.custom_op("crossvit_fast::cls_proj_backward", _backward_rows,
+                                             mutates_args=())
 
 
 @_cls_proj.register_fake
@@ -28,14 +39,6 @@ def _(x, ln_weight, ln_bias, weight, bias, eps, backend):
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M,), dtype=stat),
             x.new_empty((M,), dtype=stat))
-
-
-@torch.library.custom_op("crossvit_fast::cls_proj_backward", mutates_args=())
-@without_autocast
-def _cls_proj_backward(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
-                       mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
-    return list(backend_impl(backend, x.device).cls_proj_bwd(dy, x, ln_weight, ln_bias, weight,
-                                                             mean, rstd))
 
 
 @_cls_proj_backward.register_fake
@@ -55,15 +58,20 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, ln_weight, ln_bias, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, d_lnw, d_lnb, dw, db = _cls_proj_backward(dy, x, ln_weight, ln_bias, weight, mean, rstd,
-                                                  ctx.backend)
-    return (dx, cast_like(d_lnw, ln_weight), cast_like(d_lnb, ln_bias), cast_like(dw, weight),
-            cast_like(db, bias), None, None)
+def _gradients(backward_rows):
+    """The autograd backward, computing with ``backward_rows`` (the custom op or its body)."""
+    def backward(ctx, dy, _dmean, _drstd):
+        x, ln_weight, ln_bias, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, d_lnw, d_lnb, dw, db = backward_rows(dy, x, ln_weight, ln_bias, weight, mean, rstd,
+                                                 ctx.backend)
+        return (dx, cast_like(d_lnw, ln_weight), cast_like(d_lnb, ln_bias), cast_like(dw, weight),
+                cast_like(db, bias), None, None)
+    return backward
 
 
-_cls_proj.register_autograd(_backward, setup_context=_setup_context)
+_cls_proj.register_autograd(_gradients(_cls_proj_backward), setup_context=_setup_context)
+_cls_proj_eager = eager_autograd("ClsProjectionFunction", _forward, _setup_context,
+                                 _gradients(_backward_rows))
 
 
 def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
@@ -85,5 +93,6 @@ def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor
     check_vector(OP, "bias", bias, c_out)
     check_same_device(OP, x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     rows = x.reshape(-1, c_in)
-    y, _, _ = _cls_proj(rows, ln_weight, ln_bias, weight, bias, float(eps), requested_backend(backend))
+    y, _, _ = choose(_cls_proj, _cls_proj_eager)(rows, ln_weight, ln_bias, weight, bias, float(eps),
+                                                  requested_backend(backend))
     return y.view(*x.shape[:-1], c_out)

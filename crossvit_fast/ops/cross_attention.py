@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..backends.torch_backend import layer_norm_input_grad, normalize
 from ._common import (acc_dtype, backend_impl, cast_like, check_float_tensor, check_same_device,
-                      check_vector, requested_backend, without_autocast)
+                      check_vector, choose, eager_autograd, requested_backend, without_autocast)
 
 OP = "cls_cross_attention"
 
@@ -27,41 +27,106 @@ def _heads(weight: Tensor, num_heads: int, acc: torch.dtype) -> Tensor:
     return weight.to(acc).view(num_heads, c_out // num_heads, c_in)
 
 
+def _heads_first(t: Tensor, num_heads: int) -> Tensor:
+    """``[B, C]`` rows as per-head blocks, heads first: a ``[H, B, D]`` view for ``bmm``."""
+    B, C = t.shape
+    return t.view(B, num_heads, C // num_heads).transpose(0, 1)
+
+
 def _query_side(x0: Tensor, norm_weight: Tensor, norm_bias: Tensor, wq_weight: Tensor,
                 wq_bias: Optional[Tensor], wk_weight: Tensor, num_heads: int, scale: float,
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(x̂0, q [B, H, D], kt [B, H, C])`` in the accumulation dtype of ``x0``."""
+    """``(x̂0 [B, C], q [H, B, D], kt [B, H, C])`` in the accumulation dtype of ``x0``; ``q`` and
+    ``kt`` are transposed views of heads-first products."""
     acc = acc_dtype(x0)
-    B, C = x0.shape
+    C = x0.shape[1]
     xhat0 = F.layer_norm(x0.to(acc), (C,), norm_weight.to(acc), norm_bias.to(acc), eps)
     q = F.linear(xhat0, wq_weight.to(acc), None if wq_bias is None else wq_bias.to(acc))
-    q = q.view(B, num_heads, C // num_heads)
-    kt = scale * torch.einsum("bhd,hdc->bhc", q, _heads(wk_weight, num_heads, acc))
-    return xhat0, q, kt
+    q = _heads_first(q, num_heads)
+    kt = torch.bmm(q, _heads(wk_weight, num_heads, acc)).mul_(scale)
+    return xhat0, q, kt.transpose(0, 1)
 
 
-@torch.library.custom_op("crossvit_fast::cls_cross_attn", mutates_args=())
+def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: int) -> Tensor:
+    """``o = Wv z + bv`` per head, as ``[B, C]`` rows (``z``: ``[B, H, C]``)."""
+    B, H, C = z.shape
+    wv_h = _heads(wv_weight, num_heads, z.dtype).transpose(1, 2)          # [H, C, D]
+    z_h = z.transpose(0, 1)                                               # [H, B, C]
+    if wv_bias is None:
+        o = torch.bmm(z_h, wv_h)
+    else:
+        o = torch.baddbmm(wv_bias.to(z.dtype).view(H, 1, C // H), z_h, wv_h)
+    return o.transpose(0, 1).reshape(B, C)
+
+
 @without_autocast
-def _cls_cross_attn(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                    wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
-                    wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
-                    proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
-                    eps: float, add_residual: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+             wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
+             wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
+             proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
+             eps: float, add_residual: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     # wk_bias shifts every score of a head by the same amount: softmax ignores it (design.md §2).
     impl = backend_impl(backend, cls.device)
     acc = acc_dtype(cls)
-    B, C = cls.shape
     _, _, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
                            num_heads, scale, eps)
     z, lse = impl.attn_pool_fwd(cls, patches, kt, norm_weight, norm_bias, eps)
     z = z.to(acc)
-    o = torch.einsum("bhc,hdc->bhd", z, _heads(wv_weight, num_heads, acc)).reshape(B, C)
-    if wv_bias is not None:
-        o = o + wv_bias.to(acc)
+    o = _values(z, wv_weight, wv_bias, num_heads)
     y = F.linear(o, proj_weight.to(acc), None if proj_bias is None else proj_bias.to(acc))
     if add_residual:
-        y = y + cls.to(acc)
+        y += cls
     return y.to(cls.dtype), z, lse.to(acc)
+
+
+@without_autocast
+def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tensor,
+                     norm_bias: Tensor, wq_weight: Tensor, wq_bias: Optional[Tensor],
+                     wk_weight: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor],
+                     proj_weight: Tensor, z: Tensor, lse: Tensor, num_heads: int, scale: float,
+                     eps: float, add_residual: bool, backend: str) -> List[Tensor]:
+    """Gradients ``[dcls, dpatches, dnorm_w, dnorm_b, dwq_w, dwq_b, dwk_w, dwv_w, dwv_b, dproj_w,
+    dproj_b]`` (accumulation dtype, except dcls/dpatches in the activation dtype)."""
+    impl = backend_impl(backend, cls.device)
+    acc = acc_dtype(cls)
+    B, C = cls.shape
+    dy = dy.to(acc)
+    xhat0, q, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
+                               num_heads, scale, eps)
+    # y = proj(o) (+ cls) with o = Wv z + bv
+    o = _values(z, wv_weight, wv_bias, num_heads)
+    d_proj_w = dy.t() @ o
+    d_proj_b = dy.sum(0)
+    d_o = dy @ proj_weight.to(acc)
+    d_wv_b = d_o.sum(0)
+    d_o = _heads_first(d_o, num_heads)                                     # [H, B, D]
+    dz = torch.bmm(d_o, _heads(wv_weight, num_heads, acc)).transpose(0, 1)  # [B, H, C]
+    d_wv = torch.bmm(d_o.transpose(1, 2), z.transpose(0, 1)).view(C, C)
+    d_x0, d_patches, d_kt, d_gamma, d_beta = impl.attn_pool_bwd(
+        dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps)
+    # kt = scale · Wkᵀ q  and  q = Wq x̂0 + bq
+    d_kt = d_kt.to(acc).transpose(0, 1)                                    # [H, B, C]
+    wk_h = _heads(wk_weight, num_heads, acc)
+    d_q = torch.bmm(d_kt, wk_h.transpose(1, 2)).mul_(scale).transpose(0, 1).reshape(B, C)
+    d_wk = torch.bmm(q.transpose(1, 2), d_kt).mul_(scale).view(C, C)
+    d_wq = d_q.t() @ xhat0
+    d_wq_b = d_q.sum(0)
+    # the CLS token's own query path: x̂0 = LN(x0) feeds q
+    d_xhat0 = d_q @ wq_weight.to(acc)
+    n0, _, rstd0 = normalize(cls, eps)
+    d_x0 = d_x0.to(acc) + layer_norm_input_grad(d_xhat0 * norm_weight.to(acc), n0, rstd0)
+    if add_residual:
+        d_x0 += dy
+    d_gamma = d_gamma.to(acc) + (d_xhat0 * n0).sum(0)
+    d_beta = d_beta.to(acc) + d_xhat0.sum(0)
+    return [d_x0.to(cls.dtype), d_patches, d_gamma, d_beta, d_wq, d_wq_b, d_wk, d_wv, d_wv_b,
+            d_proj_w, d_proj_b]
+
+
+_cls_cross_attn = torch.library.custom_op("crossvit_fast::cls_cross_attn", _forward,
+                                          mutates_args=())
+_cls_cross_attn_backward = torch.library.custom_op("crossvit_fast::cls_cross_attn_backward",
+                                                   _backward_tokens, mutates_args=())
 
 
 @_cls_cross_attn.register_fake
@@ -71,55 +136,6 @@ def _(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bi
     acc = acc_dtype(cls)
     return (torch.empty_like(cls), cls.new_empty((B, num_heads, C), dtype=acc),
             cls.new_empty((B, num_heads), dtype=acc))
-
-
-@torch.library.custom_op("crossvit_fast::cls_cross_attn_backward", mutates_args=())
-@without_autocast
-def _cls_cross_attn_backward(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tensor,
-                             norm_bias: Tensor, wq_weight: Tensor, wq_bias: Optional[Tensor],
-                             wk_weight: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor],
-                             proj_weight: Tensor, z: Tensor,
-                             lse: Tensor, num_heads: int, scale: float, eps: float,
-                             add_residual: bool, backend: str) -> List[Tensor]:
-    """Gradients ``[dcls, dpatches, dnorm_w, dnorm_b, dwq_w, dwq_b, dwk_w, dwv_w, dwv_b, dproj_w,
-    dproj_b]`` (accumulation dtype, except dcls/dpatches in the activation dtype)."""
-    impl = backend_impl(backend, cls.device)
-    acc = acc_dtype(cls)
-    B, C = cls.shape
-    D = C // num_heads
-    dy = dy.to(acc)
-    xhat0, q, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
-                               num_heads, scale, eps)
-    wv_h = _heads(wv_weight, num_heads, acc)
-    # y = proj(o) (+ cls) with o = Wv z + bv
-    o = torch.einsum("bhc,hdc->bhd", z, wv_h).reshape(B, C)
-    if wv_bias is not None:
-        o = o + wv_bias.to(acc)
-    d_proj_w = dy.t() @ o
-    d_proj_b = dy.sum(0)
-    d_o = dy @ proj_weight.to(acc)
-    d_wv_b = d_o.sum(0)
-    d_o = d_o.view(B, num_heads, D)
-    dz = torch.einsum("bhd,hdc->bhc", d_o, wv_h)
-    d_wv = torch.einsum("bhd,bhc->hdc", d_o, z).reshape(C, C)
-    d_x0, d_patches, d_kt, d_gamma, d_beta = impl.attn_pool_bwd(
-        dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps)
-    # kt = scale · Wkᵀ q  and  q = Wq x̂0 + bq
-    d_kt = d_kt.to(acc)
-    d_q = scale * torch.einsum("bhc,hdc->bhd", d_kt, _heads(wk_weight, num_heads, acc)).reshape(B, C)
-    d_wk = scale * torch.einsum("bhd,bhc->hdc", q, d_kt).reshape(C, C)
-    d_wq = d_q.t() @ xhat0
-    d_wq_b = d_q.sum(0)
-    # the CLS token's own query path: x̂0 = LN(x0) feeds q
-    d_xhat0 = d_q @ wq_weight.to(acc)
-    n0, _, rstd0 = normalize(cls, eps)
-    d_x0 = d_x0.to(acc) + layer_norm_input_grad(d_xhat0 * norm_weight.to(acc), n0, rstd0)
-    if add_residual:
-        d_x0 = d_x0 + dy
-    d_gamma = d_gamma.to(acc) + (d_xhat0 * n0).sum(0)
-    d_beta = d_beta.to(acc) + d_xhat0.sum(0)
-    return [d_x0.to(cls.dtype), d_patches, d_gamma, d_beta, d_wq, d_wq_b, d_wk, d_wv, d_wv_b,
-            d_proj_w, d_proj_b]
 
 
 @_cls_cross_attn_backward.register_fake
@@ -143,22 +159,28 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (num_heads, scale, eps, add_residual, backend)
 
 
-def _backward(ctx, dy, _dz, _dlse):
-    (cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-     wv_bias, proj_weight, proj_bias, z, lse) = ctx.saved_tensors
-    (d_cls, d_patches, d_nw, d_nb, d_wq, d_wq_b, d_wk, d_wv, d_wv_b, d_pw, d_pb) = \
-        _cls_cross_attn_backward(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias,
-                                 wk_weight, wv_weight, wv_bias, proj_weight, z, lse, *ctx.config)
-    # wk's bias gets an exact zero gradient (it cancels in the softmax), not None: optimizers and
-    # DDP then treat it like every other parameter.
-    d_wk_b = None if wk_bias is None else torch.zeros_like(wk_bias)
-    return (d_cls, d_patches, cast_like(d_nw, norm_weight), cast_like(d_nb, norm_bias),
-            cast_like(d_wq, wq_weight), cast_like(d_wq_b, wq_bias), cast_like(d_wk, wk_weight),
-            d_wk_b, cast_like(d_wv, wv_weight), cast_like(d_wv_b, wv_bias),
-            cast_like(d_pw, proj_weight), cast_like(d_pb, proj_bias), None, None, None, None, None)
+def _gradients(backward_tokens):
+    """The autograd backward, computing with ``backward_tokens`` (the custom op or its body)."""
+    def backward(ctx, dy, _dz, _dlse):
+        (cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
+         wv_bias, proj_weight, proj_bias, z, lse) = ctx.saved_tensors
+        (d_cls, d_patches, d_nw, d_nb, d_wq, d_wq_b, d_wk, d_wv, d_wv_b, d_pw, d_pb) = \
+            backward_tokens(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias,
+                            wk_weight, wv_weight, wv_bias, proj_weight, z, lse, *ctx.config)
+        # wk's bias gets an exact zero gradient (it cancels in the softmax), not None: optimizers
+        # and DDP then treat it like every other parameter.
+        d_wk_b = None if wk_bias is None else torch.zeros_like(wk_bias)
+        return (d_cls, d_patches, cast_like(d_nw, norm_weight), cast_like(d_nb, norm_bias),
+                cast_like(d_wq, wq_weight), cast_like(d_wq_b, wq_bias), cast_like(d_wk, wk_weight),
+                d_wk_b, cast_like(d_wv, wv_weight), cast_like(d_wv_b, wv_bias),
+                cast_like(d_pw, proj_weight), cast_like(d_pb, proj_bias), None, None, None, None,
+                None)
+    return backward
 
 
-_cls_cross_attn.register_autograd(_backward, setup_context=_setup_context)
+_cls_cross_attn.register_autograd(_gradients(_cls_cross_attn_backward), setup_context=_setup_context)
+_cls_cross_attn_eager = eager_autograd("ClsCrossAttentionFunction", _forward, _setup_context,
+                                       _gradients(_backward_tokens))
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -210,7 +232,8 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
                       proj_bias=proj_bias)
     if patches.stride(-1) != 1:
         patches = patches.contiguous()
-    y, _, _ = _cls_cross_attn(x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
-                              wk_bias, wv_weight, wv_bias, proj_weight, proj_bias, num_heads,
-                              float(scale), float(eps), bool(add_residual), requested_backend(backend))
+    y, _, _ = choose(_cls_cross_attn, _cls_cross_attn_eager)(
+        x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
+        wv_bias, proj_weight, proj_bias, num_heads, float(scale), float(eps), bool(add_residual),
+        requested_backend(backend))
     return y.view(cls.shape)

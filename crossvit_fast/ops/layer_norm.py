@@ -9,19 +9,29 @@ import torch
 from torch import Tensor
 
 from ._common import (backend_impl, cast_like, check_float_tensor, check_same_device, check_vector,
-                      requested_backend, without_autocast)
+                      choose, eager_autograd, requested_backend, without_autocast)
 
 OP = "layer_norm"
 
 
-@torch.library.custom_op("crossvit_fast::layer_norm", mutates_args=())
 @without_autocast
-def _layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
-                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
+             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` over rows ``[M, C]``; ``h`` is empty when there is no residual
     (an op output may not alias its input ``x``)."""
     y, h, mean, rstd = backend_impl(backend, x.device).layer_norm_fwd(x, residual, weight, bias, eps)
     return y, (h if residual is not None else x.new_empty(0)), mean, rstd
+
+
+@without_autocast
+def _backward_rows(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor,
+                   mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
+    return list(backend_impl(backend, h.device).layer_norm_bwd(dy, dh, h, weight, mean, rstd))
+
+
+_layer_norm = torch.library.custom_op("crossvit_fast::layer_norm", _forward, mutates_args=())
+_layer_norm_backward = torch.library.custom_op("crossvit_fast::layer_norm_backward", _backward_rows,
+                                               mutates_args=())
 
 
 @_layer_norm.register_fake
@@ -30,13 +40,6 @@ def _(x, residual, weight, bias, eps, backend):
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
-
-
-@torch.library.custom_op("crossvit_fast::layer_norm_backward", mutates_args=())
-@without_autocast
-def _layer_norm_backward(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor,
-                         mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
-    return list(backend_impl(backend, h.device).layer_norm_bwd(dy, dh, h, weight, mean, rstd))
 
 
 @_layer_norm_backward.register_fake
@@ -55,15 +58,20 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dy, dh, _dmean, _drstd):
-    h, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
-                                      ctx.backend)
-    return (dx, dx if ctx.has_residual else None, cast_like(dw, weight), cast_like(db, bias),
-            None, None)
+def _gradients(backward_rows):
+    """The autograd backward, computing with ``backward_rows`` (the custom op or its body)."""
+    def backward(ctx, dy, dh, _dmean, _drstd):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = backward_rows(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
+                                   ctx.backend)
+        return (dx, dx if ctx.has_residual else None, cast_like(dw, weight), cast_like(db, bias),
+                None, None)
+    return backward
 
 
-_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm.register_autograd(_gradients(_layer_norm_backward), setup_context=_setup_context)
+_layer_norm_eager = eager_autograd("LayerNormFunction", _forward, _setup_context,
+                                   _gradients(_backward_rows))
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
@@ -90,7 +98,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)
-    y, h, _, _ = _layer_norm(rows, res_rows, weight, bias, float(eps), requested_backend(backend))
+    y, h, _, _ = choose(_layer_norm, _layer_norm_eager)(rows, res_rows, weight, bias, float(eps), requested_backend(backend))
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 

@@ -1,0 +1,72 @@
+"""Where a whole-model step spends its GPU time: crossvit_fast against timm (GPU only).
+
+Profiles crossvit_18_240 under bf16 autocast, an inference forward at batch 256 and a training
+step (forward, cross-entropy, backward, SGD) at batch 128, and prints per model the wall time
+per step, the summed CUDA kernel time and the kernels that take the most of it.
+
+    python scripts/profile_model.py [variant]
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import crossvit_fast
+from bench.e2e import load_timm
+
+
+def step_fn(model, mode, batch):
+    x = torch.randn(batch, 3, 240, 240, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+    return infer if mode == "infer" else train
+
+
+def main() -> None:
+    variant = sys.argv[1] if len(sys.argv) > 1 else "crossvit_18_240"
+    timm, reason = load_timm()
+    builders = {"fast": lambda: crossvit_fast.create_model(variant)}
+    if timm is not None:
+        builders["timm"] = lambda: timm.create_model(variant)
+    else:
+        print("timm left out:", reason)
+    for mode, batch in (("infer", 256), ("train", 128)):
+        for name, build in builders.items():
+            model = build().cuda().train(mode == "train")
+            step = step_fn(model, mode, batch)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    step()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            total = sum(e.self_device_time_total for e in events) / 2
+            print(f"== {variant} {mode} B={batch} {name}: wall {wall * 1e3:.2f} ms/step, "
+                  f"CUDA kernels {total / 1e3:.2f} ms/step")
+            print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
+            del model, step
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
