@@ -8,13 +8,16 @@ per step, the summed CUDA kernel time and the kernels that take the most of it.
 """
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import crossvit_fast
-from bench.e2e import load_timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
+from bench.e2e import load_timm  # noqa: E402
 
 
 def step_fn(model, mode, batch):
