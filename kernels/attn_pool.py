@@ -36,14 +36,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tl_dtypes(dtype: torch.dtype):
-    """``(ACC, DOT)``: the accumulation dtype and the dtype of ``tl.dot`` operands for activations
-    of ``dtype``. Low-precision dots run on the activation dtype (tensor cores), except bf16 under
-    the interpreter, whose bf16 ``tl.dot`` is broken (design.md §4): there operands go up to fp32."""
+def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
+    """``(ACC, DOT, SCORES_ON_N)`` for activations of ``dtype``: the accumulation dtype, the dtype
+    of ``tl.dot`` operands, and whether the scores are taken on the normalized tokens.
+
+    Low-precision dots run on the activation dtype (tensor cores), or on ``dot_dtype`` (fp16/bf16)
+    where the caller allows it for fp32 activations (autocast). Then the scores use the
+    normalized tile rounded to ``dot_dtype``, as timm rounds the LayerNorm output for its K
+    projection; rounding the raw tokens instead would lose their mean's digits. bf16 under the
+    interpreter, whose bf16 ``tl.dot`` is broken (design.md §4), computes in fp32.
+    """
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    dot = {torch.float16: tl.float16,
-           torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}.get(dtype, acc)
-    return acc, dot
+    low = {torch.float16: tl.float16, torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}
+    if dot_dtype is not None and dot_dtype in low and dtype in (torch.float32, torch.float64):
+        return acc, low[dot_dtype], True
+    return acc, low.get(dtype, acc), False
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,8 +111,11 @@ def _normalize(x, mask, C, eps):
 
 
 @triton.jit
-def _scores(g, gsum, kb, x, mean, rstd, DOT: tl.constexpr):
-    """``s[h, j] = r_j (g_h · x_j − μ_j Σ_c g_hc) + kt_h · β``: one dot on the raw tokens."""
+def _scores(g, gsum, kb, x, n, mean, rstd, DOT: tl.constexpr, ON_N: tl.constexpr):
+    """``s[h, j] = g_h · n_j + kt_h · β``: one dot, on the normalized tokens ``n`` (``ON_N``) or
+    on the raw ones, exact in their own dtype, as ``r_j (g_h · x_j − μ_j Σ_c g_hc)``."""
+    if ON_N:
+        return tl.dot(g, tl.trans(n.to(DOT)), input_precision="ieee") + kb[:, None]
     gx = tl.dot(g, tl.trans(x.to(DOT)), input_precision="ieee")
     return rstd[None, :] * (gx - mean[None, :] * gsum[:, None]) + kb[:, None]
 
@@ -129,7 +139,8 @@ def _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr, b, heads, cols, H, C
 def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
                           T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr, DOT: tl.constexpr, FINAL: tl.constexpr):
+                          ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr,
+                          FINAL: tl.constexpr):
     """Grid ``(B, splits)``. ``FINAL`` (one split): writes ``z`` to ``out`` and ``lse``. Otherwise
     writes this split's partials: unnormalized ``Σ p n`` to ``out`` ``[B, S, H, C]``, running max
     to ``lse`` and sum to ``l`` (``[B, S, H]``)."""
@@ -149,7 +160,8 @@ def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, l
         ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
         x = tl.load(ptrs, mask=mask, other=0.0)
         mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
-        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, mean, rstd, DOT), float("-inf"))
+        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, n, mean, rstd, DOT, SCORES_ON_N),
+                     float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))          # finite: every block has a token
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -173,7 +185,7 @@ def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_
                           T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
                           s_dx0b, s_dpb, s_dpn, eps,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr, DOT: tl.constexpr):
+                          ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr):
     """Grid ``(B, splits)``. Writes ``dx`` of this split's tokens and the split's partial
     ``dkt`` (``[B, S, H, C]``), ``dγ`` and ``dβ`` (``[B·S, C]``), summed by the caller.
 
@@ -205,7 +217,7 @@ def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_
         ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
         x = tl.load(ptrs, mask=mask, other=0.0)
         mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
-        s = _scores(g, gsum, kb, x, mean, rstd, DOT)
+        s = _scores(g, gsum, kb, x, n, mean, rstd, DOT, SCORES_ON_N)
         a = tl.where((heads < H)[:, None] & (t < end)[None, :], tl.exp(s - lse[:, None]), 0.0)
         n_op = n.to(DOT)
         da = tl.dot(dzg, tl.trans(n_op), input_precision="ieee") + dzb[:, None]
@@ -253,15 +265,17 @@ def _attn_pool_combine_kernel(out_ptr, m_ptr, l_ptr, gamma_ptr, beta_ptr, z_ptr,
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
-                  eps: float, splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                  eps: float, dot_dtype: Optional[torch.dtype] = None,
+                  splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(z [B, H, C], lse [B, H])`` in the accumulation dtype; see ``torch_backend.attn_pool_fwd``.
 
+    ``dot_dtype`` (fp16/bf16) lets fp32 tokens meet the tensor cores (see :func:`_tl_dtypes`);
     ``splits`` forces the number of token splits (default: the heuristic of :func:`_splits`).
     """
     B, N, C = patches.shape
     H = kt.shape[1]
     acc = _acc_dtype(x0.dtype)
-    ACC, DOT = _tl_dtypes(x0.dtype)
+    ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
     x0, patches, kt = _unit_last_stride(x0), _unit_last_stride(patches), _unit_last_stride(kt)
     gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
     block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=False)
@@ -276,8 +290,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     _attn_pool_fwd_kernel[(B, S)](
         x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
         x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
-        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, FINAL=S == 1,
-        num_warps=num_warps, num_stages=1)
+        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N,
+        FINAL=S == 1, num_warps=num_warps, num_stages=1)
     if S > 1:
         _attn_pool_combine_kernel[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
                                           BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c,
@@ -286,13 +300,15 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
-                  beta: Tensor, z: Tensor, lse: Tensor, eps: float, splits: Optional[int] = None
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                  dot_dtype: Optional[torch.dtype] = None, splits: Optional[int] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx0, dpatches, dkt, dgamma, dbeta)``; see ``torch_backend.attn_pool_bwd``."""
+    """``(dx0, dpatches, dkt, dgamma, dbeta)``; see ``torch_backend.attn_pool_bwd``. ``dot_dtype``
+    must be the forward's, so that the scores recomputed here are the forward's."""
     B, N, C = patches.shape
     H = kt.shape[1]
     acc = _acc_dtype(x0.dtype)
-    ACC, DOT = _tl_dtypes(x0.dtype)
+    ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
     x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
     kt, dz = _unit_last_stride(kt), _unit_last_stride(dz)
     gamma, beta, z, lse = (t.to(acc).contiguous() for t in (gamma, beta, z, lse))
@@ -309,7 +325,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
         N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
         kt.stride(0), kt.stride(1), dz.stride(0), dz.stride(1),
         dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
-        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, num_warps=num_warps,
-        num_stages=1)
+        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N,
+        num_warps=num_warps, num_stages=1)
     return (dx0, dpatches, dkt.view(B, H, C) if S == 1 else dkt.sum(dim=1), dgamma.sum(dim=0),
             dbeta.sum(dim=0))

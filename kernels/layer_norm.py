@@ -105,16 +105,18 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` for ``[M, C]`` rows; see ``torch_backend.layer_norm_fwd``.
-    Without a residual, ``h`` is ``x`` itself."""
+    Without a residual, ``h`` is ``x`` itself; ``x`` and ``residual`` are each read in their own
+    dtype, ``y`` and ``h`` written in the promoted one."""
     M, C = x.shape
-    acc = _acc_dtype(x.dtype)
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    acc = _acc_dtype(dtype)
     xr = _rows(x, C)
     res = None if residual is None else _rows(residual, C)
     weight, bias = weight.to(acc).contiguous(), bias.to(acc).contiguous()
     block_c, rows, num_warps = _blocks(C)
-    y = x.new_empty((M, C))
-    h = x if res is None else x.new_empty((M, C))
-    mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
+    y = x.new_empty((M, C), dtype=dtype)
+    h = x if res is None else x.new_empty((M, C), dtype=dtype)
+    mean, rstd = x.new_empty((2, M), dtype=acc)
     _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
         xr, xr if res is None else res, weight, bias, y, h, mean, rstd, M, C,
         xr.stride(0), (xr if res is None else res).stride(0), eps,

@@ -64,7 +64,8 @@ def _fwd_raw_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr
         mean = tl.sum(xf, 1) / C
         xc = tl.where(mask, xf - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, mean, rstd, DOT), float("-inf"))
+        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, x, mean, rstd, DOT, False),
+                     float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -87,11 +88,11 @@ def _inputs(B, N, C, H, dtype, device):
     return tokens[:, 0], tokens[:, 1:], kt, gamma, beta
 
 
-def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits):
+def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, dot_dtype=None):
     """One launch with partial outputs; returns a callable and the combine of its outputs."""
     B, N, C = patches.shape
     H = kt.shape[1]
-    ACC, DOT = attn_pool._tl_dtypes(x0.dtype)
+    ACC, DOT, ON_N = attn_pool._tl_dtypes(x0.dtype, dot_dtype)
     block_c, h_pad = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(H))
     S, chunk = attn_pool._splits(B, N + 1, block_n, x0.device, splits)
     out = x0.new_empty((B, S, H, C), dtype=torch.float32)
@@ -104,7 +105,8 @@ def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits):
     if kind == "raw":
         run = lambda: _fwd_raw_kernel[(B, S)](*args, *strides, **meta)  # noqa: E731
     else:
-        run = lambda: attn_pool._attn_pool_fwd_kernel[(B, S)](*args, *strides, FINAL=False, **meta)  # noqa: E731
+        run = lambda: attn_pool._attn_pool_fwd_kernel[(B, S)](*args, *strides, SCORES_ON_N=ON_N,  # noqa: E731
+                                                              FINAL=False, **meta)
 
     def combine():
         m_all = m.amax(dim=1)
@@ -132,7 +134,9 @@ def check() -> None:
 def sweep() -> None:
     from triton.testing import do_bench
     print("kind,dtype,B,N,C,H,block_n,warps,stages,splits,us,GBps")
-    for (B, N, C, H), dtype in itertools.product(SHAPES, (torch.bfloat16, torch.float32)):
+    # fp32 tokens with bf16 dots: the model under bf16 autocast (its residual stream is fp32)
+    for (B, N, C, H), (dtype, dot) in itertools.product(
+            SHAPES, ((torch.bfloat16, None), (torch.float32, torch.bfloat16), (torch.float32, None))):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cuda")
         nbytes = B * (N + 1) * C * x0.element_size()
         best = {}
@@ -141,17 +145,17 @@ def sweep() -> None:
             if block_n * max(256, triton.next_power_of_2(C)) > 16384:
                 continue
             try:
-                run, _ = _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits)
+                run, _ = _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, dot)
                 us = do_bench(run, warmup=5, rep=20) * 1e3
             except Exception as err:  # noqa: BLE001 (OutOfResources and compile errors alike)
                 print(f"{kind},{dtype},{B},{N},{C},{H},{block_n},{warps},{stages},{splits},"
                       f"error: {type(err).__name__}")
                 continue
-            print(f"{kind},{str(dtype)[6:]},{B},{N},{C},{H},{block_n},{warps},{stages},{splits},"
+            print(f"{kind},{str(dtype)[6:]}{'+' + str(dot)[6:] + ' dots' if dot else ''},{B},{N},{C},{H},{block_n},{warps},{stages},{splits},"
                   f"{us:.1f},{nbytes / us / 1e3:.0f}", flush=True)
             if us < best.get(kind, (1e9,))[0]:
                 best[kind] = (us, block_n, warps, stages, splits)
-        print(f"# best B={B} N={N} C={C} {dtype}: {best}", flush=True)
+        print(f"# best B={B} N={N} C={C} {dtype} dots {dot or dtype}: {best}", flush=True)
 
 
 def overhead() -> None:

@@ -132,6 +132,24 @@ def test_layer_norm(backend, dtype, shape, with_residual):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_low_precision_x_onto_fp32_residual(backend, x_dtype):
+    # Under autocast a bf16/fp16 branch output is added to the fp32 residual stream: h and y are
+    # fp32, as for x + residual, and match the float64 reference at the fp32 bar (the only
+    # rounding is x's own, which the reference sees too).
+    impl = backends.implementation(backend)
+    M, C = 37, 96
+    x = torch.randn(M, C, device=DEVICE).to(x_dtype)
+    res = torch.randn(M, C, device=DEVICE)
+    w, b = 1 + 0.3 * torch.randn(C, device=DEVICE), 0.3 * torch.randn(C, device=DEVICE)
+    y_ref, h_ref, mean_ref, rstd_ref = ref.layer_norm_fwd(*f64(x, res, w, b), EPS)
+    y, h, mean, rstd = impl.layer_norm_fwd(x, res, w, b, EPS)
+    assert y.dtype == h.dtype == torch.float32
+    for name, got, want in (("y", y, y_ref), ("h", h, h_ref), ("mean", mean, mean_ref), ("rstd", rstd, rstd_ref)):
+        assert_rel_close(got, want, 1e-5, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PROJ_SHAPES, ids=str)
 def test_cls_proj(backend, dtype, shape):

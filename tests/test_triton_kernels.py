@@ -90,6 +90,49 @@ def check_attn_pool(fwd, bwd, shape, dtype, **kwargs):
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
 
+@pytest.mark.parametrize("offset", [0.0, 50.0], ids=["centred", "mean_50"])
+def test_fp32_tokens_with_fp16_dots(offset):
+    # Under autocast the op lets fp32 tokens use fp16/bf16 dots (bf16 dots only run on a GPU:
+    # design.md §4). The scores then come from the normalized tokens, so a large common offset
+    # of the tokens (which rounding the raw tokens to fp16 would turn into score error) costs
+    # nothing; the error stays that of fp16 products, above fp32's (the path was taken).
+    B, N, C, H = 2, 45, 40, 3
+    x0, patches, kt, gamma, beta = pool_inputs(B, N, C, H, torch.float64)
+    x0, patches = x0 + offset, patches + offset
+    ref_in = f64(x0, patches, kt, gamma, beta)
+    z_ref, lse_ref = ref.attn_pool_fwd(*ref_in, EPS)
+    tol = tolerance(torch.float16, [torch_lowp_error(naive_attn_pool, [t - offset if i < 2 else t for i, t in
+                                                                       enumerate(ref_in)], torch.float16)])
+    args = (x0.float(), patches.float(), kt.float(), gamma.float(), beta.float(), EPS)
+    z, lse = attn_pool.attn_pool_fwd(*args, dot_dtype=torch.float16)
+    assert z.dtype == torch.float32
+    assert_rel_close(z, z_ref, tol, "z")
+    assert_rel_close(lse, lse_ref, tol, "lse")
+    assert rel_err(z, z_ref) > 1e-6, "fp16 products were expected"
+    dz = torch.randn_like(z_ref)
+    expected = ref.attn_pool_bwd(dz, *ref_in, z_ref, lse_ref, EPS)
+    grads = attn_pool.attn_pool_bwd(dz.float(), *args[:5], z, lse, EPS, dot_dtype=torch.float16)
+    for name, g, e in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"), grads, expected):
+        assert_rel_close(g, e, 4 * tol, name)
+
+
+def test_op_under_autocast_gives_the_token_pass_the_autocast_dtype(monkeypatch):
+    seen = []
+    real = tb.attn_pool_fwd
+    monkeypatch.setattr(tb, "attn_pool_fwd", lambda *a: seen.append(a[-1]) or real(*a))
+    B, N, C, H = 2, 5, 24, 2
+    tokens, cls = torch.randn(B, N + 1, C, device=DEVICE), torch.randn(B, 1, C, device=DEVICE)
+    nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
+    w = [torch.randn(C, C, device=DEVICE) / C ** 0.5 for _ in range(4)]
+    call = lambda: ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, w[0], None, w[1], None,  # noqa: E731
+                                           w[2], None, w[3], None, H, (C // H) ** -0.5, backend="triton")
+    y = call()
+    with torch.autocast(device_type=DEVICE, dtype=torch.float16):
+        y16 = call()
+    assert seen == [None, torch.float16]
+    assert y16.dtype == torch.float32 and 1e-7 < rel_err(y16, y) < 1e-2
+
+
 # --- the kernels run -----------------------------------------------------------------------------
 
 def _primitive_calls(dtype):

@@ -41,15 +41,16 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
-                  eps: float) -> Tuple[Tensor, Tensor]:
-    """See :func:`.torch_backend.attn_pool_fwd`."""
+                  eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """See :func:`.torch_backend.attn_pool_fwd`; computes in fp32 whatever ``dot_dtype``."""
     if x0.dtype == torch.float64:
         return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
     return _ops().attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
-                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                  dot_dtype: Optional[torch.dtype] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.torch_backend.attn_pool_bwd`."""
     if x0.dtype == torch.float64:
@@ -60,8 +61,11 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.torch_backend.layer_norm_fwd`; without a residual, ``h`` is ``x`` itself."""
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or (residual is not None and residual.dtype == torch.float64):
         return torch_backend.layer_norm_fwd(x, residual, weight, bias, eps)
+    if residual is not None and residual.dtype != x.dtype:   # the kernels take one dtype
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps)
     return y, (x if residual is None else h), mean, rstd
 

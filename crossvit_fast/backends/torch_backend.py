@@ -6,11 +6,13 @@ small per-sample products. This module is also the readable statement of the mat
 
 Conventions shared by all backends:
 
-* activations (``x``, ``x0``, ``patches``, ``dy``) come in one dtype ``T`` (fp32, fp16 or bf16);
+* activations (``x``, ``x0``, ``patches``, ``dy``) come in one dtype ``T`` (fp32, fp16 or bf16),
+  except LayerNorm's ``x`` and ``residual``, which may differ (``T`` is their promotion);
   parameters and ``kt``/``dz`` may be of any float dtype and are read as fp32;
 * statistics (``mean``, ``rstd``, ``lse``), ``z`` and every parameter gradient are returned in
   fp32 (float64 when the activations are float64: the tests' reference precision); activation
   gradients and ``y``/``h`` are returned in ``T``;
+* ``kt`` and ``dz`` may be strided views (e.g. ``[B, H, C]`` transposes of heads-first products);
 * ``patches`` may be a strided view (e.g. ``tokens[:, 1:]``) and may have ``N == 0`` tokens.
 """
 from __future__ import annotations
@@ -48,13 +50,15 @@ def layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
-                  eps: float) -> Tuple[Tensor, Tensor]:
+                  eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """Softmax-weighted mean of the LayerNorm-ed tokens ``[x0 ‖ patches]``, one per head.
 
     With ``x̂_j = γ ⊙ n_j + β`` (LayerNorm of token j) and scores ``s_hj = kt_h · x̂_j``:
     returns ``z[b, h] = Σ_j softmax_j(s_h)_j x̂_j`` (``[B, H, C]``) and ``lse[b, h] =
     logsumexp_j s_hj`` (``[B, H]``). ``x0``: ``[B, C]``; ``patches``: ``[B, N, C]``;
     ``kt``: ``[B, H, C]``. The CLS token and the patches are read separately, never concatenated.
+    ``dot_dtype`` allows fp16/bf16 products for fp32 tokens (under autocast); this backend
+    computes in fp32 regardless.
     """
     kt = _acc(kt)
     xhat0, xhat = (normalize(t, eps)[0] * _acc(gamma) + _acc(beta) for t in (x0.unsqueeze(1), patches))
@@ -67,7 +71,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
-                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                  dot_dtype: Optional[torch.dtype] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`attn_pool_fwd` given ``dz = dL/dz``.
 
@@ -102,11 +107,12 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``h = x + residual`` (rounded to ``T``; ``h = x`` without residual), ``y = LN(h)``.
 
-    ``x``, ``residual``: ``[M, C]``. Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
+    ``x``, ``residual``: ``[M, C]``, possibly of two dtypes (``T`` is then their promotion, as
+    for ``x + residual``). Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
     Runs ATen's native LayerNorm kernel (fp32 statistics for fp16/bf16 rows).
     """
     h = x if residual is None else x + residual
-    acc = _acc(x).dtype
+    acc = _acc(h).dtype
     # fp16/bf16 rows go up to fp32 first: ATen's CUDA kernel wants weights of the input's dtype,
     # and rounding the fp32 affine parameters down would add an error timm does not have.
     y, mean, rstd = torch.native_layer_norm(_acc(h), (h.shape[-1],), weight.to(acc), bias.to(acc), eps)

@@ -24,7 +24,7 @@ else:
 
     from ..kernels import attn_pool, cls_proj, layer_norm
 
-# (kernel, C, heads, dtype) of the kernels that did not fit the GPU: they go straight to torch
+# (kernel, C, heads, dtype, dot dtype) of the kernels that did not fit the GPU: they go straight to torch
 # after the first failure instead of failing (and warning) again on every call.
 _does_not_fit: set = set()
 
@@ -53,7 +53,7 @@ def _torch_when_out_of_resources(key: tuple, kernel_call, torch_call):
         return kernel_call()
     except OutOfResources as err:
         _does_not_fit.add(key)
-        what, C, H, dtype = key
+        what, C, H, dtype, *_ = key
         warnings.warn(f"crossvit_fast: the Triton {what} kernel (C={C}, {H} heads, {dtype}) does not "
                       f"fit this GPU ({err}); the PyTorch backend runs it instead (slower, same results)",
                       RuntimeWarning, stacklevel=3)
@@ -61,19 +61,20 @@ def _torch_when_out_of_resources(key: tuple, kernel_call, torch_call):
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
-                  eps: float) -> Tuple[Tensor, Tensor]:
+                  eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        ("cross-attention forward", x0.shape[-1], kt.shape[1], x0.dtype),
-        lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps),
+        ("cross-attention forward", x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype),
         lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps))
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
-                  beta: Tensor, z: Tensor, lse: Tensor, eps: float
+                  beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                  dot_dtype: Optional[torch.dtype] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        ("cross-attention backward", x0.shape[-1], kt.shape[1], x0.dtype),
-        lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps),
+        ("cross-attention backward", x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype),
         lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps))
 
 

@@ -6,6 +6,9 @@ Because there is one query, K and V are never formed: the query is pushed throug
 mean of the LayerNorm-ed tokens (``z``), and ``Wv``/``proj`` act on that mean. The four small
 per-sample products (q, kt, o, y) are batched matmuls shared by every backend; only the token pass
 (``attn_pool_fwd``/``attn_pool_bwd``) is backend-specific.
+
+Under autocast the small products stay fp32 (autocast is switched off inside), while the token
+pass may run its products in the autocast dtype, as timm's K/V projections do there.
 """
 
 from typing import List, Optional, Tuple
@@ -64,13 +67,14 @@ def _forward(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tenso
              wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
              wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
              proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
-             eps: float, add_residual: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+             eps: float, add_residual: bool, dot_dtype: Optional[torch.dtype],
+             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     # wk_bias shifts every score of a head by the same amount: softmax ignores it (design.md §2).
     impl = backend_impl(backend, cls.device)
     acc = acc_dtype(cls)
     _, _, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
                            num_heads, scale, eps)
-    z, lse = impl.attn_pool_fwd(cls, patches, kt, norm_weight, norm_bias, eps)
+    z, lse = impl.attn_pool_fwd(cls, patches, kt, norm_weight, norm_bias, eps, dot_dtype)
     z = z.to(acc)
     o = _values(z, wv_weight, wv_bias, num_heads)
     y = F.linear(o, proj_weight.to(acc), None if proj_bias is None else proj_bias.to(acc))
@@ -84,7 +88,8 @@ def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tens
                      norm_bias: Tensor, wq_weight: Tensor, wq_bias: Optional[Tensor],
                      wk_weight: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor],
                      proj_weight: Tensor, z: Tensor, lse: Tensor, num_heads: int, scale: float,
-                     eps: float, add_residual: bool, backend: str) -> List[Tensor]:
+                     eps: float, add_residual: bool, dot_dtype: Optional[torch.dtype],
+                     backend: str) -> List[Tensor]:
     """Gradients ``[dcls, dpatches, dnorm_w, dnorm_b, dwq_w, dwq_b, dwk_w, dwv_w, dwv_b, dproj_w,
     dproj_b]`` (accumulation dtype, except dcls/dpatches in the activation dtype)."""
     impl = backend_impl(backend, cls.device)
@@ -103,7 +108,7 @@ def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tens
     dz = torch.bmm(d_o, _heads(wv_weight, num_heads, acc)).transpose(0, 1)  # [B, H, C]
     d_wv = torch.bmm(d_o.transpose(1, 2), z.transpose(0, 1)).view(C, C)
     d_x0, d_patches, d_kt, d_gamma, d_beta = impl.attn_pool_bwd(
-        dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps)
+        dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps, dot_dtype)
     # kt = scale · Wkᵀ q  and  q = Wq x̂0 + bq
     d_kt = d_kt.to(acc).transpose(0, 1)                                    # [H, B, C]
     wk_h = _heads(wk_weight, num_heads, acc)
@@ -131,7 +136,7 @@ _cls_cross_attn_backward = torch.library.custom_op("crossvit_fast::cls_cross_att
 
 @_cls_cross_attn.register_fake
 def _(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-      wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, backend):
+      wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, dot_dtype, backend):
     B, C = cls.shape
     acc = acc_dtype(cls)
     return (torch.empty_like(cls), cls.new_empty((B, num_heads, C), dtype=acc),
@@ -140,7 +145,7 @@ def _(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bi
 
 @_cls_cross_attn_backward.register_fake
 def _(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wv_weight, wv_bias,
-      proj_weight, z, lse, num_heads, scale, eps, add_residual, backend):
+      proj_weight, z, lse, num_heads, scale, eps, add_residual, dot_dtype, backend):
     acc = acc_dtype(cls)
     C = cls.shape[1]
     vec = lambda: cls.new_empty((C,), dtype=acc)  # noqa: E731
@@ -151,12 +156,13 @@ def _(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, w
 
 def _setup_context(ctx, inputs, output):
     (cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-     wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, backend) = inputs
+     wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, dot_dtype,
+     backend) = inputs
     _, z, lse = output
     ctx.mark_non_differentiable(z, lse)
     ctx.save_for_backward(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
                           wk_bias, wv_weight, wv_bias, proj_weight, proj_bias, z, lse)
-    ctx.config = (num_heads, scale, eps, add_residual, backend)
+    ctx.config = (num_heads, scale, eps, add_residual, dot_dtype, backend)
 
 
 def _gradients(backward_tokens):
@@ -174,13 +180,26 @@ def _gradients(backward_tokens):
                 cast_like(d_wq, wq_weight), cast_like(d_wq_b, wq_bias), cast_like(d_wk, wk_weight),
                 d_wk_b, cast_like(d_wv, wv_weight), cast_like(d_wv_b, wv_bias),
                 cast_like(d_pw, proj_weight), cast_like(d_pb, proj_bias), None, None, None, None,
-                None)
+                None, None)
     return backward
 
 
 _cls_cross_attn.register_autograd(_gradients(_cls_cross_attn_backward), setup_context=_setup_context)
 _cls_cross_attn_eager = eager_autograd("ClsCrossAttentionFunction", _forward, _setup_context,
                                        _gradients(_backward_tokens))
+
+
+def _autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when fp32 tokens meet the op under autocast, else None.
+
+    timm's cross-attention runs its K/V products in that dtype under autocast, so the token
+    pass may too (the Triton backend then uses the tensor cores; statistics, softmax and
+    accumulation stay fp32). Outside autocast, fp32 stays fp32.
+    """
+    device_type = x0.device.type
+    if x0.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -235,5 +254,5 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     y, _, _ = choose(_cls_cross_attn, _cls_cross_attn_eager)(
         x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
         wv_bias, proj_weight, proj_bias, num_heads, float(scale), float(eps), bool(add_residual),
-        requested_backend(backend))
+        _autocast_dot_dtype(x0), requested_backend(backend))
     return y.view(cls.shape)

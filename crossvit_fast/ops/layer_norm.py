@@ -37,8 +37,10 @@ _layer_norm_backward = torch.library.custom_op("crossvit_fast::layer_norm_backwa
 @_layer_norm.register_fake
 def _(x, residual, weight, bias, eps, backend):
     M = x.shape[0]
-    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.empty_like(x, dtype=dtype),
+            torch.empty_like(x, dtype=dtype) if residual is not None else x.new_empty(0),
             x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
 
 
@@ -54,6 +56,7 @@ def _setup_context(ctx, inputs, output):
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.has_residual = residual is not None
+    ctx.input_dtypes = (x.dtype, None if residual is None else residual.dtype)
     ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
     ctx.backend = backend
 
@@ -64,8 +67,9 @@ def _gradients(backward_rows):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = backward_rows(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
                                    ctx.backend)
-        return (dx, dx if ctx.has_residual else None, cast_like(dw, weight), cast_like(db, bias),
-                None, None)
+        x_dtype, residual_dtype = ctx.input_dtypes
+        return (dx.to(x_dtype), None if residual_dtype is None else dx.to(residual_dtype),
+                cast_like(dw, weight), cast_like(db, bias), None, None)
     return backward
 
 
@@ -80,7 +84,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
 
     With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself. Mixed
     dtypes promote as ``x + residual`` does (e.g. a bf16 branch output under autocast added to
-    the fp32 residual stream). ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
+    the fp32 residual stream): both results are in the promoted dtype, and the kernel reads each
+    input in its own dtype (no converted copy). ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
     """
     check_float_tensor("x", x, OP)
     check_float_tensor("weight", weight, OP)
@@ -93,8 +98,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
         check_float_tensor("residual", residual, OP)
         if residual.shape != x.shape:
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        common = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(common), residual.to(common)
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)
