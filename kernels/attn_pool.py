@@ -16,7 +16,6 @@ per-split parameter-gradient partials are summed by the caller.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -24,16 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Read once, as triton.jit does when it decorates the kernels below.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# SM count assumed where there is no CUDA device (an H100), so the split heuristic still applies.
-DEFAULT_NUM_SMS = 132
+from ._launch import (LOW_PRECISION_DOT, acc_dtype, cdiv, contiguous_as, next_power_of_2, num_sms,
+                      tl_dtypes, unit_last_stride)
+
 # A split of the token axis gets at least about this many tokens.
 MIN_SPLIT_TOKENS = 64
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
@@ -43,52 +37,49 @@ def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
     Low-precision dots run on the activation dtype (tensor cores), or on ``dot_dtype`` (fp16/bf16)
     where the caller allows it for fp32 activations (autocast). Then the scores use the
     normalized tile rounded to ``dot_dtype``, as timm rounds the LayerNorm output for its K
-    projection; rounding the raw tokens instead would lose their mean's digits. bf16 under the
-    interpreter, whose bf16 ``tl.dot`` is broken (design.md §4), computes in fp32.
+    projection; rounding the raw tokens instead would lose their mean's digits.
     """
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    low = {torch.float16: tl.float16, torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}
-    if dot_dtype is not None and dot_dtype in low and dtype in (torch.float32, torch.float64):
-        return acc, low[dot_dtype], True
-    return acc, low.get(dtype, acc), False
+    acc, dot = tl_dtypes(dtype)
+    if dot_dtype in LOW_PRECISION_DOT and dtype in (torch.float32, torch.float64):
+        return acc, LOW_PRECISION_DOT[dot_dtype], True
+    return acc, dot, False
+
+
+# Forward (BLOCK_N, num_warps) by BLOCK_C. At crossvit_18_240's shapes and batch 256 on an H100
+# (scripts/tune_attn_pool.py sweep, bf16): C = 448 ran fastest with 16-token tiles and 4 warps
+# (67 µs; 81 µs with 32 and 8), C = 224 with 32-token tiles and 8 warps (75 µs; 93 µs with 32
+# and 4). Widths not swept follow the tile size in elements.
+_FORWARD_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8), 512: (16, 4)}
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_NUM_SMS
-
-
 def _blocks(C: int, H: int, backward: bool) -> Tuple[int, int, int, int]:
     """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads.
 
-    Tiles of about 16K elements forward and 8K backward (which holds several tiles live), at most
-    32 tokens. On an H100 at B = 32, C = 448 (bf16), the forward ran fastest with 32-token tiles,
-    8 warps and no software pipelining (``scripts/tune_attn_pool.py``).
+    Whole rows in registers; the backward holds several tiles live, so it takes tiles of about
+    8K elements (at most 32 tokens).
     """
-    block_c = max(16, triton.next_power_of_2(C))
-    h_pad = max(16, triton.next_power_of_2(H))
-    block_n = max(16, min(32, (8192 if backward else 16384) // block_c))
-    return block_c, h_pad, block_n, (4 if block_c <= 256 else 8)
+    block_c = max(16, next_power_of_2(C))
+    h_pad = max(16, next_power_of_2(H))
+    if backward:
+        return block_c, h_pad, max(16, min(32, 8192 // block_c)), (4 if block_c <= 256 else 8)
+    block_n, num_warps = _FORWARD_TILES.get(block_c, (16, 8))
+    return block_c, h_pad, block_n, num_warps
 
 
 def _splits(B: int, T: int, block_n: int, device: torch.device,
             splits: Optional[int]) -> Tuple[int, int]:
-    """``(num_splits, chunk)``: split the tokens when B alone cannot fill the GPU (B < 2·SMs).
+    """``(num_splits, chunk)``: split the tokens when B alone cannot fill the GPU (B < 1.5·SMs;
+    at B = 256 on an H100's 132 SMs two splits ran 5% slower than one).
 
     ``chunk`` (tokens per split) is a multiple of ``block_n`` and every split gets at least one
     token. ``splits`` forces a number of splits (tests, benchmarks).
     """
     if splits is None:
-        sms = _num_sms(device)
-        splits = 1 if B >= 2 * sms else min(triton.cdiv(2 * sms, B), triton.cdiv(T, MIN_SPLIT_TOKENS))
-    chunk = triton.cdiv(triton.cdiv(T, max(1, splits)), block_n) * block_n
-    return triton.cdiv(T, chunk), chunk
-
-
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+        sms = num_sms(device)
+        splits = 1 if 2 * B >= 3 * sms else min(cdiv(2 * sms, B), cdiv(T, MIN_SPLIT_TOKENS))
+    chunk = cdiv(cdiv(T, max(1, splits)), block_n) * block_n
+    return cdiv(T, chunk), chunk
 
 
 @triton.jit
@@ -274,10 +265,10 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     """
     B, N, C = patches.shape
     H = kt.shape[1]
-    acc = _acc_dtype(x0.dtype)
+    acc = acc_dtype(x0.dtype)
     ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
-    x0, patches, kt = _unit_last_stride(x0), _unit_last_stride(patches), _unit_last_stride(kt)
-    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
+    x0, patches, kt = unit_last_stride(x0), unit_last_stride(patches), unit_last_stride(kt)
+    gamma, beta = contiguous_as(gamma, acc), contiguous_as(beta, acc)
     block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=False)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     z = x0.new_empty((B, H, C), dtype=acc)
@@ -294,7 +285,7 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
         FINAL=S == 1, num_warps=num_warps, num_stages=1)
     if S > 1:
         _attn_pool_combine_kernel[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
-                                          BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c,
+                                          BLOCK_S=next_power_of_2(S), BLOCK_C=block_c,
                                           num_warps=4)
     return z, lse
 
@@ -307,11 +298,11 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     must be the forward's, so that the scores recomputed here are the forward's."""
     B, N, C = patches.shape
     H = kt.shape[1]
-    acc = _acc_dtype(x0.dtype)
+    acc = acc_dtype(x0.dtype)
     ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
-    x0, patches = _unit_last_stride(x0), _unit_last_stride(patches)
-    kt, dz = _unit_last_stride(kt), _unit_last_stride(dz)
-    gamma, beta, z, lse = (t.to(acc).contiguous() for t in (gamma, beta, z, lse))
+    x0, patches = unit_last_stride(x0), unit_last_stride(patches)
+    kt, dz = unit_last_stride(kt), unit_last_stride(dz)
+    gamma, beta, z, lse = (contiguous_as(t, acc) for t in (gamma, beta, z, lse))
     block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=True)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)

@@ -10,32 +10,18 @@ matmul) and per-program partial ``dln_weight``/``dln_bias``.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Read once, as triton.jit does when it decorates the kernels below.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._launch import (acc_dtype, cdiv, contiguous_as, next_power_of_2, tl_dtypes,
+                      unit_last_stride)
+
 BLOCK_M = 16      # rows per program: the smallest tl.dot
 BLOCK_O = 32      # forward: output columns per program
 BLOCK_K = 64      # forward: input columns per dot step
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtypes(dtype: torch.dtype):
-    """``(ACC, DOT)``: accumulation dtype and ``tl.dot`` operand dtype (the activation dtype;
-    bf16 goes up to fp32 under the interpreter, whose bf16 dot is broken: design.md §4)."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    dot = {torch.float16: tl.float16,
-           torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}.get(dtype, acc)
-    return acc, dot
 
 
 @triton.jit
@@ -122,9 +108,9 @@ def _cls_proj_bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_
 
 
 def _prepare(x: Tensor, *params: Tensor):
-    acc = _acc_dtype(x.dtype)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return (acc, *_tl_dtypes(x.dtype), x, *(p.to(acc).contiguous() for p in params))
+    acc = acc_dtype(x.dtype)
+    return (acc, *tl_dtypes(x.dtype), unit_last_stride(x),
+            *(contiguous_as(p, acc) for p in params))
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
@@ -135,8 +121,8 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     acc, ACC, DOT, x, ln_weight, ln_bias, weight, bias = _prepare(x, ln_weight, ln_bias, weight, bias)
     y = x.new_empty((M, Cout))
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
-    block_cin = max(16, triton.next_power_of_2(Cin))
-    _cls_proj_fwd_kernel[(triton.cdiv(Cout, BLOCK_O), triton.cdiv(M, BLOCK_M))](
+    block_cin = max(16, next_power_of_2(Cin))
+    _cls_proj_fwd_kernel[(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))](
         x, ln_weight, ln_bias, weight, bias, y, mean, rstd, M, Cin, Cout, x.stride(0), eps,
         BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=min(BLOCK_K, block_cin), BLOCK_CIN=block_cin,
         ACC=ACC, DOT=DOT, num_warps=4)
@@ -150,9 +136,9 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     Cout = weight.shape[0]
     acc, ACC, DOT, x, ln_weight, ln_bias, weight, mean, rstd = _prepare(
         x, ln_weight, ln_bias, weight, mean, rstd)
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    block_cin = max(16, triton.next_power_of_2(Cin))
-    programs = triton.cdiv(M, BLOCK_M)
+    dy = unit_last_stride(dy)
+    block_cin = max(16, next_power_of_2(Cin))
+    programs = cdiv(M, BLOCK_M)
     dx = x.new_empty((M, Cin))
     act = x.new_empty((M, Cin), dtype=acc)
     dlnw, dlnb = x.new_empty((2, programs, Cin), dtype=acc)

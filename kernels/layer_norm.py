@@ -16,31 +16,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# SM count assumed where there is no CUDA device; bounds the backward's partial sums.
-DEFAULT_NUM_SMS = 132
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from ._launch import acc_dtype, cdiv, contiguous_as, next_power_of_2, num_sms, unit_last_stride
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_NUM_SMS
-
-
 def _blocks(C: int) -> Tuple[int, int, int]:
     """``(BLOCK_C, ROWS, num_warps)``: about 4K elements per program."""
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     return block_c, max(1, min(16, 4096 // block_c)), (4 if block_c <= 1024 else 8)
 
 
 def _rows(t: Tensor, C: int) -> Tensor:
     """``t`` as ``[M, C]`` rows with unit column stride (a copy only when it has none)."""
-    t = t.reshape(-1, C)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_last_stride(t.reshape(-1, C))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -109,15 +96,15 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     dtype, ``y`` and ``h`` written in the promoted one."""
     M, C = x.shape
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    acc = _acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     xr = _rows(x, C)
     res = None if residual is None else _rows(residual, C)
-    weight, bias = weight.to(acc).contiguous(), bias.to(acc).contiguous()
+    weight, bias = contiguous_as(weight, acc), contiguous_as(bias, acc)
     block_c, rows, num_warps = _blocks(C)
     y = x.new_empty((M, C), dtype=dtype)
     h = x if res is None else x.new_empty((M, C), dtype=dtype)
-    mean, rstd = x.new_empty((2, M), dtype=acc)
-    _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+    mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
+    _layer_norm_fwd_kernel[(cdiv(M, rows),)](
         xr, xr if res is None else res, weight, bias, y, h, mean, rstd, M, C,
         xr.stride(0), (xr if res is None else res).stride(0), eps,
         ROWS=rows, BLOCK_C=block_c, HAS_RES=res is not None,
@@ -129,12 +116,12 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
                    rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``; see ``torch_backend.layer_norm_bwd``."""
     M, C = h.shape
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     dy, hr = _rows(dy, C), _rows(h, C)
     dh = None if dh is None else _rows(dh, C)
-    weight, mean, rstd = (t.to(acc).contiguous() for t in (weight, mean, rstd))
+    weight, mean, rstd = (contiguous_as(t, acc) for t in (weight, mean, rstd))
     block_c, rows, num_warps = _blocks(C)
-    programs = max(1, min(triton.cdiv(M, rows), 2 * _num_sms(h.device)))
+    programs = max(1, min(cdiv(M, rows), 2 * num_sms(h.device)))
     dx = h.new_empty((M, C))
     dw, db = h.new_empty((2, programs, C), dtype=acc)
     _layer_norm_bwd_kernel[(programs,)](

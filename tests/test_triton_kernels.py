@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is
 
 if backends.unavailable_reason("triton", DEVICE) is None:
     from crossvit_fast.backends import triton_backend as tb
-    from crossvit_fast.kernels import attn_pool, cls_proj, layer_norm
+    from crossvit_fast.kernels import _launch, attn_pool, cls_proj, layer_norm
 
     KERNELS = {
         "attn_pool_fwd": (attn_pool, "_attn_pool_fwd_kernel"),
@@ -216,17 +216,19 @@ def test_attn_pool_splits_n0_and_more_splits_than_blocks():
 
 
 def test_split_heuristic():
-    sms = attn_pool._num_sms(torch.device(DEVICE))
+    sms = _launch.num_sms(torch.device(DEVICE))
     # Few samples, many tokens: split, at least MIN_SPLIT_TOKENS per split, every split non-empty.
     S, chunk = attn_pool._splits(1, 401, 16, torch.device(DEVICE), None)
     assert S > 1 and (S - 1) * chunk < 401 <= S * chunk and chunk % 16 == 0
-    # Enough samples to fill the GPU, or few tokens: no split.
+    # Enough samples to fill the GPU (1.5 per SM), or few tokens: no split.
     assert attn_pool._splits(2 * sms, 401, 16, torch.device(DEVICE), None)[0] == 1
+    assert attn_pool._splits(3 * sms // 2, 401, 16, torch.device(DEVICE), None)[0] == 1
+    assert attn_pool._splits(sms, 401, 16, torch.device(DEVICE), None)[0] == 2
     assert attn_pool._splits(1, 40, 16, torch.device(DEVICE), None)[0] == 1
 
 
 def test_backend_splits_small_batches_by_itself():
-    # B = 1, 201 tokens, C = 24 (BLOCK_N = 64): the default heuristic splits in 4.
+    # B = 1, 201 tokens, C = 24 (BLOCK_N = 32): the default heuristic splits in 4.
     with spied("attn_pool_fwd", "attn_pool_bwd") as spies:
         check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (1, 200, 24, 2), torch.float32)
     assert spies["attn_pool_fwd"].grids == [(1, 4)] and spies["attn_pool_bwd"].grids == [(1, 4)]

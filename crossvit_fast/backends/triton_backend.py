@@ -22,7 +22,7 @@ except ImportError:  # the registry asks unavailable_reason; the primitives are 
 else:
     from triton.runtime.errors import OutOfResources
 
-    from ..kernels import attn_pool, cls_proj, layer_norm
+    from ..kernels import _launch, attn_pool, cls_proj, layer_norm
 
 # (kernel, C, heads, dtype, dot dtype) of the kernels that did not fit the GPU: they go straight to torch
 # after the first failure instead of failing (and warning) again on every call.
@@ -38,7 +38,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "no CUDA device and TRITON_INTERPRET is not set (Triton runs CPU tensors only in its interpreter)"
-        if not attn_pool.INTERPRET:
+        if not _launch.INTERPRET:
             return "TRITON_INTERPRET was set after the Triton kernels were imported; set it before importing Triton"
         return None
     return f"Triton does not run on {device.type} tensors"

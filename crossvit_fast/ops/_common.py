@@ -35,6 +35,12 @@ def acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (None stays None). Checks the dtype first: ``Tensor.to`` costs about 2 µs
+    of host time even when it has nothing to do, and the ops make a dozen such calls."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def without_autocast(fn):
     """Run an op implementation with autocast off: it chooses its own precision per product."""
     @functools.wraps(fn)
@@ -57,6 +63,7 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
     :func:`choose`), which has the fake implementation the compiler needs. ``forward``,
     ``setup_context`` and ``backward`` are the ones the custom op registers, so both paths compute
     the same thing; the backward is not differentiable again (as with the custom op).
+    Without gradients, :func:`choose` skips even this Function.
     """
     def fn_forward(ctx, *inputs):
         outputs = forward(*inputs)
@@ -72,9 +79,12 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
     return function.apply
 
 
-def choose(custom_op: Callable, eager: Callable) -> Callable:
-    """The custom op while ``torch.compile`` traces, else the cheaper eager Function."""
-    return custom_op if torch.compiler.is_compiling() else eager
+def choose(custom_op: Callable, eager: Callable, forward: Callable) -> Callable:
+    """What a public op calls: the custom op while ``torch.compile`` traces; else the eager
+    Function, or, with gradients off (inference), the forward itself (no autograd bookkeeping)."""
+    if torch.compiler.is_compiling():
+        return custom_op
+    return eager if torch.is_grad_enabled() else forward
 
 
 def cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:

@@ -93,6 +93,6 @@ def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor
     check_vector(OP, "bias", bias, c_out)
     check_same_device(OP, x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     rows = x.reshape(-1, c_in)
-    y, _, _ = choose(_cls_proj, _cls_proj_eager)(rows, ln_weight, ln_bias, weight, bias, float(eps),
-                                                  requested_backend(backend))
+    run = choose(_cls_proj, _cls_proj_eager, _forward)
+    y, _, _ = run(rows, ln_weight, ln_bias, weight, bias, float(eps), requested_backend(backend))
     return y.view(*x.shape[:-1], c_out)

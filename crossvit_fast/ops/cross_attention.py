@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends.torch_backend import layer_norm_input_grad, normalize
-from ._common import (acc_dtype, backend_impl, cast_like, check_float_tensor, check_same_device,
-                      check_vector, choose, eager_autograd, requested_backend, without_autocast)
+from ._common import (acc_dtype, as_dtype, backend_impl, cast_like, check_float_tensor,
+                      check_same_device, check_vector, choose, eager_autograd, requested_backend,
+                      without_autocast)
 
 OP = "cls_cross_attention"
 
@@ -27,7 +28,7 @@ OP = "cls_cross_attention"
 def _heads(weight: Tensor, num_heads: int, acc: torch.dtype) -> Tensor:
     """A ``[C, C]`` projection weight viewed per head: ``[H, D, C]``."""
     c_out, c_in = weight.shape
-    return weight.to(acc).view(num_heads, c_out // num_heads, c_in)
+    return as_dtype(weight, acc).view(num_heads, c_out // num_heads, c_in)
 
 
 def _heads_first(t: Tensor, num_heads: int) -> Tensor:
@@ -43,8 +44,9 @@ def _query_side(x0: Tensor, norm_weight: Tensor, norm_bias: Tensor, wq_weight: T
     ``kt`` are transposed views of heads-first products."""
     acc = acc_dtype(x0)
     C = x0.shape[1]
-    xhat0 = F.layer_norm(x0.to(acc), (C,), norm_weight.to(acc), norm_bias.to(acc), eps)
-    q = F.linear(xhat0, wq_weight.to(acc), None if wq_bias is None else wq_bias.to(acc))
+    xhat0 = F.layer_norm(as_dtype(x0, acc), (C,), as_dtype(norm_weight, acc),
+                         as_dtype(norm_bias, acc), eps)
+    q = F.linear(xhat0, as_dtype(wq_weight, acc), as_dtype(wq_bias, acc))
     q = _heads_first(q, num_heads)
     kt = torch.bmm(q, _heads(wk_weight, num_heads, acc)).mul_(scale)
     return xhat0, q, kt.transpose(0, 1)
@@ -58,7 +60,7 @@ def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: 
     if wv_bias is None:
         o = torch.bmm(z_h, wv_h)
     else:
-        o = torch.baddbmm(wv_bias.to(z.dtype).view(H, 1, C // H), z_h, wv_h)
+        o = torch.baddbmm(as_dtype(wv_bias, z.dtype).view(H, 1, C // H), z_h, wv_h)
     return o.transpose(0, 1).reshape(B, C)
 
 
@@ -75,12 +77,12 @@ def _forward(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tenso
     _, _, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
                            num_heads, scale, eps)
     z, lse = impl.attn_pool_fwd(cls, patches, kt, norm_weight, norm_bias, eps, dot_dtype)
-    z = z.to(acc)
+    z = as_dtype(z, acc)
     o = _values(z, wv_weight, wv_bias, num_heads)
-    y = F.linear(o, proj_weight.to(acc), None if proj_bias is None else proj_bias.to(acc))
+    y = F.linear(o, as_dtype(proj_weight, acc), as_dtype(proj_bias, acc))
     if add_residual:
         y += cls
-    return y.to(cls.dtype), z, lse.to(acc)
+    return as_dtype(y, cls.dtype), z, as_dtype(lse, acc)
 
 
 @without_autocast
@@ -95,14 +97,14 @@ def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tens
     impl = backend_impl(backend, cls.device)
     acc = acc_dtype(cls)
     B, C = cls.shape
-    dy = dy.to(acc)
+    dy = as_dtype(dy, acc)
     xhat0, q, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
                                num_heads, scale, eps)
     # y = proj(o) (+ cls) with o = Wv z + bv
     o = _values(z, wv_weight, wv_bias, num_heads)
     d_proj_w = dy.t() @ o
     d_proj_b = dy.sum(0)
-    d_o = dy @ proj_weight.to(acc)
+    d_o = dy @ as_dtype(proj_weight, acc)
     d_wv_b = d_o.sum(0)
     d_o = _heads_first(d_o, num_heads)                                     # [H, B, D]
     dz = torch.bmm(d_o, _heads(wv_weight, num_heads, acc)).transpose(0, 1)  # [B, H, C]
@@ -110,21 +112,22 @@ def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tens
     d_x0, d_patches, d_kt, d_gamma, d_beta = impl.attn_pool_bwd(
         dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps, dot_dtype)
     # kt = scale · Wkᵀ q  and  q = Wq x̂0 + bq
-    d_kt = d_kt.to(acc).transpose(0, 1)                                    # [H, B, C]
+    d_kt = as_dtype(d_kt, acc).transpose(0, 1)                             # [H, B, C]
     wk_h = _heads(wk_weight, num_heads, acc)
     d_q = torch.bmm(d_kt, wk_h.transpose(1, 2)).mul_(scale).transpose(0, 1).reshape(B, C)
     d_wk = torch.bmm(q.transpose(1, 2), d_kt).mul_(scale).view(C, C)
     d_wq = d_q.t() @ xhat0
     d_wq_b = d_q.sum(0)
     # the CLS token's own query path: x̂0 = LN(x0) feeds q
-    d_xhat0 = d_q @ wq_weight.to(acc)
+    d_xhat0 = d_q @ as_dtype(wq_weight, acc)
     n0, _, rstd0 = normalize(cls, eps)
-    d_x0 = d_x0.to(acc) + layer_norm_input_grad(d_xhat0 * norm_weight.to(acc), n0, rstd0)
+    d_x0 = as_dtype(d_x0, acc) + layer_norm_input_grad(d_xhat0 * as_dtype(norm_weight, acc), n0,
+                                                       rstd0)
     if add_residual:
         d_x0 += dy
-    d_gamma = d_gamma.to(acc) + (d_xhat0 * n0).sum(0)
-    d_beta = d_beta.to(acc) + d_xhat0.sum(0)
-    return [d_x0.to(cls.dtype), d_patches, d_gamma, d_beta, d_wq, d_wq_b, d_wk, d_wv, d_wv_b,
+    d_gamma = as_dtype(d_gamma, acc) + (d_xhat0 * n0).sum(0)
+    d_beta = as_dtype(d_beta, acc) + d_xhat0.sum(0)
+    return [as_dtype(d_x0, cls.dtype), d_patches, d_gamma, d_beta, d_wq, d_wq_b, d_wk, d_wv, d_wv_b,
             d_proj_w, d_proj_b]
 
 
@@ -251,7 +254,7 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
                       proj_bias=proj_bias)
     if patches.stride(-1) != 1:
         patches = patches.contiguous()
-    y, _, _ = choose(_cls_cross_attn, _cls_cross_attn_eager)(
+    y, _, _ = choose(_cls_cross_attn, _cls_cross_attn_eager, _forward)(
         x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
         wv_bias, proj_weight, proj_bias, num_heads, float(scale), float(eps), bool(add_residual),
         _autocast_dot_dtype(x0), requested_backend(backend))

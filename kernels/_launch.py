@@ -1,0 +1,63 @@
+"""Host-side helpers shared by the kernels' launch wrappers.
+
+Plain Python on purpose: every fused op pays these on each call, and ``triton.cdiv`` /
+``triton.next_power_of_2`` cost microseconds each through Triton's function wrapper (measured
+on the CPU machine: about 5 µs per call of a block-size helper built on them).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+# Read once, as triton.jit does when it decorates the kernels.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SM count assumed where there is no CUDA device (an H100), so grid heuristics still apply.
+DEFAULT_NUM_SMS = 132
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 accumulates in float64 (the tests' reference precision), everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtypes(dtype: torch.dtype):
+    """``(ACC, DOT)``: the accumulation dtype and the ``tl.dot`` operand dtype for activations of
+    ``dtype`` (their own, for the tensor cores; bf16 goes up to fp32 under the interpreter, whose
+    bf16 ``tl.dot`` is broken: design.md §4)."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return acc, LOW_PRECISION_DOT.get(dtype, acc)
+
+
+# tl.dot operand dtype for fp16/bf16 products.
+LOW_PRECISION_DOT = {torch.float16: tl.float16,
+                     torch.bfloat16: tl.float32 if INTERPRET else tl.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` contiguous in ``dtype``, checked first (``.to``/``.contiguous`` cost host time even
+    as no-ops)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
