@@ -24,11 +24,24 @@ def _fusable_norm(norm: nn.Module) -> bool:
             and not reference.naive_enabled())
 
 
-def add_and_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(norm(x + residual), x + residual)``, in one fused pass when ``norm`` is a LayerNorm."""
+def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
+    """The dtype that a Linear under autocast casts an input of ``dtype`` to, or None where it
+    keeps it (no autocast, or not fp32)."""
+    if dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(norm(x + residual), x + residual)`` (``(norm(x), x)`` without a residual), in one fused
+    pass when ``norm`` is a LayerNorm, for a norm that feeds a Linear: under autocast the
+    normalized result comes out in the autocast dtype, the bits the Linear's own cast of the
+    fp32 result would give, without that extra pass over the tokens."""
     if _fusable_norm(norm):
-        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
-    h = x + residual
+        h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
+                                  out_dtype=_linear_input_dtype(h_dtype, x.device.type))
+    h = x if residual is None else x + residual
     return norm(h), h
 
 
@@ -158,7 +171,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (timm's ``Block``); ``x + attn`` and ``norm2`` run as one fused op."""
+    """Pre-norm ViT block (timm's ``Block``); ``x + attn`` and ``norm2`` run as one fused op, and
+    under autocast both norms write the autocast dtype their Linear would cast to."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, proj_drop=0., attn_drop=0.,
                  drop_path=0., act_layer: Type[nn.Module] = nn.GELU,
@@ -176,9 +190,27 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        attn_out = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        y, x = add_and_norm(self.norm2, attn_out, x)
+        y, _ = add_and_norm(self.norm1, x, None)
+        y, x = add_and_norm(self.norm2, self.drop_path1(self.ls1(self.attn(y))), x)
         return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+class BlockChain(nn.Sequential):
+    """A branch's run of :class:`Block` s (timm's ``nn.Sequential``, same keys), with each
+    block's closing residual add fused into the next block's ``norm1``: one pass over the
+    tokens fewer per block boundary. Any other module in the run falls back to running in turn."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        blocks = list(self)
+        if not blocks or not all(type(b) is Block for b in blocks):
+            return super().forward(x)
+        y, _ = add_and_norm(blocks[0].norm1, x, None)
+        for i, block in enumerate(blocks):
+            y, x = add_and_norm(block.norm2, block.drop_path1(block.ls1(block.attn(y))), x)
+            mlp_out = block.drop_path2(block.ls2(block.mlp(y)))
+            if i + 1 < len(blocks):
+                y, x = add_and_norm(blocks[i + 1].norm1, mlp_out, x)
+        return x + mlp_out
 
 
 class ClsProjection(nn.Sequential):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import Block, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair
+from .layers import Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair
 
 
 class MultiScaleBlock(nn.Module):
@@ -38,7 +38,7 @@ class MultiScaleBlock(nn.Module):
                             drop_path=drop_path[i], norm_layer=norm_layer, **dd)
                       for i in range(depth[d])]
             if branch:
-                self.blocks.append(nn.Sequential(*branch))
+                self.blocks.append(BlockChain(*branch))
         if len(self.blocks) == 0:
             self.blocks = None
 

@@ -90,10 +90,11 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` for ``[M, C]`` rows; see ``torch_backend.layer_norm_fwd``.
     Without a residual, ``h`` is ``x`` itself; ``x`` and ``residual`` are each read in their own
-    dtype, ``y`` and ``h`` written in the promoted one."""
+    dtype, ``y`` and ``h`` written in the promoted one (``y`` in ``out_dtype`` where given)."""
     M, C = x.shape
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     acc = acc_dtype(dtype)
@@ -101,7 +102,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     res = None if residual is None else _rows(residual, C)
     weight, bias = contiguous_as(weight, acc), contiguous_as(bias, acc)
     block_c, rows, num_warps = _blocks(C)
-    y = x.new_empty((M, C), dtype=dtype)
+    y = x.new_empty((M, C), dtype=out_dtype or dtype)
     h = x if res is None else x.new_empty((M, C), dtype=dtype)
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
     _layer_norm_fwd_kernel[(cdiv(M, rows),)](

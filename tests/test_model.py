@@ -180,3 +180,39 @@ def test_low_precision_model_matches_float64_within_pytorchs_own_error(dtype):
     with naive_math():
         naive = model(x.to(dtype))
     assert rel_err(fused, ref) <= 4 * max(rel_err(naive, ref), 1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_block_chain_fusion_equals_blocks_in_turn(autocast):
+    # BlockChain folds each block's closing residual add into the next block's norm1; running
+    # the same Blocks one by one (nn.Sequential's forward) must give the same tokens and
+    # gradients, stochastic depth (same random draws) and autocast included.
+    torch.manual_seed(0)
+    chain = small_model(drop_path_rate=0.2).blocks[1].blocks[1].train()
+    assert isinstance(chain, crossvit_fast.layers.BlockChain) and len(chain) == 2
+    x = torch.randn(2, 7, 48)
+    runs = []
+    for forward in (chain.forward, lambda t: nn.Sequential.forward(chain, t)):
+        torch.manual_seed(1)
+        chain.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(x)
+        out.square().mean().backward()
+        runs.append((out, {n: p.grad.clone() for n, p in chain.named_parameters()}))
+    (fused, fused_grads), (plain, plain_grads) = runs
+    assert fused.dtype == torch.float32
+    assert rel_err(fused, plain) < 1e-6
+    for name, g in plain_grads.items():
+        assert rel_err(fused_grads[name], g) < 1e-5, name
+
+
+def test_block_norms_write_the_autocast_dtype_for_their_linears():
+    block = small_model().blocks[0].blocks[1][0]
+    seen = []
+    block.attn.qkv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    block.mlp.fc1.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x = torch.randn(2, 7, 48)
+    block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]

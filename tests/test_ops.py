@@ -180,6 +180,30 @@ def test_add_layer_norm_of_bf16_branch_onto_fp32_stream(backend):
     assert rel_err(dr, ref_dr) < 1e-5 and rel_err(dx, ref_dx) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_add_layer_norm_out_dtype_rounds_the_fp32_result(backend):
+    # The blocks write norm1/norm2 in the autocast dtype for the Linear they feed: the very bits
+    # that Linear's autocast cast of the fp32 result would give; gradients flow back to fp32.
+    x = torch.randn(3, 11, 48, device=DEVICE, requires_grad=True)
+    r = torch.randn(3, 11, 48, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(48, device=DEVICE), torch.randn(48, device=DEVICE)
+    y16, h = ops.add_layer_norm(x, r, w, b, backend=backend, out_dtype=torch.bfloat16)
+    y32, _ = ops.add_layer_norm(x, r, w, b, backend=backend)
+    assert y16.dtype == torch.bfloat16 and h.dtype == torch.float32
+    if backend == "triton" and DEVICE == "cpu":
+        # Triton's interpreter truncates fp32 to bf16 (compiled Triton rounds to nearest even)
+        assert (y16.float() - y32).abs().max() <= 2 ** -7 * y32.abs().max()
+    else:
+        assert torch.equal(y16, y32.bfloat16())
+    dy = torch.randn_like(y16)
+    got = torch.autograd.grad(y16, (x, r), dy)
+    want = torch.autograd.grad(y32, (x, r), dy.float())
+    for g, e in zip(got, want):
+        assert g.dtype == torch.float32 and rel_err(g, e) < 1e-6
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        ops.add_layer_norm(x, r, w, b, out_dtype=torch.int32)
+
+
 def test_ops_run_under_autocast_and_keep_activation_dtype():
     cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True, dtype=torch.float32)
     params = {k: (v.float() if v is not None else None) for k, v in params.items()}

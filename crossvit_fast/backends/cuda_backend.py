@@ -59,14 +59,17 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.torch_backend.layer_norm_fwd`; without a residual, ``h`` is ``x`` itself."""
     if x.dtype == torch.float64 or (residual is not None and residual.dtype == torch.float64):
-        return torch_backend.layer_norm_fwd(x, residual, weight, bias, eps)
+        return torch_backend.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
     if residual is not None and residual.dtype != x.dtype:   # the kernels take one dtype
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps)
+    if out_dtype is not None:   # the kernel writes the activation dtype
+        y = y.to(out_dtype)
     return y, (x if residual is None else h), mean, rstd
 
 

@@ -104,11 +104,13 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
 # ---------------------------------------------------------------------------------------------
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``h = x + residual`` (rounded to ``T``; ``h = x`` without residual), ``y = LN(h)``.
 
     ``x``, ``residual``: ``[M, C]``, possibly of two dtypes (``T`` is then their promotion, as
-    for ``x + residual``). Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``.
+    for ``x + residual``). Returns ``(y [M, C] T, h [M, C] T, mean [M], rstd [M])``, ``y`` in
+    ``out_dtype`` instead where given.
     Runs ATen's native LayerNorm kernel (fp32 statistics for fp16/bf16 rows).
     """
     h = x if residual is None else x + residual
@@ -116,7 +118,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     # fp16/bf16 rows go up to fp32 first: ATen's CUDA kernel wants weights of the input's dtype,
     # and rounding the fp32 affine parameters down would add an error timm does not have.
     y, mean, rstd = torch.native_layer_norm(_acc(h), (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
-    return y.to(h.dtype), h, mean.squeeze(-1), rstd.squeeze(-1)
+    return y.to(out_dtype or h.dtype), h, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,

@@ -79,8 +79,9 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps)
+                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,

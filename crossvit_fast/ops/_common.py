@@ -94,10 +94,13 @@ def cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor
     return grad.to(like.dtype)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_float_tensor(name: str, t: Tensor, op: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 

@@ -8,18 +8,19 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import (backend_impl, cast_like, check_float_tensor, check_same_device, check_vector,
-                      choose, eager_autograd, requested_backend, without_autocast)
+from ._common import (FLOAT_DTYPES, backend_impl, cast_like, check_float_tensor, check_same_device,
+                      check_vector, choose, eager_autograd, requested_backend, without_autocast)
 
 OP = "layer_norm"
 
 
 @without_autocast
 def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
-             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             out_dtype: Optional[torch.dtype], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` over rows ``[M, C]``; ``h`` is empty when there is no residual
     (an op output may not alias its input ``x``)."""
-    y, h, mean, rstd = backend_impl(backend, x.device).layer_norm_fwd(x, residual, weight, bias, eps)
+    y, h, mean, rstd = backend_impl(backend, x.device).layer_norm_fwd(x, residual, weight, bias, eps,
+                                                                      out_dtype)
     return y, (h if residual is not None else x.new_empty(0)), mean, rstd
 
 
@@ -35,11 +36,11 @@ _layer_norm_backward = torch.library.custom_op("crossvit_fast::layer_norm_backwa
 
 
 @_layer_norm.register_fake
-def _(x, residual, weight, bias, eps, backend):
+def _(x, residual, weight, bias, eps, out_dtype, backend):
     M = x.shape[0]
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    return (torch.empty_like(x, dtype=dtype),
+    return (torch.empty_like(x, dtype=out_dtype or dtype),
             torch.empty_like(x, dtype=dtype) if residual is not None else x.new_empty(0),
             x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
 
@@ -52,7 +53,7 @@ def _(dy, dh, h, weight, mean, rstd, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, backend = inputs
+    x, residual, weight, bias, eps, out_dtype, backend = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.has_residual = residual is not None
@@ -69,7 +70,7 @@ def _gradients(backward_rows):
                                    ctx.backend)
         x_dtype, residual_dtype = ctx.input_dtypes
         return (dx.to(x_dtype), None if residual_dtype is None else dx.to(residual_dtype),
-                cast_like(dw, weight), cast_like(db, bias), None, None)
+                cast_like(dw, weight), cast_like(db, bias), None, None, None)
     return backward
 
 
@@ -79,13 +80,16 @@ _layer_norm_eager = eager_autograd("LayerNormFunction", _forward, _setup_context
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float = 1e-6, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                   eps: float = 1e-6, backend: Optional[str] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """``(LayerNorm(x + residual), x + residual)`` over the last dim in one pass.
 
     With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself. Mixed
     dtypes promote as ``x + residual`` does (e.g. a bf16 branch output under autocast added to
     the fp32 residual stream): both results are in the promoted dtype, and the kernel reads each
-    input in its own dtype (no converted copy). ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
+    input in its own dtype (no converted copy). ``backend`` picks ``auto``/``triton``/``cuda``/
+    ``torch`` for this call. ``out_dtype`` writes the normalized result in another float dtype,
+    e.g. the autocast dtype when it only feeds a Linear that would cast it anyway.
     """
     check_float_tensor("x", x, OP)
     check_float_tensor("weight", weight, OP)
@@ -98,11 +102,13 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
         check_float_tensor("residual", residual, OP)
         if residual.shape != x.shape:
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP}: out_dtype must be one of {FLOAT_DTYPES} or None, got {out_dtype}")
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)
     run = choose(_layer_norm, _layer_norm_eager, _forward)
-    y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), requested_backend(backend))
+    y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), out_dtype, requested_backend(backend))
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 
