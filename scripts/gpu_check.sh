@@ -2,12 +2,13 @@
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
 #   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize diagnose kernels e2e"] [TESTS="pytest args"] \
-#     [E2E_ARGS="bench.e2e args"] bash scripts/gpu_check.sh
+#     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
+#     bash scripts/gpu_check.sh
 #
 # install and build the CUDA extension, then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA graphs) with
 # per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
-# racecheck on the CUDA ones; the kernel microbenchmark (bf16); then the end-to-end benchmark in
-# whatever time is left before DEADLINE_S (skipped under 30 s). `diagnose` runs the CUDA ops
+# racecheck on the CUDA ones; the end-to-end benchmark in whatever time is left before DEADLINE_S
+# once KERNELS_S is set aside (skipped under 30 s); then the kernel microbenchmark (bf16). `diagnose` runs the CUDA ops
 # outside the sanitizer with a host traceback, profiles one cross-attention call and reruns the
 # tests named in FAILING on their own, for their tracebacks. Each phase has its own time limit and the next runs
 # whatever happened to the last. Logs and results are packed into $OUT/gpu_check.tar.gz after
@@ -48,7 +49,7 @@ GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_back
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
 step tests && phase tests "${TESTS_S:-150}" env OMP_NUM_THREADS=1 python3 -m pytest -v -n 14 -p no:cacheprovider \
-  --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS}
+  --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS} ${TESTS_K:+-k "$TESTS_K"}
 TAIL_LINES=4
 if step sanitize; then
   phase memcheck_triton 45 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
@@ -63,10 +64,11 @@ if step diagnose; then   # a plain run (host traceback on a crash) and the op's 
   phase run_cuda 30 python3 -X faulthandler scripts/run_each_kernel.py --backend cuda
   phase profile 40 python3 scripts/profile_cross_attention.py
 fi
-step kernels && phase bench_kernels "${KERNELS_S:-90}" python3 -m bench.kernels --dtypes bf16 \
-  --out "$WORK/results"
-E2E_S=$((DEADLINE_S - SECONDS - 15))
+KERNELS_S=${KERNELS_S:-90}
+E2E_S=$((DEADLINE_S - SECONDS - 15 - $(step kernels && echo "$KERNELS_S" || echo 0)))
 step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \
   ${E2E_ARGS:---preset gpu-quick --compile-budget-s 100} --out "$WORK/results"
+step kernels && phase bench_kernels "$KERNELS_S" python3 -m bench.kernels --dtypes bf16 \
+  ${KERNELS_ARGS:-} --out "$WORK/results"
 cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
 cat "$WORK/logs/summary.log"
