@@ -24,3 +24,23 @@ def test_fullgraph_inductor_inference_matches_eager():
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert rel_err(torch.compile(model, fullgraph=True)(x), model(x)) < 1e-5
+
+
+def test_fullgraph_under_bf16_autocast_matches_eager():
+    # Under autocast the ops read the autocast state (the norms' output dtype, the token pass's
+    # dot dtype): that must trace without a graph break, forward and backward.
+    torch.manual_seed(0)
+    model = small_model().train()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x)
+        eager.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        compiled.float().square().mean().backward()
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    assert rel_err(compiled, eager) < 1e-2
+    for name, g in grads.items():
+        assert rel_err(model.get_parameter(name).grad, g) < 5e-2, name
