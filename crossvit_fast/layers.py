@@ -17,6 +17,15 @@ from torch import Tensor
 from . import ops, reference
 
 
+# A block norm (with or without its residual add) over fewer elements than this runs ATen's
+# kernels instead of the fused op. On an H100, below about this size (crossvit_18_240 at batch
+# ~180) a model step is set by the host, not the GPU, and the fused op costs more host time per
+# call than ATen's add and LayerNorm (bench/results/gpu-check-nvidia-h100.md, runs 5-7); above
+# it the fused kernel's GPU time wins (2.7 TB/s, against 1.0-1.7 TB/s for ATen's add and
+# LayerNorm). Not yet measured end to end on a GPU with this threshold. Set to 0 to always fuse.
+FUSED_NORM_MIN_ELEMENTS = 1 << 24
+
+
 def _fusable_norm(norm: nn.Module) -> bool:
     """A LayerNorm over one trailing dim with weight and bias: what the fused ops implement."""
     return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
@@ -34,10 +43,11 @@ def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.
 
 def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(norm(x + residual), x + residual)`` (``(norm(x), x)`` without a residual), in one fused
-    pass when ``norm`` is a LayerNorm, for a norm that feeds a Linear: under autocast the
-    normalized result comes out in the autocast dtype, the bits the Linear's own cast of the
-    fp32 result would give, without that extra pass over the tokens."""
-    if _fusable_norm(norm):
+    pass when ``norm`` is a LayerNorm (and ``x`` has :data:`FUSED_NORM_MIN_ELEMENTS` elements or
+    more), for a norm that feeds a Linear: under autocast the normalized result comes out in the
+    autocast dtype, the bits the Linear's own cast of the fp32 result would give, without that
+    extra pass over the tokens."""
+    if _fusable_norm(norm) and x.numel() >= FUSED_NORM_MIN_ELEMENTS:
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
                                   out_dtype=_linear_input_dtype(h_dtype, x.device.type))
@@ -46,10 +56,11 @@ def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tupl
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last dim through the fused LayerNorm op (fp32 statistics)."""
+    """``nn.LayerNorm`` over the last dim through the fused LayerNorm op (fp32 statistics), from
+    :data:`FUSED_NORM_MIN_ELEMENTS` elements up."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fusable_norm(self):
+        if _fusable_norm(self) and x.numel() >= FUSED_NORM_MIN_ELEMENTS:
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 

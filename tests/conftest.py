@@ -28,3 +28,10 @@ ALL_BACKENDS = [backend_param(name) for name in backends.CONCRETE_BACKENDS]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _always_fuse_norms(monkeypatch):
+    """The tests' small models run the fused norms too (by default those sizes take ATen's)."""
+    from crossvit_fast import layers
+    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 0)

@@ -216,3 +216,25 @@ def test_block_norms_write_the_autocast_dtype_for_their_linears():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         block(x)
     assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+
+
+def test_small_norms_take_atens_path_by_default_with_the_same_result(monkeypatch):
+    from crossvit_fast import layers, ops
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    calls = []
+    for name in ("add_layer_norm", "layer_norm"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    with torch.no_grad():
+        fused = model(x)                                  # the tests' default: always fuse
+        n_fused = len(calls)
+        monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 1 << 24)
+        aten = model(x)                                   # the library default at this size
+    assert n_fused > 0 and len(calls) == n_fused          # no fused norm call the second time
+    assert rel_err(aten, fused) < 1e-5
+    big = torch.randn((1 << 24) // 48 + 1, 48)
+    norm = layers.LayerNorm(48)
+    before = len(calls)
+    norm(big)
+    assert len(calls) == before + 1                       # at the threshold, the fused op
