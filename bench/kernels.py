@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast import backends, ops, reference
-from crossvit_fast.benchmarking import summarize, time_fn
+from crossvit_fast.benchmarking import kernel_time, summarize, time_fn
 from crossvit_fast.variants import list_models
 
 from . import peaks
@@ -194,14 +194,19 @@ def measure(case: Case, users: List[str], batch: int, pass_name: str, dtype_name
         if impl == "naive+compile":
             settings.compile_spent_s += first_call_s
         stats = summarize(time_fn(call, settings.device, warmup=settings.warmup, iters=settings.iters))
+        gpu_s = kernel_time(call, settings.device)
         rows.append(dict(key, impl=impl, bytes=cost.bytes, flops=cost.flops, first_call_s=first_call_s,
                          **stats, **roofline(cost.bytes, cost.flops, stats["median_s"], run_peaks["copy"],
-                                             run_peaks["matmul"][dtype_name])))
+                                             run_peaks["matmul"][dtype_name]),
+                         kernel_s=gpu_s, kernel_bw_fraction=(
+                             cost.bytes / gpu_s / 1e9 / run_peaks["copy"]["GBps"] if gpu_s else None)))
     timed = {row["impl"]: row["median_s"] for row in rows}
+    kernels = {row["impl"]: row["kernel_s"] for row in rows}
     for row in rows:
         row["vs_naive"] = timed["naive"] / row["median_s"]
         row["vs_compiled_naive"] = (timed["naive+compile"] / row["median_s"]
                                     if "naive+compile" in timed else None)
+        row["kernel_vs_naive"] = kernels["naive"] / row["kernel_s"] if row["kernel_s"] else None
     return rows, skipped
 
 
@@ -226,16 +231,21 @@ def summary_rows(rows: List[dict]) -> List[List[str]]:
                         continue
                     bw = sorted(r["bw_fraction"] for r in group)[len(group) // 2]
                     vs_compiled = [r["vs_compiled_naive"] for r in group if r["vs_compiled_naive"] is not None]
+                    kernel_vs = [r["kernel_vs_naive"] for r in group if r.get("kernel_vs_naive")]
+                    kernel_bw = sorted(r["kernel_bw_fraction"] for r in group if r.get("kernel_bw_fraction"))
                     table.append([dtype_name, op, pass_name, impl, len(group),
                                   f"{geomean([r['vs_naive'] for r in group]):.2f}x",
-                                  f"{geomean(vs_compiled):.2f}x" if vs_compiled else "—", f"{100 * bw:.1f}%"])
+                                  f"{geomean(vs_compiled):.2f}x" if vs_compiled else "—", f"{100 * bw:.1f}%",
+                                  f"{geomean(kernel_vs):.2f}x" if kernel_vs else "—",
+                                  f"{100 * kernel_bw[len(kernel_bw) // 2]:.1f}%" if kernel_bw else "—"])
     return table
 
 
 SUMMARY_HEADERS = ["dtype", "op", "pass", "impl", "cases", "vs naive (geomean)", "vs compiled naive (geomean)",
-                   "% copy BW (median)"]
+                   "% copy BW (median)", "GPU time vs naive (geomean)", "% copy BW, GPU time (median)"]
 ROW_HEADERS = ["dtype", "op", "shape", "B", "pass", "impl", "median µs", "p10–p90 µs", "first call s", "GB/s",
-               "% copy BW", "TFLOP/s", "% matmul peak", "vs naive", "vs compiled naive"]
+               "% copy BW", "TFLOP/s", "% matmul peak", "vs naive", "vs compiled naive", "GPU µs",
+               "% copy BW, GPU time", "GPU time vs naive"]
 
 
 def table_row(row: dict) -> List[str]:
@@ -245,7 +255,10 @@ def table_row(row: dict) -> List[str]:
             f"{row['median_s'] * 1e6:.1f}", f"{row['p10_s'] * 1e6:.1f}–{row['p90_s'] * 1e6:.1f}",
             f"{row['first_call_s']:.2f}", f"{row['GBps']:.1f}", f"{100 * row['bw_fraction']:.1f}%",
             f"{row['TFLOPs']:.3f}", f"{100 * row['flop_fraction']:.2f}%", f"{row['vs_naive']:.2f}x",
-            fmt(row["vs_compiled_naive"], ".2f") + ("x" if row["vs_compiled_naive"] is not None else "")]
+            fmt(row["vs_compiled_naive"], ".2f") + ("x" if row["vs_compiled_naive"] is not None else ""),
+            fmt(None if row.get("kernel_s") is None else row["kernel_s"] * 1e6, ".1f"),
+            fmt(None if row.get("kernel_bw_fraction") is None else 100 * row["kernel_bw_fraction"], ".1f"),
+            fmt(row.get("kernel_vs_naive"), ".2f")]
 
 
 def markdown(results: StudyResults) -> str:
@@ -268,6 +281,10 @@ def markdown(results: StudyResults) -> str:
         f"{config['compile_budget_s']} s; {config['warmup']} warm-up + {config['iters']} timed runs"
         + (" (smoke run)" if config["smoke"] else "") + "."
         + (f" **Incomplete: {payload['stopped']}.**" if payload.get("stopped") else ""),
+        "", "Two timings per row: the median of synchronized single calls (CUDA events around each "
+        "call: host and GPU latency, what a lone call costs), and on CUDA the GPU time per call "
+        "(the profiler's device time of every kernel the call launches, without the host time "
+        "between them). Fractions of the copy bandwidth are given for both.",
         "", "## Summary", "", markdown_table(SUMMARY_HEADERS, summary_rows(rows)),
         "", "## Every case", "", markdown_table(ROW_HEADERS, [table_row(r) for r in rows]),
         *(["", "## Left out", ""] + [f"- {line}" for line in left_out] if left_out else []),

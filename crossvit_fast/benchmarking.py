@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -43,6 +43,27 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+def kernel_time(fn: Callable[[], object], device: torch.device | str, iters: int = 10) -> Optional[float]:
+    """GPU seconds per call of ``fn``: the device time of every kernel (and copy) it launches,
+    from the profiler, summed over ``iters`` calls after one warm-up call; None off CUDA.
+
+    Unlike :func:`time_fn`, which times a synchronized call and so counts the host time before
+    the GPU gets work, this is what the GPU spends; the two differ most for small, host-bound
+    calls.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e6
 
 
 def summarize(times: List[float]) -> Dict[str, float]:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import common, e2e, kernels
+from crossvit_fast.benchmarking import kernel_time, time_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -101,3 +103,15 @@ def test_gpu_quick_preset_counts_its_compilations():
     specs = e2e.PRESETS["gpu-quick"]()
     assert sum(s.compiled for s in specs) == 6
     assert {s.variant for s in specs if s.impl == "fast"} == set(e2e.list_models())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_time_counts_gpu_time_only():
+    a = torch.randn(2048, 2048, device="cuda")
+    gpu = kernel_time(lambda: a @ a, "cuda")
+    latency = min(time_fn(lambda: a @ a, "cuda", iters=10))
+    assert 0 < gpu <= 1.5 * latency
+
+
+def test_kernel_time_is_none_off_cuda():
+    assert kernel_time(lambda: None, "cpu") is None
