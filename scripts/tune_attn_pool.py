@@ -4,15 +4,13 @@ Three measurements, printed as tables (GPU only; ``--check`` runs the correctnes
 CPU under ``TRITON_INTERPRET=1``):
 
 1. ``sweep``: the cross-attention token pass alone (``triton.testing.do_bench``, GPU time) at
-   crossvit_18_240's two shapes, over BLOCK_N, num_warps, num_stages and token splits, for the
-   shipped kernel (``normalized``: dots on the normalized tile) and the ``raw`` formulation
-   (dots on the tokens as loaded, LayerNorm folded into the scores and weights:
-   ``Σ_j p_j r_j (x_j − μ_j)``), so that no normalized copy of the tile is formed.
+   crossvit_18_240's two shapes and batch 256, over BLOCK_N, num_warps and token splits, for
+   bf16 tokens, fp32 tokens with bf16 dots (the model under autocast) and fp32.
 2. ``overhead``: each op's GPU time (back-to-back calls) against its latency with a
    synchronize per call and the host time per call, to split launch cost from kernel time.
 3. ``layernorm``: the LayerNorm kernel against ``F.layer_norm`` (GPU time).
 
-    python scripts/tune_attn_pool.py [sweep overhead layernorm] [--kinds normalized]
+    python scripts/tune_attn_pool.py [sweep overhead layernorm]
     TRITON_INTERPRET=1 python scripts/tune_attn_pool.py --check
 """
 from __future__ import annotations
@@ -24,60 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from crossvit_fast import ops
 from crossvit_fast.backends import torch_backend
 from crossvit_fast.kernels import attn_pool
-from crossvit_fast.kernels.attn_pool import _head_params, _scores, _token_ptrs
 
 SHAPES = [(256, 196, 448, 7), (256, 400, 224, 7)]   # B, N, C, H: crossvit_18_240 at batch 256
-KINDS = ("normalized", "raw")
 EPS = 1e-6
-
-
-@triton.jit(do_not_specialize=["T", "chunk"])
-def _fwd_raw_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
-                    T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps,
-                    H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                    ACC: tl.constexpr, DOT: tl.constexpr):
-    """The token pass with both dots on the loaded tokens: ``acc += (p r) @ x`` and
-    ``accmu += Σ (p r) μ`` (of the rounded ``p r``), so ``acc − accmu = Σ p n``. Writes the
-    unnormalized partials of each split, as the shipped kernel does with several splits."""
-    b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    heads = tl.arange(0, H_PAD)
-    cols = tl.arange(0, BLOCK_C)
-    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr,
-                                                         b, heads, cols, H, C, ACC, DOT)
-    m = tl.full([H_PAD], float("-inf"), ACC)
-    l = tl.zeros([H_PAD], ACC)
-    mu = tl.zeros([H_PAD], ACC)
-    acc = tl.zeros([H_PAD, BLOCK_C], ACC)
-    start = split * chunk
-    end = tl.minimum(start + chunk, T)
-    for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        xf = x.to(ACC)
-        mean = tl.sum(xf, 1) / C
-        xc = tl.where(mask, xf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, x, mean, rstd, DOT, False),
-                     float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        pr = (p * rstd[None, :]).to(DOT)
-        mu = mu * alpha + tl.sum(pr.to(ACC) * mean[None, :], 1)
-        acc = acc * alpha[:, None] + tl.dot(pr, x.to(DOT), input_precision="ieee")
-        m = m_new
-    row = b * tl.num_programs(1) + split
-    tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], acc - mu[:, None], mask=hc_mask)
-    tl.store(lse_ptr + row * H + heads, m, mask=heads < H)
-    tl.store(l_ptr + row * H + heads, l, mask=heads < H)
 
 
 def _inputs(B, N, C, H, dtype, device):
@@ -88,8 +39,9 @@ def _inputs(B, N, C, H, dtype, device):
     return tokens[:, 0], tokens[:, 1:], kt, gamma, beta
 
 
-def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, dot_dtype=None):
-    """One launch with partial outputs; returns a callable and the combine of its outputs."""
+def _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot_dtype=None):
+    """One forward launch writing split partials; returns a callable and the combine of its
+    outputs (in torch, as a check independent of the shipped combine kernel)."""
     B, N, C = patches.shape
     H = kt.shape[1]
     ACC, DOT, ON_N = attn_pool._tl_dtypes(x0.dtype, dot_dtype)
@@ -97,16 +49,13 @@ def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, 
     S, chunk = attn_pool._splits(B, N + 1, block_n, x0.device, splits)
     out = x0.new_empty((B, S, H, C), dtype=torch.float32)
     m, l = x0.new_empty((2, B, S, H), dtype=torch.float32)
-    args = (x0, patches, kt, gamma, beta, out, m, l)
-    strides = (N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
-               kt.stride(0), kt.stride(1), EPS)
-    meta = dict(H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT,
-                num_warps=warps, num_stages=stages)
-    if kind == "raw":
-        run = lambda: _fwd_raw_kernel[(B, S)](*args, *strides, **meta)  # noqa: E731
-    else:
-        run = lambda: attn_pool._attn_pool_fwd_kernel[(B, S)](*args, *strides, SCORES_ON_N=ON_N,  # noqa: E731
-                                                              FINAL=False, **meta)
+
+    def run():
+        attn_pool._attn_pool_fwd_kernel[(B, S)](
+            x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk, x0.stride(0),
+            patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), EPS, H_PAD=h_pad,
+            BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N, FINAL=False,
+            num_warps=warps, num_stages=1)
 
     def combine():
         m_all = m.amax(dim=1)
@@ -116,46 +65,44 @@ def _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, 
 
 
 def check() -> None:
-    """Both formulations against the float64 PyTorch token pass, at small shapes."""
-    for kind, dtype, (B, N, C, H) in itertools.product(("normalized", "raw"), (torch.float32, torch.float16),
-                                                        [(2, 37, 96, 3), (3, 50, 224, 7)]):
+    """The launches the sweep times, against the float64 PyTorch token pass at small shapes."""
+    for dtype, (B, N, C, H) in itertools.product((torch.float32, torch.float16),
+                                                 [(2, 37, 96, 3), (3, 50, 224, 7)]):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cpu")
-        run, combine = _launch(kind, x0, patches, kt, gamma, beta, 16, 4, 1, 2)
+        run, combine = _launch(x0, patches, kt, gamma, beta, 16, 4, 2)
         run()
         z_ref, _ = torch_backend.attn_pool_fwd(x0.double(), patches.double(), kt.double(),
                                                gamma.double(), beta.double(), EPS)
         err = ((combine().double() - z_ref).abs().max() / z_ref.abs().max()).item()
         bar = 1e-5 if dtype == torch.float32 else 2e-3
-        print(f"check {kind:10s} {str(dtype):14s} B={B} N={N} C={C} H={H}: rel err {err:.2e} "
+        print(f"check {str(dtype):14s} B={B} N={N} C={C} H={H}: rel err {err:.2e} "
               f"{'ok' if err < bar else 'FAIL'}")
         assert err < bar
 
 
 def sweep() -> None:
     from triton.testing import do_bench
-    print("kind,dtype,B,N,C,H,block_n,warps,stages,splits,us,GBps")
+    print("tokens,B,N,C,H,block_n,warps,splits,us,GBps")
     # fp32 tokens with bf16 dots: the model under bf16 autocast (its residual stream is fp32)
     for (B, N, C, H), (dtype, dot) in itertools.product(
             SHAPES, ((torch.bfloat16, None), (torch.float32, torch.bfloat16), (torch.float32, None))):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cuda")
         nbytes = B * (N + 1) * C * x0.element_size()
-        best = {}
-        for kind, block_n, warps, stages, splits in itertools.product(
-                KINDS, (16, 32), (4, 8), (1,), (1, 2, 4)):
+        label = str(dtype)[6:] + (f"+{str(dot)[6:]} dots" if dot else "")
+        best = (float("inf"),)
+        for block_n, warps, splits in itertools.product((16, 32), (4, 8), (1, 2, 4)):
             if block_n * max(256, triton.next_power_of_2(C)) > 16384:
                 continue
+            config = f"{label},{B},{N},{C},{H},{block_n},{warps},{splits}"
             try:
-                run, _ = _launch(kind, x0, patches, kt, gamma, beta, block_n, warps, stages, splits, dot)
+                run, _ = _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot)
                 us = do_bench(run, warmup=5, rep=20) * 1e3
             except Exception as err:  # noqa: BLE001 (OutOfResources and compile errors alike)
-                print(f"{kind},{dtype},{B},{N},{C},{H},{block_n},{warps},{stages},{splits},"
-                      f"error: {type(err).__name__}")
+                print(f"{config},error: {type(err).__name__}")
                 continue
-            print(f"{kind},{str(dtype)[6:]}{'+' + str(dot)[6:] + ' dots' if dot else ''},{B},{N},{C},{H},{block_n},{warps},{stages},{splits},"
-                  f"{us:.1f},{nbytes / us / 1e3:.0f}", flush=True)
-            if us < best.get(kind, (1e9,))[0]:
-                best[kind] = (us, block_n, warps, stages, splits)
-        print(f"# best B={B} N={N} C={C} {dtype} dots {dot or dtype}: {best}", flush=True)
+            print(f"{config},{us:.1f},{nbytes / us / 1e3:.0f}", flush=True)
+            best = min(best, (us, block_n, warps, splits))
+        print(f"# best {label} B={B} N={N} C={C}: (us, block_n, warps, splits) = {best}", flush=True)
 
 
 def overhead() -> None:
@@ -217,9 +164,6 @@ def layernorm() -> None:
 
 
 if __name__ == "__main__":
-    if "--kinds" in sys.argv:
-        KINDS = tuple(sys.argv.pop(sys.argv.index("--kinds") + 1).split(","))
-        sys.argv.remove("--kinds")
     if "--check" in sys.argv:
         check()
     else:
