@@ -6,8 +6,8 @@ CPU under ``TRITON_INTERPRET=1``):
 1. ``sweep``: the cross-attention token pass alone (``triton.testing.do_bench``, GPU time) at
    crossvit_18_240's two shapes and batch 256, over BLOCK_N, num_warps and token splits, for
    bf16 tokens, fp32 tokens with bf16 dots (the model under autocast) and fp32.
-2. ``overhead``: each op's GPU time (back-to-back calls) against its latency with a
-   synchronize per call and the host time per call, to split launch cost from kernel time.
+2. ``overhead``: each op's ``do_bench`` time (back-to-back calls: the GPU time, unless the host
+   is slower), its latency with a synchronize per call, and the host time per call.
 3. ``layernorm``: the LayerNorm kernel against ``F.layer_norm`` (GPU time).
 
     python scripts/tune_attn_pool.py [sweep overhead layernorm]
