@@ -3,7 +3,8 @@
 Each module keeps the parameters and child names of its timm counterpart (so ``state_dict`` keys
 are timm's) and falls back to timm's own math (:mod:`crossvit_fast.reference`) where a fused op
 does not apply: a non-affine or non-LayerNorm norm layer, dropout inside the attention while
-training, or inside :func:`crossvit_fast.reference.naive_math`.
+training, or inside :func:`crossvit_fast.reference.naive_math`. Block norms over fewer than
+:data:`FUSED_NORM_MIN_ELEMENTS` elements run ATen's add and LayerNorm (cheaper on the host).
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def _fusable_norm(norm: nn.Module) -> bool:
 
 
 def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
-    """The dtype that a Linear under autocast casts an input of ``dtype`` to, or None where it
-    keeps it (no autocast, or not fp32)."""
-    if dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+    """The dtype that a Linear under autocast casts a LayerNorm output computed from ``dtype``
+    rows to, or None where nothing is cast (no autocast, or float64, which autocast leaves
+    alone). timm's LayerNorm under autocast returns fp32 whatever its input; the Linear then
+    rounds that once to the autocast dtype."""
+    if dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -206,14 +209,27 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(y)))
 
 
+def _plain_block(module: nn.Module) -> bool:
+    """A :class:`Block` that runs as its ``forward`` says: no hooks, not compiled on its own.
+    Only those may be taken apart by :class:`BlockChain` without skipping something."""
+    return (type(module) is Block and not module._forward_hooks and not module._forward_pre_hooks
+            and getattr(module, "_compiled_call_impl", None) is None)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 class BlockChain(nn.Sequential):
     """A branch's run of :class:`Block` s (timm's ``nn.Sequential``, same keys), with each
     block's closing residual add fused into the next block's ``norm1``: one pass over the
-    tokens fewer per block boundary. Any other module in the run falls back to running in turn."""
+    tokens fewer per block boundary. A run with any other module, or a block with hooks or
+    compiled on its own, runs block by block as ``nn.Sequential`` does."""
 
     def forward(self, x: Tensor) -> Tensor:
         blocks = list(self)
-        if not blocks or not all(type(b) is Block for b in blocks):
+        if not blocks or not all(_plain_block(b) for b in blocks) or _global_module_hooks():
             return super().forward(x)
         y, _ = add_and_norm(blocks[0].norm1, x, None)
         for i, block in enumerate(blocks):

@@ -40,7 +40,7 @@ def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
     projection; rounding the raw tokens instead would lose their mean's digits.
     """
     acc, dot = tl_dtypes(dtype)
-    if dot_dtype in LOW_PRECISION_DOT and dtype in (torch.float32, torch.float64):
+    if dot_dtype in LOW_PRECISION_DOT and dtype == torch.float32:
         return acc, LOW_PRECISION_DOT[dot_dtype], True
     return acc, dot, False
 
@@ -48,7 +48,8 @@ def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
 # Forward (BLOCK_N, num_warps) by BLOCK_C. At crossvit_18_240's shapes and batch 256 on an H100
 # (scripts/tune_attn_pool.py sweep, bf16): C = 448 ran fastest with 16-token tiles and 4 warps
 # (67 µs; 81 µs with 32 and 8), C = 224 with 32-token tiles and 8 warps (75 µs; 93 µs with 32
-# and 4). Widths not swept follow the tile size in elements.
+# and 4). Narrower rows take 32 tokens and 4 warps, wider ones (1024) 16 tokens and 8 warps:
+# not swept.
 _FORWARD_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8), 512: (16, 4)}
 
 
@@ -56,8 +57,8 @@ _FORWARD_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32,
 def _blocks(C: int, H: int, backward: bool) -> Tuple[int, int, int, int]:
     """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads.
 
-    Whole rows in registers; the backward holds several tiles live, so it takes tiles of about
-    8K elements (at most 32 tokens).
+    Whole rows in registers. The backward holds several tiles live: 8K-element tiles from
+    BLOCK_C = 256 up (16 to 32 tokens), 32 tokens below.
     """
     block_c = max(16, next_power_of_2(C))
     h_pad = max(16, next_power_of_2(H))
@@ -77,6 +78,7 @@ def _splits(B: int, T: int, block_n: int, device: torch.device,
     """
     if splits is None:
         sms = num_sms(device)
+        B = max(1, B)   # no samples: nothing is launched, any split will do
         splits = 1 if 2 * B >= 3 * sms else min(cdiv(2 * sms, B), cdiv(T, MIN_SPLIT_TOKENS))
     chunk = cdiv(cdiv(T, max(1, splits)), block_n) * block_n
     return cdiv(T, chunk), chunk
@@ -278,6 +280,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     else:
         out = x0.new_empty((B, S, H, C), dtype=acc)
         m, l = x0.new_empty((2, B, S, H), dtype=acc)
+    if B == 0:
+        return z, lse
     _attn_pool_fwd_kernel[(B, S)](
         x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
         x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
@@ -307,6 +311,8 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)
     dpatches = patches.new_empty((B, N, C))
+    if B == 0:
+        return dx0, dpatches, x0.new_empty((0, H, C), dtype=acc), *x0.new_zeros((2, C), dtype=acc)
     dkt = x0.new_empty((B, S, H, C), dtype=acc)
     dgamma, dbeta = x0.new_empty((2, B * S, C), dtype=acc)
     # One token tile in flight (num_stages=1): pipelining keeps several [BLOCK_N, BLOCK_C] tiles

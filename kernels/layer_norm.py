@@ -1,8 +1,9 @@
 """LayerNorm with an optional residual add folded in, forward and backward.
 
 Each program handles ``ROWS`` rows of width ``C`` whole in registers (``BLOCK_C =
-next_power_of_2(C)``). Forward: ``h = x + residual`` rounded to the activation dtype (stored, and
-the statistics are taken on that rounded ``h``), fp32 ``mean``/``rstd`` saved. Backward: a bounded
+next_power_of_2(C)``). Forward: ``h = x + residual`` rounded to the promoted dtype of the two
+(stored, and the statistics are taken on that rounded ``h``), ``y`` written in that dtype or in
+``out_dtype``, fp32 ``mean``/``rstd`` saved. Backward: a bounded
 number of programs each loop over row blocks, write ``dx (+ dh)`` and one row of partial
 ``dweight``/``dbias`` each, summed by the caller.
 """
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from ._launch import acc_dtype, cdiv, contiguous_as, next_power_of_2, num_sms, unit_last_stride
 
-@functools.lru_cache(maxsize=None)
+
+@functools.lru_cache(maxsize=None)   # called on every launch: cached per width
 def _blocks(C: int) -> Tuple[int, int, int]:
     """``(BLOCK_C, ROWS, num_warps)``: about 4K elements per program."""
     block_c = next_power_of_2(C)

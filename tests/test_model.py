@@ -238,3 +238,22 @@ def test_small_norms_take_atens_path_by_default_with_the_same_result(monkeypatch
     before = len(calls)
     norm(big)
     assert len(calls) == before + 1                       # at the threshold, the fused op
+
+
+def test_block_chain_with_a_hooked_block_runs_block_by_block():
+    chain = small_model().blocks[1].blocks[1].eval()
+    seen = []
+    chain[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(2, 7, 48)
+    out = chain(x)
+    assert seen == [(2, 7, 48)]
+    assert rel_err(out, nn.Sequential.forward(chain, x)) < 1e-6
+
+
+def test_norm_output_dtype_is_what_the_linear_would_cast_to():
+    from crossvit_fast.layers import _linear_input_dtype
+    assert _linear_input_dtype(torch.float32, "cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear_input_dtype(torch.float32, "cpu") == torch.bfloat16
+        assert _linear_input_dtype(torch.float16, "cpu") == torch.bfloat16   # one rounding, from fp32
+        assert _linear_input_dtype(torch.float64, "cpu") is None             # autocast leaves fp64 alone

@@ -348,7 +348,8 @@ def test_unavailable_reason(monkeypatch):
 
 def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(monkeypatch):
     """Triton's OutOfResources (seen on an H100 for very wide fp32 rows) is not a crash; after the
-    first failure that kernel is not tried (nor warned about) again."""
+    first failure neither the forward nor the backward kernel of that shape is tried (nor
+    warned about) again, so both directions compute the scores alike."""
     from triton.runtime.errors import OutOfResources
 
     attempts = []
@@ -364,11 +365,42 @@ def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(mon
     with pytest.warns(RuntimeWarning, match="does not fit this GPU.*PyTorch backend"):
         z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
     dz = torch.randn_like(z)
-    with pytest.warns(RuntimeWarning, match="cross-attention backward"):
-        grads = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
-    want = ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
-    assert all(torch.equal(g, w) for g, w in zip(grads, want))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        grads = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
         z_again, _ = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
-    assert len(attempts) == 2 and torch.equal(z_again, z)
+    want = ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want))
+    assert len(attempts) == 1 and torch.equal(z_again, z)
+
+
+def test_a_backward_that_does_not_fit_sends_its_forward_to_torch_too(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(238592, 232448, "shared memory")
+
+    forwards = []
+    real_fwd = attn_pool.attn_pool_fwd
+    monkeypatch.setattr(attn_pool, "attn_pool_fwd", lambda *a: forwards.append(1) or real_fwd(*a))
+    monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
+    monkeypatch.setattr(tb, "_does_not_fit", set())
+    x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))
+    z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    with pytest.warns(RuntimeWarning, match="cross-attention backward"):
+        tb.attn_pool_bwd(torch.randn_like(z), x0, patches, kt, gamma, beta, z, lse, EPS)
+    tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
+    assert len(forwards) == 1
+
+
+def test_op_with_no_samples():
+    C, H = 24, 2
+    tokens = torch.randn(0, 6, C, device=DEVICE, requires_grad=True)
+    cls = torch.randn(0, 1, C, device=DEVICE, requires_grad=True)
+    nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE, requires_grad=True)
+    w = [torch.randn(C, C, device=DEVICE, requires_grad=True) for _ in range(4)]
+    y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, w[0], None, w[1], None, w[2], None,
+                                w[3], None, H, (C // H) ** -0.5, backend="triton")
+    assert y.shape == (0, 1, C)
+    grads = torch.autograd.grad(y.sum(), (cls, tokens, nb, *w))
+    assert all(g.abs().sum() == 0 for g in grads)

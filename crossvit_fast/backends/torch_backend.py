@@ -7,7 +7,8 @@ small per-sample products. This module is also the readable statement of the mat
 Conventions shared by all backends:
 
 * activations (``x``, ``x0``, ``patches``, ``dy``) come in one dtype ``T`` (fp32, fp16 or bf16),
-  except LayerNorm's ``x`` and ``residual``, which may differ (``T`` is their promotion);
+  except LayerNorm's ``x`` and ``residual``, which may differ (``T`` is their promotion), and
+  its ``y`` and ``dy``, which are in ``out_dtype`` where the forward was given one;
   parameters and ``kt``/``dz`` may be of any float dtype and are read as fp32;
 * statistics (``mean``, ``rstd``, ``lse``), ``z`` and every parameter gradient are returned in
   fp32 (float64 when the activations are float64: the tests' reference precision); activation

@@ -24,9 +24,13 @@ else:
 
     from ..kernels import _launch, attn_pool, cls_proj, layer_norm
 
-# (kernel, C, heads, dtype, dot dtype) of the kernels that did not fit the GPU: they go straight to torch
-# after the first failure instead of failing (and warning) again on every call.
+# (C, heads, dtype, dot dtype) of the cross-attention shapes whose Triton kernels did not fit
+# the GPU: they go straight to torch after the first failure instead of failing (and warning)
+# again on every call. Forward and backward share the entry, so that a backward never
+# recomputes with Triton's products the scores of a forward that ran in torch, or the reverse
+# (the two differ by the dot dtype's rounding under autocast).
 _does_not_fit: set = set()
+
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """``None`` where the kernels can run on ``device``, else why not."""
@@ -44,7 +48,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
-def _torch_when_out_of_resources(key: tuple, kernel_call, torch_call):
+def _torch_when_out_of_resources(what: str, key: tuple, kernel_call, torch_call):
     """``kernel_call()``; if Triton cannot fit the kernel on this GPU (shared memory or
     registers for very wide rows), warn once for ``key`` and run ``torch_call()`` from then on."""
     if key in _does_not_fit:
@@ -53,17 +57,17 @@ def _torch_when_out_of_resources(key: tuple, kernel_call, torch_call):
         return kernel_call()
     except OutOfResources as err:
         _does_not_fit.add(key)
-        what, C, H, dtype, *_ = key
+        C, H, dtype, _ = key
         warnings.warn(f"crossvit_fast: the Triton {what} kernel (C={C}, {H} heads, {dtype}) does not "
-                      f"fit this GPU ({err}); the PyTorch backend runs it instead (slower, same results)",
-                      RuntimeWarning, stacklevel=3)
+                      f"fit this GPU ({err}); the PyTorch backend runs the cross-attention's token "
+                      f"pass at this shape instead (slower, same results)", RuntimeWarning, stacklevel=3)
         return torch_call()
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        ("cross-attention forward", x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        "cross-attention forward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
         lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype),
         lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps))
 
@@ -73,7 +77,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
                   dot_dtype: Optional[torch.dtype] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        ("cross-attention backward", x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        "cross-attention backward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
         lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype),
         lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps))
 

@@ -86,8 +86,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
 
     With ``residual=None`` this is plain LayerNorm and the second result is ``x`` itself. Mixed
     dtypes promote as ``x + residual`` does (e.g. a bf16 branch output under autocast added to
-    the fp32 residual stream): both results are in the promoted dtype, and the kernel reads each
-    input in its own dtype (no converted copy). ``backend`` picks ``auto``/``triton``/``cuda``/
+    the fp32 residual stream): both results are in the promoted dtype. The Triton kernel reads
+    each input in its own dtype (no converted copy; the CUDA backend converts first). ``backend`` picks ``auto``/``triton``/``cuda``/
     ``torch`` for this call. ``out_dtype`` writes the normalized result in another float dtype,
     e.g. the autocast dtype when it only feeds a Linear that would cast it anyway.
     """
