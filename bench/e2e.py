@@ -6,7 +6,8 @@ default backend), ``fast+graphs`` (the same replayed as a CUDA graph, inference 
 ``CrossVit`` from ``timm.create_model``) and ``timm+compile``; in fp32 or under bf16/fp16
 autocast. Inference is a forward under ``no_grad``; a training step is zero_grad, forward,
 cross-entropy, backward and an SGD step (with a GradScaler under fp16). Each row has the median
-time and spread over warmed-up synchronized runs, images/s, the first call's seconds (the
+time and spread over warmed-up synchronized runs, images/s, on CUDA the GPU time of the step's
+kernels (below the median where the host is the bottleneck), the first call's seconds (the
 compilation, for the compiled implementations), the peak CUDA memory, and the achieved model
 FLOP/s (timm's FLOPs, counted once per variant with FlopCounterMode on the meta device) as a
 fraction of the matmul peak measured in the same run (bench/peaks.py).
@@ -34,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import crossvit_fast
 from crossvit_fast import backends
-from crossvit_fast.benchmarking import summarize, time_fn
+from crossvit_fast.benchmarking import kernel_time, summarize, time_fn
 from crossvit_fast.reference import naive_math
 from crossvit_fast.variants import list_models
 
@@ -223,11 +224,13 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(device)
         stats = summarize(time_fn(step, device, warmup=settings.warmup, iters=settings.iters))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        gpu_s = kernel_time(step, device, iters=3)   # host time left out; kernels replayed from
+        # a CUDA graph may not be seen by the profiler (then 0, shown as —)
         if spec.variant not in self.flops:
             self.flops[spec.variant] = count_flops(spec.variant, self.timm)
         flops = self.flops[spec.variant][spec.mode] * spec.batch
         tflops = flops / stats["median_s"] / 1e12
-        return dict(asdict(spec), images_per_s=spec.batch / stats["median_s"], **stats,
+        return dict(asdict(spec), images_per_s=spec.batch / stats["median_s"], **stats, gpu_s=gpu_s,
                     first_call_s=first_call_s, peak_memory_bytes=peak,
                     flops_per_image=self.flops[spec.variant][spec.mode],
                     flops_source=self.flops[spec.variant]["source"], TFLOPs=tflops,
@@ -248,7 +251,7 @@ def add_speedups(rows: List[dict]) -> None:
             row[f"vs_{base}"] = None if ref is None else ref / row["median_s"]
 
 
-HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "median ms", "p10–p90 ms", "vs timm",
+HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "median ms", "p10–p90 ms", "GPU ms", "vs timm",
            "vs fast", "first call s", "peak MiB", "TFLOP/s", "% matmul peak"]
 
 
@@ -258,7 +261,7 @@ def table_row(row: dict) -> List[str]:
     peak = row["peak_memory_bytes"]
     return [row["variant"], row["mode"], row["dtype"], row["batch"], row["impl"], f"{row['images_per_s']:.1f}",
             f"{row['median_s'] * 1e3:.2f}", f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
-            speedup(row["vs_timm"]), speedup(row["vs_fast"]), f"{row['first_call_s']:.1f}",
+            fmt(row["gpu_s"] * 1e3 if row.get("gpu_s") else None, ".2f"), speedup(row["vs_timm"]), speedup(row["vs_fast"]), f"{row['first_call_s']:.1f}",
             fmt(None if peak is None else peak / 2 ** 20, ".0f"), f"{row['TFLOPs']:.2f}",
             f"{100 * row['flop_fraction']:.1f}%"]
 
