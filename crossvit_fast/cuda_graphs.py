@@ -19,6 +19,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
+from .layers import always_fuse_norms
+
 
 class GraphedInference(nn.Module):
     """Inference-only wrapper of ``model`` (called under ``no_grad``, in eval mode)."""
@@ -43,13 +45,15 @@ class GraphedInference(nn.Module):
         static_in = x.clone()
         stream = torch.cuda.Stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
-            for _ in range(self.warmup_iters):
-                self.model(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.model(static_in)
+        # A replay costs no host time per kernel, so the fused norms pay at every size.
+        with always_fuse_norms():
+            with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
+                for _ in range(self.warmup_iters):
+                    self.model(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model(static_in)
         return graph, static_in, static_out
 
     @torch.no_grad()

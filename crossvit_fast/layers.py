@@ -8,7 +8,8 @@ training, or inside :func:`crossvit_fast.reference.naive_math`. Block norms over
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Type
+import contextlib
+from typing import Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,18 @@ from . import ops, reference
 # it the fused kernel's GPU time wins (2.7 TB/s, against 1.0-1.7 TB/s for ATen's add and
 # LayerNorm). Not yet measured end to end on a GPU with this threshold. Set to 0 to always fuse.
 FUSED_NORM_MIN_ELEMENTS = 1 << 24
+
+
+@contextlib.contextmanager
+def always_fuse_norms() -> Iterator[None]:
+    """Inside the block, every block norm runs the fused op whatever its size: for code whose
+    host time does not count, such as a forward captured into a CUDA graph."""
+    global FUSED_NORM_MIN_ELEMENTS
+    saved, FUSED_NORM_MIN_ELEMENTS = FUSED_NORM_MIN_ELEMENTS, 0
+    try:
+        yield
+    finally:
+        FUSED_NORM_MIN_ELEMENTS = saved
 
 
 def _fusable_norm(norm: nn.Module) -> bool:

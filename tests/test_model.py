@@ -257,3 +257,11 @@ def test_norm_output_dtype_is_what_the_linear_would_cast_to():
         assert _linear_input_dtype(torch.float32, "cpu") == torch.bfloat16
         assert _linear_input_dtype(torch.float16, "cpu") == torch.bfloat16   # one rounding, from fp32
         assert _linear_input_dtype(torch.float64, "cpu") is None             # autocast leaves fp64 alone
+
+
+def test_always_fuse_norms_lifts_the_size_threshold_inside_the_block(monkeypatch):
+    from crossvit_fast import layers
+    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 1 << 24)
+    with layers.always_fuse_norms():
+        assert layers.FUSED_NORM_MIN_ELEMENTS == 0
+    assert layers.FUSED_NORM_MIN_ELEMENTS == 1 << 24
