@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as nn_module
 
 from . import ops, reference
 
@@ -230,7 +231,6 @@ def _plain_block(module: nn.Module) -> bool:
 
 
 def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 

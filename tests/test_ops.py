@@ -94,14 +94,19 @@ def test_broadcast_gradients_are_accepted(backend, dtype):
     tokens = torch.randn(B, N + 1, C, device=DEVICE).to(dtype)
     nw, nb = 1 + 0.1 * torch.randn(C, device=DEVICE), 0.1 * torch.randn(C, device=DEVICE)
     proj_w, proj_b = torch.randn(C // 2, C, device=DEVICE) / C ** 0.5, torch.zeros(C // 2, device=DEVICE)
+    attn_w = [(torch.randn(C, C, device=DEVICE) / C ** 0.5).to(dtype) for _ in range(4)]
 
     def grads(reduce):
         x = tokens.clone().requires_grad_()
         y, h = ops.add_layer_norm(x, x * 0.5, nw, nb, backend=backend)
         z = ops.cls_projection(x[:, 0], nw, nb, proj_w, proj_b, backend=backend)
         t = ops.layer_norm(x, nw, nb, backend=backend)
+        c = ops.cls_cross_attention(x[:, 0:1], x[:, 1:], nw.to(dtype), nb.to(dtype), attn_w[0], None,
+                                    attn_w[1], None, attn_w[2], None, attn_w[3], None, H,
+                                    (C // H) ** -0.5, backend=backend)
         reduce(y.float() + h.float() + t.float()).backward(retain_graph=True)
-        reduce(z.float()).backward()
+        reduce(z.float()).backward(retain_graph=True)
+        reduce(c.float()).backward()
         return x.grad.float()
 
     broadcast = grads(lambda out: out.sum())

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import crossvit_fast
-from crossvit_fast.checkpoint import load_checkpoint
 
 from .numerics import rel_err
 from .timm_import import import_timm
