@@ -148,7 +148,39 @@ class PatchEmbed(nn.Module):
         if (H, W) != tuple(self.img_size):
             raise ValueError(f"PatchEmbed: input image size ({H}*{W}) doesn't match model "
                              f"({self.img_size[0]}*{self.img_size[1]})")
+        if _patchify_conv(self.proj) and x.ndim == 4 and x.shape[1] == self.proj.in_channels:
+            return patchify_linear(x, self.proj)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _patchify_conv(conv: nn.Module) -> bool:
+    """A plain Conv2d whose kernel tiles the image (stride = kernel, no padding, dilation or
+    groups), without hooks or a compiled forward of its own: a Linear over the patches."""
+    return (type(conv) is nn.Conv2d and conv.stride == conv.kernel_size
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and not conv._forward_hooks and not conv._forward_pre_hooks
+            and getattr(conv, "_compiled_call_impl", None) is None
+            and not _global_module_hooks() and not reference.naive_enabled())
+
+
+def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x).flatten(2).transpose(1, 2)`` for a patch-tiling conv, as one copy that cuts
+    the image into patch rows (cast to the autocast dtype on the way) and one GEMM.
+
+    The GEMM is the conv's own math (same weights, same sums); it replaces cuDNN's implicit-GEMM
+    conv and its NCHW-to-NHWC conversion, which at batch 256 took ~1 ms a branch on an H100
+    (scripts/profile_model.py). Rows and columns past the last whole patch are dropped, as the
+    strided conv drops them.
+    """
+    B, C, H, W = x.shape
+    ph, pw = conv.kernel_size
+    gh, gw = H // ph, W // pw
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    patches = (x[:, :, :gh * ph, :gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+               .to(dtype, memory_format=torch.contiguous_format).reshape(B, gh * gw, C * ph * pw))
+    return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
 class Attention(nn.Module):
