@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
-#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize diagnose kernels e2e"] [TESTS="pytest args"] \
+#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize|sanitize_triton|sanitize_cuda diagnose model_profile e2e kernels"] [TESTS="pytest args"] \
 #     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
 #     bash scripts/gpu_check.sh
 #
@@ -51,9 +51,14 @@ GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_back
 step tests && phase tests "${TESTS_S:-150}" env OMP_NUM_THREADS=1 python3 -m pytest -v -n 14 -p no:cacheprovider \
   --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS} ${TESTS_K:+-k "$TESTS_K"}
 TAIL_LINES=4
-if step sanitize; then
-  phase memcheck_triton 45 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
+# sanitize: both backends; sanitize_triton / sanitize_cuda: one
+if step sanitize || step sanitize_triton; then
+  # Compile the Triton kernels outside the sanitizer first (slow under it); memcheck then loads them
+  phase warm_triton 60 python3 scripts/run_each_kernel.py --backend triton
+  phase memcheck_triton 90 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend triton
+fi
+if step sanitize || step sanitize_cuda; then
   phase memcheck_cuda 30 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 scripts/run_each_kernel.py --backend cuda
   phase racecheck_cuda 40 $SAN --tool racecheck --error-exitcode 9 --print-limit 20 \
@@ -64,6 +69,8 @@ if step diagnose; then   # a plain run (host traceback on a crash) and the op's 
   phase run_cuda 30 python3 -X faulthandler scripts/run_each_kernel.py --backend cuda
   phase profile 40 python3 scripts/profile_cross_attention.py
 fi
+# GPU kernel time of whole-model steps, fast against timm, and the kernels that take it
+step model_profile && phase model_profile "${MODEL_PROFILE_S:-90}" python3 scripts/profile_model.py
 KERNELS_S=${KERNELS_S:-90}
 E2E_S=$((DEADLINE_S - SECONDS - 15 - $(step kernels && echo "$KERNELS_S" || echo 0)))
 step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \

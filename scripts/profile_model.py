@@ -2,10 +2,13 @@
 
 Profiles crossvit_18_240 under bf16 autocast, an inference forward at batch 256 and a training
 step (forward, cross-entropy, backward, SGD) at batch 128, and prints per model the wall time
-per step, the summed CUDA kernel time and the kernels that take the most of it.
+per step, the summed CUDA kernel time and the kernels that take the most of it. "fast, norms
+fused" (training only: every inference norm here is over the threshold) runs every block norm
+through the fused op (``layers.always_fuse_norms``): the A/B of ``layers.FUSED_NORM_MIN_ELEMENTS``.
 
     python scripts/profile_model.py [variant]
 """
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import crossvit_fast
+from crossvit_fast import layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.e2e import load_timm  # noqa: E402
@@ -38,26 +42,36 @@ def step_fn(model, mode, batch):
     return infer if mode == "infer" else train
 
 
+def with_context(fn, context):
+    def run():
+        with context():
+            fn()
+    return run
+
+
 def main() -> None:
     variant = sys.argv[1] if len(sys.argv) > 1 else "crossvit_18_240"
     timm, reason = load_timm()
-    builders = {"fast": lambda: crossvit_fast.create_model(variant)}
+    fast = lambda: crossvit_fast.create_model(variant)  # noqa: E731
+    builders = {"fast": (fast, contextlib.nullcontext), "fast, norms fused": (fast, layers.always_fuse_norms)}
     if timm is not None:
-        builders["timm"] = lambda: timm.create_model(variant)
+        builders["timm"] = (lambda: timm.create_model(variant), contextlib.nullcontext)
     else:
         print("timm left out:", reason)
     for mode, batch in (("infer", 256), ("train", 128)):
-        for name, build in builders.items():
+        for name, (build, context) in builders.items():
+            if mode == "infer" and name == "fast, norms fused":
+                continue   # at these sizes every inference norm is over the threshold
             model = build().cuda().train(mode == "train")
-            step = step_fn(model, mode, batch)
+            step = with_context(step_fn(model, mode, batch), context)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(5):
+            for _ in range(10):
                 step()
             torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / 5
+            wall = (time.perf_counter() - t0) / 10
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
                     step()

@@ -43,7 +43,12 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in SHAPES:
             run(args.backend, dtype, *shape)
-    print(f"{args.backend}: every op ran forward and backward at {len(SHAPES)} shapes x 3 dtypes")
+    # fp32 tokens under bf16 autocast: the token pass's bf16-dot variant
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for shape in SHAPES:
+            run(args.backend, torch.float32, *shape)
+    print(f"{args.backend}: every op ran forward and backward at {len(SHAPES)} shapes x 3 dtypes "
+          "and fp32 under bf16 autocast")
 
 
 if __name__ == "__main__":
