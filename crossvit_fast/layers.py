@@ -29,6 +29,14 @@ from . import ops, reference
 FUSED_NORM_MIN_ELEMENTS = 1 << 24
 
 
+# The CLS projections (LN → GELU → Linear over one row per sample) run as timm's three modules
+# unless this is True. On an H100 at crossvit_18_240's shapes, batch 256, bf16, the fused op took
+# 18 µs of GPU time forward and 69 µs forward+backward, against 7 and 26 µs for ATen's LayerNorm,
+# GELU and cuBLAS GEMM, and more host time per call (bench/results/kernels-nvidia-h100-80gb-hbm3.md,
+# run 9 of bench/results/gpu-check-nvidia-h100.md): too few rows for the fused kernel to pay.
+FUSED_CLS_PROJECTION = False
+
+
 @contextlib.contextmanager
 def always_fuse_norms() -> Iterator[None]:
     """Inside the block, every block norm runs the fused op whatever its size: for code whose
@@ -286,13 +294,15 @@ class BlockChain(nn.Sequential):
 
 
 class ClsProjection(nn.Sequential):
-    """timm's ``Sequential(norm, GELU, Linear)`` CLS projection, fused into one op.
+    """timm's ``Sequential(norm, GELU, Linear)`` CLS projection, fused into one op where
+    :data:`FUSED_CLS_PROJECTION` is set (by default it runs as timm's modules: faster at these
+    sizes).
 
     Children stay ``0`` (LayerNorm), ``1`` (GELU), ``2`` (Linear) so keys are ``projs.i.{0,2}``.
     """
 
     def _fusable(self) -> bool:
-        if len(self) != 3:
+        if not FUSED_CLS_PROJECTION or len(self) != 3:
             return False
         norm, act, linear = self
         return (_fusable_norm(norm) and type(act) is nn.GELU and act.approximate == "none"

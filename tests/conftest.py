@@ -31,7 +31,9 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _always_fuse_norms(monkeypatch):
-    """The tests' small models run the fused norms too (by default those sizes take ATen's)."""
+def _always_fuse(monkeypatch):
+    """The tests' models run every fused op: the norms at any size and the CLS projections (by
+    default those take ATen's modules)."""
     from crossvit_fast import layers
     monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", True)

@@ -265,3 +265,19 @@ def test_always_fuse_norms_lifts_the_size_threshold_inside_the_block(monkeypatch
     with layers.always_fuse_norms():
         assert layers.FUSED_NORM_MIN_ELEMENTS == 0
     assert layers.FUSED_NORM_MIN_ELEMENTS == 1 << 24
+
+
+def test_cls_projection_runs_timms_modules_by_default_with_the_same_result(monkeypatch):
+    from crossvit_fast import layers, ops
+    model = small_model().eval()
+    proj = model.blocks[0].projs[0]
+    rows = torch.randn(3, 1, proj[0].normalized_shape[0])
+    calls = []
+    real = ops.cls_projection
+    monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = proj(rows)                                    # the tests' default: fused
+    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", False)
+    modules = proj(rows)                                  # the library default
+    assert calls == [1]
+    assert rel_err(modules, fused) < 1e-5
+    assert rel_err(modules, nn.Sequential.forward(proj, rows)) == 0
