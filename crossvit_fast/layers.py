@@ -363,6 +363,11 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, patches: Optional[Tensor] = None) -> Tensor:
         cls, patches = (x[:, 0:1], x[:, 1:]) if patches is None else (x, patches)
+        if cls.dtype != patches.dtype:
+            # timm concatenates the two, which promotes: under autocast a bf16 projected CLS
+            # token meets the fp32 patch tokens and attends (and is added back) in fp32
+            dtype = torch.promote_types(cls.dtype, patches.dtype)
+            cls, patches = cls.to(dtype), patches.to(dtype)
         if not self._fusable():
             tokens = torch.cat((cls, patches), dim=1)
             return cls + self.drop_path(self.attn(self.norm1(tokens)))

@@ -31,9 +31,15 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _always_fuse(monkeypatch):
-    """The tests' models run every fused op: the norms at any size and the CLS projections (by
-    default those take ATen's modules)."""
+def _always_fuse_norms(monkeypatch):
+    """The tests' small models run the fused norms too (by default those sizes take ATen's)."""
     from crossvit_fast import layers
     monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", True)
+
+
+@pytest.fixture(params=[False, True], ids=["cls_proj_modules", "cls_proj_fused"])
+def fused_cls_projection(request, monkeypatch):
+    """Runs a test with the CLS projections as timm's modules (the default) and as the fused op."""
+    from crossvit_fast import layers
+    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", request.param)
+    return request.param

@@ -28,7 +28,7 @@ def logits_and_grads(model, images, backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_model_on_backend_matches_the_torch_backend(backend):
+def test_model_on_backend_matches_the_torch_backend(backend, fused_cls_projection):
     model = small_model(num_classes=7).to(DEVICE)
     images = torch.randn(2, 3, 48, 48, device=DEVICE)
     want_logits, want_grads = logits_and_grads(model, images, "torch")

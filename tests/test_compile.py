@@ -26,7 +26,7 @@ def test_fullgraph_inductor_inference_matches_eager():
         assert rel_err(torch.compile(model, fullgraph=True)(x), model(x)) < 1e-5
 
 
-def test_fullgraph_under_bf16_autocast_matches_eager():
+def test_fullgraph_under_bf16_autocast_matches_eager(fused_cls_projection):
     # Under autocast the ops read the autocast state (the norms' output dtype, the token pass's
     # dot dtype): that must trace without a graph break, forward and backward.
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ def test_every_variant_runs_forward_and_backward(name):
     assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
 
 
-def test_fused_model_equals_naive_model_in_float64():
+def test_fused_model_equals_naive_model_in_float64(fused_cls_projection):
     torch.manual_seed(0)
     model = small_model().double()
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
@@ -158,7 +158,7 @@ def test_bad_images_get_clear_errors():
         small_model(embed_dim=(25, 48))
 
 
-def test_autocast_bf16_runs_and_stays_close_to_fp32():
+def test_autocast_bf16_runs_and_stays_close_to_fp32(fused_cls_projection):
     torch.manual_seed(0)
     model = small_model().eval()
     x = torch.randn(2, 3, 48, 48)
@@ -169,7 +169,7 @@ def test_autocast_bf16_runs_and_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_model_matches_float64_within_pytorchs_own_error(dtype):
+def test_low_precision_model_matches_float64_within_pytorchs_own_error(dtype, fused_cls_projection):
     """The model cast to bf16/fp16: fused vs naive, both against the float64 model."""
     torch.manual_seed(0)
     model = small_model().eval()
@@ -275,9 +275,10 @@ def test_cls_projection_runs_timms_modules_by_default_with_the_same_result(monke
     calls = []
     real = ops.cls_projection
     monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: calls.append(1) or real(*a, **k))
-    fused = proj(rows)                                    # the tests' default: fused
-    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", False)
     modules = proj(rows)                                  # the library default
+    assert calls == []
+    monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", True)
+    fused = proj(rows)
     assert calls == [1]
     assert rel_err(modules, fused) < 1e-5
     assert rel_err(modules, nn.Sequential.forward(proj, rows)) == 0

@@ -3,6 +3,7 @@
 Runs wherever timm imports (tests/timm_import.py makes that work without torchvision).
 """
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -70,6 +71,20 @@ def test_training_step_matches_timm_with_dropout_and_stochastic_depth(timm):
         assert rel_err(outs[1][1][name], g) < 1e-4, name
 
 
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_9_dagger_240"])
+def test_bf16_autocast_matches_timm(timm, name, fused_cls_projection):
+    """Under autocast the projected CLS token comes out in bf16 and meets fp32 patch tokens, as
+    in timm (whose concatenation promotes): within 4x timm's own bf16 error of float64 timm."""
+    ref, ours = pair(timm, name)
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            timm_bf16, ours_bf16 = ref(x), ours(x)
+    assert ours_bf16.dtype == timm_bf16.dtype
+    assert rel_err(ours_bf16, expected) <= 4 * max(rel_err(timm_bf16, expected), 1e-3)
+
+
 def test_timm_defaults_match(timm):
     ref, ours = pair(timm, "crossvit_15_dagger_408")
     as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
@@ -109,7 +124,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("name", crossvit_fast.list_models())
-def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend):
+def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend, fused_cls_projection):
     """On the GPU, against timm in float64: fp32 (tf32 off) within 1e-5, or within 2x timm's own
     fp32 error where that is larger (crossvit_base's 768-wide rows: 1.1e-5 on an H100); bf16
     autocast within 4x timm's own bf16 error."""
