@@ -2,13 +2,14 @@
 
 Profiles crossvit_18_240 under bf16 autocast, an inference forward at batch 256 and a training
 step (forward, cross-entropy, backward, SGD) at batch 128, and prints per model the wall time
-per step, the summed CUDA kernel time and the kernels that take the most of it. "fast, norms
+per step (median of rounds interleaved across the models), the summed CUDA kernel time and the kernels that take the most of it. "fast, norms
 fused" (training only: every inference norm here is over the threshold) runs every block norm
 through the fused op (``layers.always_fuse_norms``): the A/B of ``layers.FUSED_NORM_MIN_ELEMENTS``.
 
     python scripts/profile_model.py [variant]
 """
 import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,31 +60,42 @@ def main() -> None:
     else:
         print("timm left out:", reason)
     for mode, batch in (("infer", 256), ("train", 128)):
+        steps = {}
         for name, (build, context) in builders.items():
             if mode == "infer" and name == "fast, norms fused":
                 continue   # at these sizes every inference norm is over the threshold
             model = build().cuda().train(mode == "train")
-            step = with_context(step_fn(model, mode, batch), context)
+            steps[name] = with_context(step_fn(model, mode, batch), context)
             for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / 10
+                steps[name]()
+        walls = interleaved_walls(steps)
+        for name, step in steps.items():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
                     step()
                 torch.cuda.synchronize()
             events = prof.key_averages()
             total = sum(e.self_device_time_total for e in events) / 2
-            print(f"== {variant} {mode} B={batch} {name}: wall {wall * 1e3:.2f} ms/step, "
-                  f"CUDA kernels {total / 1e3:.2f} ms/step")
+            print(f"== {variant} {mode} B={batch} {name}: wall {walls[name] * 1e3:.2f} ms/step "
+                  f"(median), CUDA kernels {total / 1e3:.2f} ms/step")
             print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
-            del model, step
-            torch.cuda.empty_cache()
+        del steps
+        torch.cuda.empty_cache()
 
+
+def interleaved_walls(steps, rounds=6, per_round=4):
+    """Median seconds per step of each model, timed in alternating rounds so that a drift in the
+    host's speed (large on the lent device machine) falls on every model alike."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / per_round)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 if __name__ == "__main__":
     main()
