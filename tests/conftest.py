@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from crossvit_fast import backends  # noqa: E402  (after TRITON_INTERPRET is set)
+from crossvit_fast import backends, layers  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,16 +30,27 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The library's own threshold, read before any test patches it.
+LIBRARY_FUSED_NORM_MIN_ELEMENTS = layers.FUSED_NORM_MIN_ELEMENTS
+
+
 @pytest.fixture(autouse=True)
 def _always_fuse_norms(monkeypatch):
     """The tests' small models run the fused norms too (by default those sizes take ATen's)."""
-    from crossvit_fast import layers
     monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", 0)
 
 
 @pytest.fixture(params=[False, True], ids=["cls_proj_modules", "cls_proj_fused"])
 def fused_cls_projection(request, monkeypatch):
     """Runs a test with the CLS projections as timm's modules (the default) and as the fused op."""
-    from crossvit_fast import layers
     monkeypatch.setattr(layers, "FUSED_CLS_PROJECTION", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["norms_fused", "norms_library_default"])
+def norm_threshold(request, monkeypatch):
+    """Runs a test with every block norm fused (the tests' default) and with the library's size
+    threshold (at test sizes: ATen's add and LayerNorm)."""
+    if request.param == "norms_library_default":
+        monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", LIBRARY_FUSED_NORM_MIN_ELEMENTS)
     return request.param
