@@ -267,6 +267,66 @@ def test_layer_norm_and_projection_reject_bad_shapes():
         ops.layer_norm(torch.ones(3, 8, dtype=torch.long), torch.ones(8), torch.zeros(8))
 
 
+def test_biases_are_checked_like_weights():
+    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(TypeError, match="bias must be a float tensor of shape"):
+        ops.layer_norm(x, w, None)
+    with pytest.raises(TypeError, match="ln_bias must be float32"):
+        ops.cls_projection(x, w, b.long(), torch.randn(4, 8), torch.zeros(4))
+    with pytest.raises(TypeError, match="bias must be a float tensor"):
+        ops.cls_projection(x, w, b, torch.randn(4, 8), None)
+    cls, patches, params, cfg = cross_inputs(2, 3, 8, 2, True, dtype=torch.float32, device="cpu")
+    for name, bad in (("norm_bias", None), ("wq_bias", params["wq_bias"].long()),
+                      ("proj_bias", params["proj_bias"].bool())):
+        with pytest.raises(TypeError, match=name):
+            ops.cls_cross_attention(cls, patches, **dict(params, **{name: bad}), **cfg)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_parameters_of_another_float_dtype_are_read_in_the_activations_precision(backend):
+    """fp32 rows with float64 parameters, and float64 rows with fp32 parameters: the result is
+    that of the parameters cast to the rows' accumulation dtype, forward and backward."""
+    for act, par in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        cls, patches, params, cfg = cross_inputs(2, 5, 16, 2, True, dtype=act)
+        mixed = {k: None if v is None else v.to(par) for k, v in params.items()}
+        same = {k: None if v is None else v.to(act) for k, v in params.items()}
+        outs = []
+        for p in (mixed, same):
+            c, pa, w = leaves(cls, patches, p)
+            y = ops.cls_cross_attention(c, pa, **w, **cfg, backend=backend)
+            z = ops.cls_projection(y.squeeze(1), w["norm_weight"], w["norm_bias"], w["wq_weight"],
+                                   w["proj_bias"], backend=backend)
+            dc, dp = torch.autograd.grad(z.square().sum(), [c, pa])
+            outs.append((y, z, dc, dp))
+        tol = 1e-5 if torch.float32 in (act, par) else 1e-12
+        for got, want in zip(*outs):
+            assert got.dtype == act
+            assert rel_err(got, want) < tol
+
+
+def test_custom_ops_fake_outputs_match_real_strides():
+    """The compiler's fake implementations promise contiguous outputs, as the real ops return,
+    whatever the inputs' layout (here column-major rows): opcheck compares the two."""
+    d = dict(dtype=torch.float64, device="cpu")
+    rows = torch.randn(8, 4, **d).t().requires_grad_()              # [4, 8], column-major
+    res = torch.randn(4, 8, **d).requires_grad_()
+    w, b = (1 + torch.randn(8, **d) / 5).requires_grad_(), torch.randn(8, **d).requires_grad_()
+    for residual in (res, None):
+        torch.library.opcheck(torch.ops.crossvit_fast.layer_norm.default,
+                              (rows, residual, w, b, 1e-6, None, "torch"))
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_proj.default,
+                          (rows, w, b, torch.randn(3, 8, **d).requires_grad_(),
+                           torch.randn(3, **d).requires_grad_(), 1e-6, "torch"))
+    cls, patches, params, cfg = cross_inputs(4, 3, 8, 2, True, device="cpu")
+    cls = cls.squeeze(1).t().contiguous().t().requires_grad_()       # [4, 8], column-major
+    p = [params[k].requires_grad_() for k in ("norm_weight", "norm_bias", "wq_weight", "wq_bias",
+                                              "wk_weight", "wk_bias", "wv_weight", "wv_bias",
+                                              "proj_weight", "proj_bias")]
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_cross_attn.default,
+                          (cls, patches.contiguous().requires_grad_(), *p, cfg["num_heads"],
+                           cfg["scale"], 1e-6, True, None, "torch"))
+
+
 def test_unknown_and_unavailable_backends_say_why():
     x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
     with pytest.raises(ValueError, match="unknown backend 'fast'.*auto, triton, cuda, torch"):

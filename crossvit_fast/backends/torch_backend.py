@@ -33,6 +33,12 @@ def _acc(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _acc_of(t: Tensor, activations: Tensor) -> Tensor:
+    """``t`` (a parameter, ``kt``, ``dz``...) in the accumulation dtype of ``activations``, which
+    may differ from ``t``'s own (e.g. fp32 parameters with float64 rows)."""
+    return t.to(torch.float64 if activations.dtype == torch.float64 else torch.float32)
+
+
 def normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """``(n, mean, rstd)`` of LayerNorm over the last dim, ``n = (x - mean) * rstd`` (one ATen op)."""
     n, mean, rstd = torch.native_layer_norm(_acc(x), (x.shape[-1],), None, None, eps)
@@ -61,8 +67,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     ``dot_dtype`` allows fp16/bf16 products for fp32 tokens (under autocast); this backend
     computes in fp32 regardless.
     """
-    kt = _acc(kt)
-    xhat0, xhat = (normalize(t, eps)[0] * _acc(gamma) + _acc(beta) for t in (x0.unsqueeze(1), patches))
+    kt, gamma, beta = (_acc_of(t, x0) for t in (kt, gamma, beta))
+    xhat0, xhat = (normalize(t, eps)[0] * gamma + beta for t in (x0.unsqueeze(1), patches))
     s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
     s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
     lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
@@ -82,8 +88,8 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     ``ds_hj = a_hj (dz_h · x̂_j − δ_h)``, ``dx̂_j = Σ_h (a_hj dz_h + ds_hj kt_h)``,
     ``dkt_h = Σ_j ds_hj x̂_j``, then LayerNorm's backward per token.
     """
-    g, b_, kt, dz = _acc(gamma), _acc(beta), _acc(kt), _acc(dz)
-    delta = (dz * _acc(z)).sum(dim=-1, keepdim=True)                # [B, H, 1]
+    g, b_, kt, dz, z, lse = (_acc_of(t, x0) for t in (gamma, beta, kt, dz, z, lse))
+    delta = (dz * z).sum(dim=-1, keepdim=True)                      # [B, H, 1]
 
     def token_grads(x: Tensor):
         n, _, rstd = normalize(x, eps)
@@ -114,7 +120,8 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     ``out_dtype`` instead where given.
     Runs ATen's native LayerNorm kernel (fp32 statistics for fp16/bf16 rows).
     """
-    h = x if residual is None else x + residual
+    # contiguous like every backend's outputs (ATen's add and LayerNorm follow a permuted x's layout)
+    h = (x if residual is None else x + residual).contiguous()
     acc = _acc(h).dtype
     # fp16/bf16 rows go up to fp32 first: ATen's CUDA kernel wants weights of the input's dtype,
     # and rounding the fp32 affine parameters down would add an error timm does not have.
@@ -130,10 +137,10 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     """
     acc = _acc(h).dtype
     dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
-        _acc(dy), _acc(h), [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
+        _acc(dy).contiguous(), _acc(h).contiguous(), [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
         weight.to(acc), None, [True, True, False])
     if dh is not None:
-        dx = dx + _acc(dh)
+        dx = dx.add_(_acc(dh))   # in place: dx keeps its contiguous layout
     return dx.to(h.dtype), dweight, _acc(dy).sum(dim=0)
 
 
@@ -166,11 +173,11 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
 
     Returns ``(dx [M, Cin] T, dln_weight, dln_bias, dweight [Cout, Cin], dbias)``.
     """
-    dy = _acc(dy)
+    dy, ln_weight, ln_bias, weight = (_acc_of(t, x) for t in (dy, ln_weight, ln_bias, weight))
     n = (_acc(x) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    act, dact_du = _gelu_and_grad(n * _acc(ln_weight) + _acc(ln_bias))
-    du = (dy @ _acc(weight)) * dact_du
-    dx = layer_norm_input_grad(du * _acc(ln_weight), n, rstd)
+    act, dact_du = _gelu_and_grad(n * ln_weight + ln_bias)
+    du = (dy @ weight) * dact_du
+    dx = layer_norm_input_grad(du * ln_weight, n, rstd)
     return (dx.to(x.dtype), (du * n).sum(dim=0), du.sum(dim=0), dy.t() @ act, dy.sum(dim=0))
 
 

@@ -112,6 +112,12 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {where}")
 
 
-def check_vector(op: str, name: str, t: Optional[Tensor], size: int) -> None:
-    if t is not None and tuple(t.shape) != (size,):
+def check_vector(op: str, name: str, t: Optional[Tensor], size: int, optional: bool = False) -> None:
+    """A ``[size]`` float parameter vector; None only where ``optional`` (e.g. a Linear's bias)."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: {name} must be a float tensor of shape ({size},), got None")
+    check_float_tensor(name, t, op)
+    if tuple(t.shape) != (size,):
         raise ValueError(f"{op}: {name} must have shape ({size},), got {tuple(t.shape)}")

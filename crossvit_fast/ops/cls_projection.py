@@ -45,7 +45,7 @@ def _(x, ln_weight, ln_bias, weight, bias, eps, backend):
 def _(dy, x, ln_weight, ln_bias, weight, mean, rstd, backend):
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     c_out, c_in = weight.shape
-    return [torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty((c_in,), dtype=stat),
+    return [x.new_empty(x.shape), x.new_empty((c_in,), dtype=stat),
             x.new_empty((c_in,), dtype=stat), x.new_empty((c_out, c_in), dtype=stat),
             x.new_empty((c_out,), dtype=stat)]
 
@@ -81,7 +81,7 @@ def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor
     ``x``: ``[..., C_in]`` (e.g. the CLS view ``tokens[:, 0:1]``); ``weight``: ``[C_out, C_in]``.
     ``backend`` picks ``auto``/``triton``/``cuda``/``torch`` for this call.
     """
-    for name, t in (("x", x), ("ln_weight", ln_weight), ("weight", weight)):
+    for name, t in (("x", x), ("weight", weight)):
         check_float_tensor(name, t, OP)
     if weight.dim() != 2:
         raise ValueError(f"{OP}: weight must be [C_out, C_in], got {tuple(weight.shape)}")

@@ -142,7 +142,8 @@ def _(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bi
       wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, dot_dtype, backend):
     B, C = cls.shape
     acc = acc_dtype(cls)
-    return (torch.empty_like(cls), cls.new_empty((B, num_heads, C), dtype=acc),
+    # outputs are contiguous whatever the inputs' strides (empty_like would copy a permuted layout)
+    return (cls.new_empty((B, C)), cls.new_empty((B, num_heads, C), dtype=acc),
             cls.new_empty((B, num_heads), dtype=acc))
 
 
@@ -153,7 +154,7 @@ def _(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, w
     C = cls.shape[1]
     vec = lambda: cls.new_empty((C,), dtype=acc)  # noqa: E731
     mat = lambda: cls.new_empty((C, C), dtype=acc)  # noqa: E731
-    return [torch.empty_like(cls), torch.empty(patches.shape, dtype=patches.dtype, device=patches.device),
+    return [cls.new_empty(cls.shape), patches.new_empty(patches.shape),
             vec(), vec(), mat(), vec(), mat(), mat(), vec(), mat(), vec()]
 
 
@@ -226,9 +227,8 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     Returns:
         the updated CLS token, shaped like ``cls``.
     """
-    for name, t in (("cls", cls), ("patches", patches), ("norm_weight", norm_weight),
-                    ("wq_weight", wq_weight), ("wk_weight", wk_weight), ("wv_weight", wv_weight),
-                    ("proj_weight", proj_weight)):
+    for name, t in (("cls", cls), ("patches", patches), ("wq_weight", wq_weight),
+                    ("wk_weight", wk_weight), ("wv_weight", wv_weight), ("proj_weight", proj_weight)):
         check_float_tensor(name, t, OP)
     if cls.dim() not in (2, 3) or (cls.dim() == 3 and cls.shape[1] != 1):
         raise ValueError(f"{OP}: cls must be [B, 1, C] or [B, C], got shape {tuple(cls.shape)}")
@@ -245,9 +245,11 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
                     ("proj_weight", proj_weight)):
         if tuple(w.shape) != (C, C):
             raise ValueError(f"{OP}: {name} must be [{C}, {C}], got {tuple(w.shape)}")
-    for name, v in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("wq_bias", wq_bias),
-                    ("wk_bias", wk_bias), ("wv_bias", wv_bias), ("proj_bias", proj_bias)):
-        check_vector(OP, name, v, C)
+    check_vector(OP, "norm_weight", norm_weight, C)
+    check_vector(OP, "norm_bias", norm_bias, C)
+    for name, v in (("wq_bias", wq_bias), ("wk_bias", wk_bias), ("wv_bias", wv_bias),
+                    ("proj_bias", proj_bias)):
+        check_vector(OP, name, v, C, optional=True)
     check_same_device(OP, cls=cls, patches=patches, norm_weight=norm_weight, norm_bias=norm_bias,
                       wq_weight=wq_weight, wq_bias=wq_bias, wk_weight=wk_weight, wk_bias=wk_bias,
                       wv_weight=wv_weight, wv_bias=wv_bias, proj_weight=proj_weight,

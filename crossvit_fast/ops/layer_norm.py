@@ -40,8 +40,9 @@ def _(x, residual, weight, bias, eps, out_dtype, backend):
     M = x.shape[0]
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    return (torch.empty_like(x, dtype=out_dtype or dtype),
-            torch.empty_like(x, dtype=dtype) if residual is not None else x.new_empty(0),
+    # outputs are contiguous whatever the inputs' strides (empty_like would copy a permuted layout)
+    return (x.new_empty(x.shape, dtype=out_dtype or dtype),
+            x.new_empty(x.shape, dtype=dtype) if residual is not None else x.new_empty(0),
             x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
 
 
@@ -49,7 +50,7 @@ def _(x, residual, weight, bias, eps, out_dtype, backend):
 def _(dy, dh, h, weight, mean, rstd, backend):
     stat = torch.float64 if h.dtype == torch.float64 else torch.float32
     C = h.shape[1]
-    return [torch.empty_like(h), h.new_empty((C,), dtype=stat), h.new_empty((C,), dtype=stat)]
+    return [h.new_empty(h.shape), h.new_empty((C,), dtype=stat), h.new_empty((C,), dtype=stat)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,7 +93,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     e.g. the autocast dtype when it only feeds a Linear that would cast it anyway.
     """
     check_float_tensor("x", x, OP)
-    check_float_tensor("weight", weight, OP)
     C = x.shape[-1] if x.dim() else 0
     if x.dim() < 1 or C == 0:
         raise ValueError(f"{OP}: x must have a non-empty last dim of normalized features, got {tuple(x.shape)}")
