@@ -49,11 +49,24 @@ def always_fuse_norms() -> Iterator[None]:
         FUSED_NORM_MIN_ELEMENTS = saved
 
 
+def _runs_as_written(*modules: nn.Module) -> bool:
+    """True where calling each module only runs its own ``forward``: no forward or backward
+    hooks on it (nor global ones), no forward compiled on its own. A fused op may then compute
+    in its place without skipping anything a user attached."""
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return False
+    return all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks)
+               and getattr(m, "_compiled_call_impl", None) is None for m in modules)
+
+
 def _fusable_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over one trailing dim with weight and bias: what the fused ops implement."""
-    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    """A LayerNorm over one trailing dim with weight and bias (not a subclass of another kind,
+    not hooked): what the fused ops implement."""
+    return (type(norm) in (nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1
             and norm.weight is not None and norm.bias is not None
-            and not reference.naive_enabled())
+            and _runs_as_written(norm) and not reference.naive_enabled())
 
 
 def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
@@ -166,9 +179,7 @@ def _patchify_conv(conv: nn.Module) -> bool:
     groups), without hooks or a compiled forward of its own: a Linear over the patches."""
     return (type(conv) is nn.Conv2d and conv.stride == conv.kernel_size
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-            and not conv._forward_hooks and not conv._forward_pre_hooks
-            and getattr(conv, "_compiled_call_impl", None) is None
-            and not _global_module_hooks() and not reference.naive_enabled())
+            and _runs_as_written(conv) and not reference.naive_enabled())
 
 
 def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -263,16 +274,6 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(y)))
 
 
-def _plain_block(module: nn.Module) -> bool:
-    """A :class:`Block` that runs as its ``forward`` says: no hooks, not compiled on its own.
-    Only those may be taken apart by :class:`BlockChain` without skipping something."""
-    return (type(module) is Block and not module._forward_hooks and not module._forward_pre_hooks
-            and getattr(module, "_compiled_call_impl", None) is None)
-
-
-def _global_module_hooks() -> bool:
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-
 
 class BlockChain(nn.Sequential):
     """A branch's run of :class:`Block` s (timm's ``nn.Sequential``, same keys), with each
@@ -282,7 +283,8 @@ class BlockChain(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         blocks = list(self)
-        if not blocks or not all(_plain_block(b) for b in blocks) or _global_module_hooks():
+        # only plain Blocks that run as written may be taken apart without skipping something
+        if not blocks or not all(type(b) is Block for b in blocks) or not _runs_as_written(*blocks):
             return super().forward(x)
         y, _ = add_and_norm(blocks[0].norm1, x, None)
         for i, block in enumerate(blocks):
@@ -306,7 +308,8 @@ class ClsProjection(nn.Sequential):
             return False
         norm, act, linear = self
         return (_fusable_norm(norm) and type(act) is nn.GELU and act.approximate == "none"
-                and isinstance(linear, nn.Linear) and linear.bias is not None)
+                and type(linear) is nn.Linear and linear.bias is not None
+                and _runs_as_written(act, linear))
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fusable():
@@ -332,10 +335,8 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = reference.cross_attention(
-            x, self.wq.weight, self.wq.bias, self.wk.weight, self.wk.bias, self.wv.weight,
-            self.wv.bias, self.proj.weight, self.proj.bias, self.num_heads, self.scale,
-            attn_drop=self.attn_drop)
+        out = reference.cross_attention(x, self.wq, self.wk, self.wv, self.proj, self.num_heads,
+                                        self.scale, attn_drop=self.attn_drop)
         return self.proj_drop(out)
 
 
@@ -358,8 +359,15 @@ class CrossAttentionBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def _fusable(self) -> bool:
-        dropout_active = self.training and (self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0)
-        return _fusable_norm(self.norm1) and not dropout_active
+        """The fused op reads norm1's and the four Linears' parameters itself: only where those
+        are plain modules (not wrapped, quantized or hooked) and no dropout acts inside."""
+        attn = self.attn
+        if type(attn) is not CrossAttention:
+            return False
+        linears = (attn.wq, attn.wk, attn.wv, attn.proj)
+        dropout_active = self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)
+        return (_fusable_norm(self.norm1) and not dropout_active
+                and all(type(m) is nn.Linear for m in linears) and _runs_as_written(attn, *linears))
 
     def forward(self, x: Tensor, patches: Optional[Tensor] = None) -> Tensor:
         cls, patches = (x[:, 0:1], x[:, 1:]) if patches is None else (x, patches)

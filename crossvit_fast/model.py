@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair
+from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair,
+                     _runs_as_written)
 
 
 class MultiScaleBlock(nn.Module):
@@ -65,9 +66,14 @@ class MultiScaleBlock(nn.Module):
 
     @staticmethod
     def _cross_attend(fusion: nn.Module, cls: Tensor, patches: Tensor) -> Tensor:
+        """The fusion on ``[cls ‖ patches]``, passed as two tensors (no concatenation) to a
+        block that runs as written; a hooked one gets timm's concatenated tokens."""
+        first = fusion[0] if isinstance(fusion, nn.Sequential) else fusion
+        if not _runs_as_written(fusion, first):
+            return fusion(torch.cat((cls, patches), dim=1))
         if isinstance(fusion, nn.Sequential):
             # timm chains the blocks on their output, which is the CLS token alone
-            cls = fusion[0](cls, patches)
+            cls = first(cls, patches)
             for block in fusion[1:]:
                 cls = block(cls)
             return cls

@@ -33,19 +33,28 @@ def naive_math(enabled: bool = True) -> Iterator[None]:
         _naive = previous
 
 
-def cross_attention(x: Tensor, wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
-                    wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
-                    proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
+def cross_attention(x: Tensor, wq: Callable[[Tensor], Tensor], wk: Callable[[Tensor], Tensor],
+                    wv: Callable[[Tensor], Tensor], proj: Callable[[Tensor], Tensor],
+                    num_heads: int, scale: float,
                     attn_drop: Callable[[Tensor], Tensor] = lambda a: a) -> Tensor:
-    """timm's ``CrossAttention`` on normalized tokens ``x [B, N, C]``: token 0 queries all tokens."""
+    """timm's ``CrossAttention`` on normalized tokens ``x [B, N, C]``: token 0 queries all tokens.
+
+    ``wq``, ``wk``, ``wv``, ``proj`` are the four projections as callables: timm's ``Linear``
+    modules themselves (so their hooks and any wrapper around them run, as in timm), or
+    :func:`linear` of given weights."""
     B, N, C = x.shape
     D = C // num_heads
-    q = F.linear(x[:, 0:1], wq_weight, wq_bias).reshape(B, 1, num_heads, D).permute(0, 2, 1, 3)
-    k = F.linear(x, wk_weight, wk_bias).reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
-    v = F.linear(x, wv_weight, wv_bias).reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
+    q = wq(x[:, 0:1]).reshape(B, 1, num_heads, D).permute(0, 2, 1, 3)
+    k = wk(x).reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
+    v = wv(x).reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
     attn = attn_drop(((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1))
     out = (attn @ v).transpose(1, 2).reshape(B, 1, C)
-    return F.linear(out, proj_weight, proj_bias)
+    return proj(out)
+
+
+def linear(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
+    """``F.linear`` with fixed ``weight`` and ``bias``, as a callable."""
+    return lambda t: F.linear(t, weight, bias)
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -59,8 +68,8 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     """
     x = torch.cat([cls, patches], dim=1)
     x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    out = cross_attention(x, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight, wv_bias,
-                          proj_weight, proj_bias, num_heads, scale)
+    out = cross_attention(x, linear(wq_weight, wq_bias), linear(wk_weight, wk_bias),
+                          linear(wv_weight, wv_bias), linear(proj_weight, proj_bias), num_heads, scale)
     return cls + out if add_residual else out
 
 

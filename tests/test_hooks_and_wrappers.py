@@ -1,0 +1,87 @@
+"""Modules that a user hooks, wraps or quantizes run as in timm: the fused paths step aside.
+
+A fused op reads the parameters of several modules at once and skips their ``forward``; where
+a hook, a wrapper (LoRA-style) or a quantized module sits on one of them, the model must call
+the modules as timm does instead, and give timm's result.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from crossvit_fast.reference import naive_math
+
+from .numerics import rel_err
+from .test_model import small_model
+
+
+class ScaledLinear(nn.Module):
+    """A LoRA-like wrapper: exposes ``weight``/``bias`` but computes something else."""
+
+    def __init__(self, linear: nn.Linear, factor: float):
+        super().__init__()
+        self.linear, self.factor = linear, factor
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return self.linear(x) * self.factor
+
+
+def count_calls(module: nn.Module, calls: list, name: str):
+    return module.register_forward_hook(lambda m, args, out: calls.append((name, [a.shape for a in args])))
+
+
+def test_hooks_on_fusion_submodules_fire_and_leave_the_output_alone(fused_cls_projection):
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        plain = model(x)
+    fusion = model.blocks[0].fusion[0]
+    calls = []
+    handles = [count_calls(m, calls, n) for n, m in (
+        ("norm1", fusion.norm1), ("attn", fusion.attn), ("wq", fusion.attn.wq), ("wk", fusion.attn.wk),
+        ("wv", fusion.attn.wv), ("proj", fusion.attn.proj), ("block_norm1", model.blocks[0].blocks[0][0].norm1),
+        ("cls_proj_linear", model.blocks[0].projs[0][2]))]
+    with torch.no_grad():
+        hooked = model(x)
+    for h in handles:
+        h.remove()
+    assert sorted(n for n, _ in calls) == sorted(
+        ["norm1", "attn", "wq", "wk", "wv", "proj", "block_norm1", "cls_proj_linear"])
+    assert rel_err(hooked, plain) < 1e-5
+
+
+def test_a_hooked_fusion_block_sees_timms_concatenated_tokens():
+    model = small_model().eval()
+    fusion = model.blocks[0].fusion[0]
+    calls = []
+    count_calls(fusion, calls, "fusion")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        model(x)
+    (_, shapes), = calls
+    assert len(shapes) == 1 and shapes[0][1] > 1, f"one [B, 1 + N, C] input expected, got {shapes}"
+
+
+def test_a_wrapped_projection_is_used_as_timm_would():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        plain = model(x)
+        attn = model.blocks[0].fusion[0].attn
+        attn.wv = ScaledLinear(attn.wv, 0.0)
+        wrapped = model(x)
+        with naive_math():
+            expected = model(x)                      # timm's math, calling the wrapper
+    assert rel_err(wrapped, expected) < 1e-5
+    assert rel_err(wrapped, plain) > 1e-3, "the wrapper's change must show"
+
+
+@pytest.mark.skipif(not hasattr(torch.ao.quantization, "quantize_dynamic"),
+                    reason="this torch has no eager dynamic quantization")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_dynamically_quantized_model_runs():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert rel_err(quantized(x), model(x)) < 0.1
