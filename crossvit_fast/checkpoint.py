@@ -2,28 +2,35 @@
 
 The official IBM checkpoints name two parameters ``pos_embed.0`` / ``cls_token.0`` where timm has
 ``pos_embed_0`` / ``cls_token_0``; DDP checkpoints prefix keys with ``module.``; training scripts
-wrap the weights in ``{"model": ...}`` or ``{"state_dict": ...}``. All of these load.
+wrap the weights in ``{"model": ...}`` or ``{"state_dict": ...}`` (timm's train.py writes
+``{"state_dict": ..., "state_dict_ema": ..., "args": Namespace(...)}`` to ``*.pth.tar``). All of
+these load; as in timm, EMA weights are preferred where a checkpoint has them.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model; the message names the offending keys."""
 
 
-def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file, wrappers removed.
+def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file or a ``torch.save`` file of any name (``.pth``,
+    ``.pth.tar``, ``.ckpt``...), wrappers removed; the EMA weights where there are some and
+    ``use_ema`` (timm's ``load_checkpoint`` default).
 
-    Pickle files are read with ``torch.load(weights_only=True)``: no code in them runs.
+    Pickle files are read with ``torch.load(weights_only=True)``, ``argparse.Namespace`` (timm's
+    saved ``args``) allowed: no code in them runs.
     """
     path = Path(path)
     if not path.is_file():
@@ -31,17 +38,22 @@ def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(path), device="cpu")
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        raise ValueError(f"checkpoint_path: expected a .safetensors, .pth, .pt or .bin file, got {path.name!r}")
-    for key in _WRAPPER_KEYS:
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+            raise CheckpointError(f"checkpoint_path: {path.name!r} is neither a .safetensors file nor "
+                                  f"a torch.save file of tensors ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    keys = (_EMA_KEYS if use_ema else ()) + _WRAPPER_KEYS
+    for key in keys:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors "
-                              f"(optionally under {' or '.join(repr(k) for k in _WRAPPER_KEYS)})")
+                              f"(optionally under {' or '.join(repr(k) for k in keys)})")
     return dict(state)
 
 
@@ -81,13 +93,37 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         raise CheckpointError(f"{source} does not fit this model: " + "; ".join(problems))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool = False) -> None:
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB conv weight ``[O, 3, k, k]`` for ``in_chans`` input channels, as timm adapts
+    pretrained stems: summed over RGB for one channel, else RGB repeated and scaled by
+    ``3 / in_chans`` (the response to a grey image keeps its size)."""
+    if weight.shape[1] != 3:
+        raise CheckpointError(f"cannot adapt a first conv with {weight.shape[1]} input channels "
+                              f"to in_chans={in_chans}: expected an RGB (3-channel) weight")
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, -(-in_chans // 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    return w.to(weight.dtype)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool = False,
+                    use_ema: bool = True, input_convs: Sequence[str] = ()) -> None:
     """Load ``path`` into ``model`` strictly (every key and shape must match).
 
     ``drop_head=True`` keeps the model's own classifier (``head.*``), as timm does when a
-    pretrained model is built with another ``num_classes``.
+    pretrained model is built with another ``num_classes``. ``use_ema`` as in timm's
+    ``load_checkpoint``: a checkpoint's EMA weights win over its plain ones. ``input_convs``
+    names the first convs (without ``.weight``) to adapt to the model's ``in_chans`` where the
+    checkpoint's are RGB (:func:`adapt_input_conv`).
     """
-    state = to_timm_keys(read_state_dict(path))
+    state = to_timm_keys(read_state_dict(path, use_ema))
+    in_chans = getattr(model, "in_chans", 3)
+    for conv in input_convs:
+        key = f"{conv}.weight"
+        if key in state and state[key].dim() == 4 and state[key].shape[1] != in_chans:
+            state[key] = adapt_input_conv(state[key], in_chans)
     if drop_head:
         own_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -52,21 +52,39 @@ def list_models() -> List[str]:
     return sorted(MODEL_ARGS)
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
-                 cache_dir: Optional[str] = None, **kwargs) -> CrossViT:
-    """Build variant ``name``; ``kwargs`` override its arguments as in ``timm.create_model``.
+# timm.create_model flags that only set timm's layer config; CrossViT's layers ignore them
+_TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
 
-    ``checkpoint_path`` loads a ``.safetensors``/``.pth``/``.pt``/``.bin`` file (timm or official
-    IBM key style) strictly; ``pretrained=True`` fetches timm's published weights from the Hugging
-    Face Hub (or its local cache, ``cache_dir``); with another ``num_classes`` the pretrained
-    head is left out, as in timm.
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
+                 cache_dir: Optional[str] = None, pretrained_cfg_overlay: Optional[dict] = None,
+                 **kwargs) -> CrossViT:
+    """Build variant ``name`` (or ``name.in1k``); ``kwargs`` override its arguments as in
+    ``timm.create_model``, which also drops the ones that are None.
+
+    ``checkpoint_path`` loads a ``.safetensors`` or ``torch.save`` file (timm or official IBM key
+    style; a training checkpoint's EMA weights first, as timm) strictly; ``pretrained=True``
+    fetches timm's published weights from the Hugging Face Hub (or its local cache,
+    ``cache_dir``), or ``pretrained_cfg_overlay=dict(file=...)``'s file; with another
+    ``num_classes`` the pretrained head is left out, and with another ``in_chans`` the first
+    convs are adapted, as in timm.
     """
-    if name not in MODEL_ARGS:
+    variant, _, tag = name.partition(".")
+    if variant not in MODEL_ARGS:
         raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
-    model = CrossViT(**dict(MODEL_ARGS[name], **kwargs))
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name)
+    if tag and tag != "in1k":
+        raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
+    if kwargs.pop("features_only", False):
+        raise NotImplementedError("create_model: features_only is not supported; use "
+                                  "model.forward_intermediates(x, indices=...) for the per-block features")
+    model = CrossViT(**dict(MODEL_ARGS[variant], **kwargs))
+    cfg = dict(pretrained_cfg(variant), **(pretrained_cfg_overlay or {}))
+    model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
-        load_checkpoint(model, pretrained_path(name, cache_dir), drop_head=model.num_classes != 1000)
+        path = cfg.get("file") or pretrained_path(variant, cache_dir)
+        load_checkpoint(model, path, drop_head=model.num_classes != cfg["num_classes"],
+                        input_convs=cfg["first_conv"])
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     return model

@@ -58,6 +58,23 @@ def test_mismatched_keys_and_shapes_are_named(source, tmp_path):
     assert "head.0.weight (checkpoint (10, 128), model (1000, 128))" in msg
 
 
+def test_timm_train_script_checkpoint_loads_its_ema_weights(source, tmp_path):
+    """timm's train.py writes model_best.pth.tar with the args and, with --model-ema, EMA weights:
+    timm's loader prefers those, and so does create_model (use_ema=False takes the plain ones)."""
+    import argparse
+    plain = create_model(NAME).state_dict()
+    ema = source.state_dict()
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 9, "arch": NAME, "state_dict": plain, "state_dict_ema": ema,
+                "args": argparse.Namespace(lr=0.1, model=NAME, amp=True)}, path)
+    assert same_weights(create_model(NAME, checkpoint_path=str(path)), source)
+    model = create_model(NAME)
+    crossvit_fast.checkpoint.load_checkpoint(model, path, use_ema=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+    torch.save({"model": plain, "model_ema": ema}, tmp_path / "last.ckpt")
+    assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "last.ckpt")), source)
+
+
 def test_another_variant_is_refused(tmp_path):
     torch.save(create_model("crossvit_tiny_240").state_dict(), tmp_path / "tiny.pth")
     with pytest.raises(CheckpointError, match="shape mismatches"):
@@ -67,8 +84,8 @@ def test_another_variant_is_refused(tmp_path):
 def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         create_model(NAME, checkpoint_path=str(tmp_path / "missing.pth"))
-    (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match="expected a .safetensors, .pth, .pt or .bin"):
+    (tmp_path / "weights.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="'weights.npz' is neither a .safetensors file nor a torch.save file"):
         create_model(NAME, checkpoint_path=str(tmp_path / "weights.npz"))
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="mapping of parameter names to tensors"):
@@ -107,3 +124,18 @@ def test_load_checkpoint_is_exported(source, tmp_path):
     model = create_model(NAME)
     crossvit_fast.load_checkpoint(model, tmp_path / "w.pt")
     assert same_weights(model, source)
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_pretrained_with_other_in_chans_adapts_the_first_convs(source, tmp_path, in_chans):
+    path = tmp_path / "rgb.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_model(NAME, pretrained=True, in_chans=in_chans, pretrained_cfg_overlay=dict(file=str(path)))
+    for branch in (0, 1):
+        rgb = source.patch_embed[branch].proj.weight
+        got = model.patch_embed[branch].proj.weight
+        # one channel: the sum over RGB (a grey image gets the RGB model's response to grey);
+        # more: RGB repeated cyclically, scaled by 3 / in_chans
+        want = rgb.sum(dim=1, keepdim=True) if in_chans == 1 else torch.cat([rgb, rgb[:, :1]], 1) * 0.75
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(model.blocks[0].projs[0][2].weight, source.blocks[0].projs[0][2].weight)

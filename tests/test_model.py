@@ -28,6 +28,18 @@ def test_list_models_is_timms_eleven():
     assert list_models() == VARIANTS and len(VARIANTS) == 11
 
 
+def test_create_model_takes_timms_factory_arguments():
+    """timm's train.py passes None for unset options and layer-config flags; timm drops those."""
+    model = create_model("crossvit_tiny_240.in1k", drop_path_rate=None, global_pool=None,
+                         drop_block_rate=None, scriptable=False, exportable=True, no_jit=None,
+                         pretrained_cfg_overlay=None, num_classes=5)
+    assert model.num_classes == 5 and model.global_pool == "token"
+    with pytest.raises(ValueError, match="timm publishes 'in1k' only"):
+        create_model("crossvit_tiny_240.in21k")
+    with pytest.raises(NotImplementedError, match="forward_intermediates"):
+        create_model("crossvit_tiny_240", features_only=True)
+
+
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown CrossViT variant 'crossvit_huge'.*crossvit_tiny_240"):
         create_model("crossvit_huge")
