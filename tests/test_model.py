@@ -294,3 +294,15 @@ def test_cls_projection_runs_timms_modules_by_default_with_the_same_result(monke
     assert calls == [1]
     assert rel_err(modules, fused) < 1e-5
     assert rel_err(modules, nn.Sequential.forward(proj, rows)) == 0
+
+
+def test_torch_func_grad_equals_autograd(fused_cls_projection):
+    """torch.func transforms reach the fused ops' autograd Functions (setup_context form)."""
+    from torch.func import functional_call, grad
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    params = dict(model.named_parameters())
+    got = grad(lambda p: functional_call(model, p, (x,)).square().sum())(params)
+    model(x).square().sum().backward()
+    for name, p in params.items():
+        assert rel_err(got[name], p.grad) < 1e-6, name

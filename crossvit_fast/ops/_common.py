@@ -65,17 +65,11 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
     the same thing; the backward is not differentiable again (as with the custom op).
     Without gradients, :func:`choose` skips even this Function.
     """
-    def fn_forward(ctx, *inputs):
-        outputs = forward(*inputs)
-        setup_context(ctx, inputs, outputs)
-        return outputs
-
-    def fn_backward(ctx, *grads):
-        return backward(ctx, *grads)
-
+    # forward and setup_context apart (not forward(ctx, ...)): the form torch.func.grad accepts
     function = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(fn_forward),
-        "backward": staticmethod(once_differentiable(fn_backward))})
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(once_differentiable(backward))})
     return function.apply
 
 
