@@ -44,3 +44,27 @@ def test_fullgraph_under_bf16_autocast_matches_eager(fused_cls_projection):
     assert rel_err(compiled, eager) < 1e-2
     for name, g in grads.items():
         assert rel_err(model.get_parameter(name).grad, g) < 5e-2, name
+
+
+def _custom_ops_traced(model, x):
+    """The ``crossvit_fast::`` ops in the graph that torch.compile captures of ``model(x)``."""
+    found = set()
+
+    def record(gm, example_inputs):
+        found.update(str(n.target) for n in gm.graph.nodes
+                     if n.op == "call_function" and "crossvit_fast" in str(n.target))
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, fullgraph=True, backend=record)(x)
+    return found
+
+
+def test_compiled_model_leaves_block_norms_to_inductor(fused_cls_projection):
+    """Under torch.compile the block norms are ATen's (inductor fuses them with the residual
+    add), while the cross-attention stays the fused op."""
+    model = small_model().eval()
+    traced = _custom_ops_traced(model, torch.randn(2, 3, 48, 48))
+    assert not any("layer_norm" in t for t in traced), traced
+    assert any("cls_cross_attn" in t for t in traced), traced
+    assert any("cls_proj" in t for t in traced) == fused_cls_projection, traced
