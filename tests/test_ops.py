@@ -317,14 +317,23 @@ def test_custom_ops_fake_outputs_match_real_strides():
     torch.library.opcheck(torch.ops.crossvit_fast.cls_proj.default,
                           (rows, w, b, torch.randn(3, 8, **d).requires_grad_(),
                            torch.randn(3, **d).requires_grad_(), 1e-6, "torch"))
-    cls, patches, params, cfg = cross_inputs(4, 3, 8, 2, True, device="cpu")
-    cls = cls.squeeze(1).t().contiguous().t().requires_grad_()       # [4, 8], column-major
-    p = [params[k].requires_grad_() for k in ("norm_weight", "norm_bias", "wq_weight", "wq_bias",
-                                              "wk_weight", "wk_bias", "wv_weight", "wv_bias",
-                                              "proj_weight", "proj_bias")]
-    torch.library.opcheck(torch.ops.crossvit_fast.cls_cross_attn.default,
-                          (cls, patches.contiguous().requires_grad_(), *p, cfg["num_heads"],
-                           cfg["scale"], 1e-6, True, None, "torch"))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_token_pass_custom_op_passes_opcheck(backend):
+    """The cross-attention's token pass, the one custom op of that block: fake outputs match the
+    real ones (column-major CLS rows, kt as the transposed view the op passes), autograd
+    registration, and its schema, on each backend."""
+    d = dict(dtype=torch.float64, device=DEVICE)
+    B, N, C, H = 4, 3, 8, 2
+    x0 = torch.randn(C, B, **d).t().requires_grad_()                # [B, C], column-major
+    patches = torch.randn(B, N, C, **d).requires_grad_()
+    kt = torch.randn(H, B, C, **d).transpose(0, 1).requires_grad_()  # [B, H, C] view
+    gamma = (1 + torch.randn(C, **d) / 5).requires_grad_()
+    beta, wk_bias = (torch.randn(C, **d).requires_grad_() for _ in range(2))
+    for bias in (wk_bias, None):
+        torch.library.opcheck(torch.ops.crossvit_fast.attn_pool.default,
+                              (x0, patches, kt, gamma, beta, bias, 1e-6, None, backend))
 
 
 def test_unknown_and_unavailable_backends_say_why():

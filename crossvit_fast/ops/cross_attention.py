@@ -1,29 +1,114 @@
-"""CrossViT's CLS cross-attention as one autograd-aware custom op (design.md §2).
+"""CrossViT's CLS cross-attention without K or V (design.md §2).
 
 The CLS token attends, as the single query, over ``[itself ‖ the other branch's patches]``.
 Because there is one query, K and V are never formed: the query is pushed through ``Wk``
 (``kt_h = scale · Wk_hᵀ q_h``), the token pass of the backend returns the per-head softmax-weighted
-mean of the LayerNorm-ed tokens (``z``), and ``Wv``/``proj`` act on that mean. The four small
-per-sample products (q, kt, o, y) are batched matmuls shared by every backend; only the token pass
-(``attn_pool_fwd``/``attn_pool_bwd``) is backend-specific.
+mean of the LayerNorm-ed tokens (``z``), and ``Wv``/``proj`` act on that mean.
 
-Under autocast the small products stay fp32 (autocast is switched off inside), while the token
-pass may run its products in the autocast dtype, as timm's K/V projections do there.
+Only the token pass (``attn_pool_fwd``/``attn_pool_bwd`` of the backend) is a custom op with its
+own backward. The four small per-sample products around it (q, kt, o, y) are plain torch code
+that autograd differentiates and that ``torch.compile`` traces and fuses, so a compiled model
+calls one opaque op per cross-attention, not the whole block.
+
+Under autocast the small products stay fp32 (autocast is switched off around them), while the
+token pass may run its products in the autocast dtype, as timm's K/V projections do there.
 """
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends.torch_backend import layer_norm_input_grad, normalize
 from ._common import (acc_dtype, as_dtype, backend_impl, cast_like, check_float_tensor,
                       check_same_device, check_vector, choose, eager_autograd, requested_backend,
                       without_autocast)
 
 OP = "cls_cross_attention"
 
+
+# ---------------------------------------------------------------------------------------------
+# The token pass: a custom op with its own backward.
+# ---------------------------------------------------------------------------------------------
+
+@without_autocast
+def _pool_forward(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                  wk_bias: Optional[Tensor], eps: float, dot_dtype: Optional[torch.dtype],
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    """``(z [B, H, C], lse [B, H])`` of the backend's token pass, contiguous, in the
+    accumulation dtype. ``wk_bias`` is not read: it shifts every score of a head by the same
+    amount, which the softmax cancels, and it is taken only to get its exact zero gradient."""
+    acc = acc_dtype(x0)
+    z, lse = backend_impl(backend, x0.device).attn_pool_fwd(x0, patches, kt, gamma, beta, eps,
+                                                           dot_dtype)
+    return as_dtype(z, acc).contiguous(), as_dtype(lse, acc).contiguous()
+
+
+@without_autocast
+def _pool_backward(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                   beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                   dot_dtype: Optional[torch.dtype], backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx0, dpatches, dkt, dgamma, dbeta)``, contiguous (the fakes promise so)."""
+    grads = backend_impl(backend, x0.device).attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z,
+                                                           lse, eps, dot_dtype)
+    return tuple(g.contiguous() for g in grads)
+
+
+_attn_pool = torch.library.custom_op("crossvit_fast::attn_pool", _pool_forward, mutates_args=())
+_attn_pool_backward = torch.library.custom_op("crossvit_fast::attn_pool_backward", _pool_backward,
+                                              mutates_args=())
+
+
+@_attn_pool.register_fake
+def _(x0, patches, kt, gamma, beta, wk_bias, eps, dot_dtype, backend):
+    B, C = x0.shape
+    H = kt.shape[1]
+    acc = acc_dtype(x0)
+    return x0.new_empty((B, H, C), dtype=acc), x0.new_empty((B, H), dtype=acc)
+
+
+@_attn_pool_backward.register_fake
+def _(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype, backend):
+    B, C = x0.shape
+    acc = acc_dtype(x0)
+    return (x0.new_empty((B, C)), patches.new_empty(patches.shape),
+            x0.new_empty((B, kt.shape[1], C), dtype=acc), x0.new_empty((C,), dtype=acc),
+            x0.new_empty((C,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x0, patches, kt, gamma, beta, wk_bias, eps, dot_dtype, backend = inputs
+    z, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(x0, patches, kt, gamma, beta, z, lse)
+    ctx.wk_bias_like = None if wk_bias is None else (wk_bias.shape, wk_bias.dtype, wk_bias.device)
+    ctx.config = (eps, dot_dtype, backend)
+
+
+def _gradients(pool_backward):
+    """The autograd backward, computing with ``pool_backward`` (the custom op or its body)."""
+    def backward(ctx, dz, _dlse):
+        x0, patches, kt, gamma, beta, z, lse = ctx.saved_tensors
+        d_x0, d_patches, d_kt, d_gamma, d_beta = pool_backward(dz, x0, patches, kt, gamma, beta,
+                                                               z, lse, *ctx.config)
+        # wk's bias gets an exact zero gradient (it cancels in the softmax), not None: optimizers
+        # and DDP then treat it like every other parameter.
+        like = ctx.wk_bias_like
+        d_wk_bias = None if like is None else torch.zeros(like[0], dtype=like[1], device=like[2])
+        return (d_x0, d_patches, cast_like(d_kt, kt), cast_like(d_gamma, gamma),
+                cast_like(d_beta, beta), d_wk_bias, None, None, None)
+    return backward
+
+
+_attn_pool.register_autograd(_gradients(_attn_pool_backward), setup_context=_setup_context)
+_attn_pool_eager = eager_autograd("AttnPoolFunction", _pool_forward, _setup_context,
+                                  _gradients(_pool_backward))
+
+
+# ---------------------------------------------------------------------------------------------
+# The small per-sample products around it (plain torch code).
+# ---------------------------------------------------------------------------------------------
 
 def _heads(weight: Tensor, num_heads: int, acc: torch.dtype) -> Tensor:
     """A ``[C, C]`` projection weight viewed per head: ``[H, D, C]``."""
@@ -35,21 +120,6 @@ def _heads_first(t: Tensor, num_heads: int) -> Tensor:
     """``[B, C]`` rows as per-head blocks, heads first: a ``[H, B, D]`` view for ``bmm``."""
     B, C = t.shape
     return t.view(B, num_heads, C // num_heads).transpose(0, 1)
-
-
-def _query_side(x0: Tensor, norm_weight: Tensor, norm_bias: Tensor, wq_weight: Tensor,
-                wq_bias: Optional[Tensor], wk_weight: Tensor, num_heads: int, scale: float,
-                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(x̂0 [B, C], q [H, B, D], kt [B, H, C])`` in the accumulation dtype of ``x0``; ``q`` and
-    ``kt`` are transposed views of heads-first products."""
-    acc = acc_dtype(x0)
-    C = x0.shape[1]
-    xhat0 = F.layer_norm(as_dtype(x0, acc), (C,), as_dtype(norm_weight, acc),
-                         as_dtype(norm_bias, acc), eps)
-    q = F.linear(xhat0, as_dtype(wq_weight, acc), as_dtype(wq_bias, acc))
-    q = _heads_first(q, num_heads)
-    kt = torch.bmm(q, _heads(wk_weight, num_heads, acc)).mul_(scale)
-    return xhat0, q, kt.transpose(0, 1)
 
 
 def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: int) -> Tensor:
@@ -65,132 +135,28 @@ def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: 
 
 
 @without_autocast
-def _forward(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-             wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
-             wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
-             proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
-             eps: float, add_residual: bool, dot_dtype: Optional[torch.dtype],
-             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    # wk_bias shifts every score of a head by the same amount: softmax ignores it (design.md §2).
-    impl = backend_impl(backend, cls.device)
-    acc = acc_dtype(cls)
-    _, _, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
-                           num_heads, scale, eps)
-    z, lse = impl.attn_pool_fwd(cls, patches, kt, norm_weight, norm_bias, eps, dot_dtype)
-    z = as_dtype(z, acc)
-    o = _values(z, wv_weight, wv_bias, num_heads)
-    y = F.linear(o, as_dtype(proj_weight, acc), as_dtype(proj_bias, acc))
+def _cross_attention(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                     wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
+                     wk_bias: Optional[Tensor], wv_weight: Tensor, wv_bias: Optional[Tensor],
+                     proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int,
+                     scale: float, eps: float, add_residual: bool,
+                     dot_dtype: Optional[torch.dtype], backend: str) -> Tensor:
+    """The updated CLS rows ``[B, C]`` (``x0``'s dtype); the products in the accumulation dtype."""
+    acc = acc_dtype(x0)
+    C = x0.shape[1]
+    # one cast of γ and β for both uses, so that their two gradients add up in fp32
+    gamma, beta = as_dtype(norm_weight, acc), as_dtype(norm_bias, acc)
+    x0_acc = as_dtype(x0, acc)
+    q = F.linear(F.layer_norm(x0_acc, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
+                 as_dtype(wq_bias, acc))
+    kt = torch.bmm(_heads_first(q, num_heads), _heads(wk_weight, num_heads, acc)) * scale
+    z, _ = choose(_attn_pool, _attn_pool_eager, _pool_forward)(
+        x0, patches, kt.transpose(0, 1), gamma, beta, wk_bias, eps, dot_dtype, backend)
+    y = F.linear(_values(z, wv_weight, wv_bias, num_heads), as_dtype(proj_weight, acc),
+                 as_dtype(proj_bias, acc))
     if add_residual:
-        y += cls
-    return as_dtype(y, cls.dtype), z, as_dtype(lse, acc)
-
-
-@without_autocast
-def _backward_tokens(dy: Tensor, cls: Tensor, patches: Tensor, norm_weight: Tensor,
-                     norm_bias: Tensor, wq_weight: Tensor, wq_bias: Optional[Tensor],
-                     wk_weight: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor],
-                     proj_weight: Tensor, z: Tensor, lse: Tensor, num_heads: int, scale: float,
-                     eps: float, add_residual: bool, dot_dtype: Optional[torch.dtype],
-                     backend: str) -> List[Tensor]:
-    """Gradients ``[dcls, dpatches, dnorm_w, dnorm_b, dwq_w, dwq_b, dwk_w, dwv_w, dwv_b, dproj_w,
-    dproj_b]`` (accumulation dtype, except dcls/dpatches in the activation dtype)."""
-    impl = backend_impl(backend, cls.device)
-    acc = acc_dtype(cls)
-    B, C = cls.shape
-    dy = as_dtype(dy, acc)
-    xhat0, q, kt = _query_side(cls, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
-                               num_heads, scale, eps)
-    # y = proj(o) (+ cls) with o = Wv z + bv
-    o = _values(z, wv_weight, wv_bias, num_heads)
-    d_proj_w = dy.t() @ o
-    d_proj_b = dy.sum(0)
-    d_o = dy @ as_dtype(proj_weight, acc)
-    d_wv_b = d_o.sum(0)
-    d_o = _heads_first(d_o, num_heads)                                     # [H, B, D]
-    dz = torch.bmm(d_o, _heads(wv_weight, num_heads, acc)).transpose(0, 1)  # [B, H, C]
-    d_wv = torch.bmm(d_o.transpose(1, 2), z.transpose(0, 1)).view(C, C)
-    d_x0, d_patches, d_kt, d_gamma, d_beta = impl.attn_pool_bwd(
-        dz, cls, patches, kt, norm_weight, norm_bias, z, lse, eps, dot_dtype)
-    # kt = scale · Wkᵀ q  and  q = Wq x̂0 + bq
-    d_kt = as_dtype(d_kt, acc).transpose(0, 1)                             # [H, B, C]
-    wk_h = _heads(wk_weight, num_heads, acc)
-    d_q = torch.bmm(d_kt, wk_h.transpose(1, 2)).mul_(scale).transpose(0, 1).reshape(B, C)
-    d_wk = torch.bmm(q.transpose(1, 2), d_kt).mul_(scale).view(C, C)
-    d_wq = d_q.t() @ xhat0
-    d_wq_b = d_q.sum(0)
-    # the CLS token's own query path: x̂0 = LN(x0) feeds q
-    d_xhat0 = d_q @ as_dtype(wq_weight, acc)
-    n0, _, rstd0 = normalize(cls, eps)
-    d_x0 = as_dtype(d_x0, acc) + layer_norm_input_grad(d_xhat0 * as_dtype(norm_weight, acc), n0,
-                                                       rstd0)
-    if add_residual:
-        d_x0 += dy
-    d_gamma = as_dtype(d_gamma, acc) + (d_xhat0 * n0).sum(0)
-    d_beta = as_dtype(d_beta, acc) + d_xhat0.sum(0)
-    return [as_dtype(d_x0, cls.dtype), d_patches, d_gamma, d_beta, d_wq, d_wq_b, d_wk, d_wv, d_wv_b,
-            d_proj_w, d_proj_b]
-
-
-_cls_cross_attn = torch.library.custom_op("crossvit_fast::cls_cross_attn", _forward,
-                                          mutates_args=())
-_cls_cross_attn_backward = torch.library.custom_op("crossvit_fast::cls_cross_attn_backward",
-                                                   _backward_tokens, mutates_args=())
-
-
-@_cls_cross_attn.register_fake
-def _(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-      wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, dot_dtype, backend):
-    B, C = cls.shape
-    acc = acc_dtype(cls)
-    # outputs are contiguous whatever the inputs' strides (empty_like would copy a permuted layout)
-    return (cls.new_empty((B, C)), cls.new_empty((B, num_heads, C), dtype=acc),
-            cls.new_empty((B, num_heads), dtype=acc))
-
-
-@_cls_cross_attn_backward.register_fake
-def _(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wv_weight, wv_bias,
-      proj_weight, z, lse, num_heads, scale, eps, add_residual, dot_dtype, backend):
-    acc = acc_dtype(cls)
-    C = cls.shape[1]
-    vec = lambda: cls.new_empty((C,), dtype=acc)  # noqa: E731
-    mat = lambda: cls.new_empty((C, C), dtype=acc)  # noqa: E731
-    return [cls.new_empty(cls.shape), patches.new_empty(patches.shape),
-            vec(), vec(), mat(), vec(), mat(), mat(), vec(), mat(), vec()]
-
-
-def _setup_context(ctx, inputs, output):
-    (cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-     wv_bias, proj_weight, proj_bias, num_heads, scale, eps, add_residual, dot_dtype,
-     backend) = inputs
-    _, z, lse = output
-    ctx.mark_non_differentiable(z, lse)
-    ctx.save_for_backward(cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight,
-                          wk_bias, wv_weight, wv_bias, proj_weight, proj_bias, z, lse)
-    ctx.config = (num_heads, scale, eps, add_residual, dot_dtype, backend)
-
-
-def _gradients(backward_tokens):
-    """The autograd backward, computing with ``backward_tokens`` (the custom op or its body)."""
-    def backward(ctx, dy, _dz, _dlse):
-        (cls, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
-         wv_bias, proj_weight, proj_bias, z, lse) = ctx.saved_tensors
-        (d_cls, d_patches, d_nw, d_nb, d_wq, d_wq_b, d_wk, d_wv, d_wv_b, d_pw, d_pb) = \
-            backward_tokens(dy, cls, patches, norm_weight, norm_bias, wq_weight, wq_bias,
-                            wk_weight, wv_weight, wv_bias, proj_weight, z, lse, *ctx.config)
-        # wk's bias gets an exact zero gradient (it cancels in the softmax), not None: optimizers
-        # and DDP then treat it like every other parameter.
-        d_wk_b = None if wk_bias is None else torch.zeros_like(wk_bias)
-        return (d_cls, d_patches, cast_like(d_nw, norm_weight), cast_like(d_nb, norm_bias),
-                cast_like(d_wq, wq_weight), cast_like(d_wq_b, wq_bias), cast_like(d_wk, wk_weight),
-                d_wk_b, cast_like(d_wv, wv_weight), cast_like(d_wv_b, wv_bias),
-                cast_like(d_pw, proj_weight), cast_like(d_pb, proj_bias), None, None, None, None,
-                None, None)
-    return backward
-
-
-_cls_cross_attn.register_autograd(_gradients(_cls_cross_attn_backward), setup_context=_setup_context)
-_cls_cross_attn_eager = eager_autograd("ClsCrossAttentionFunction", _forward, _setup_context,
-                                       _gradients(_backward_tokens))
+        y = y + x0_acc
+    return as_dtype(y, x0.dtype)
 
 
 def _autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
@@ -256,7 +222,7 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
                       proj_bias=proj_bias)
     if patches.stride(-1) != 1:
         patches = patches.contiguous()
-    y, _, _ = choose(_cls_cross_attn, _cls_cross_attn_eager, _forward)(
+    y = _cross_attention(
         x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
         wv_bias, proj_weight, proj_bias, num_heads, float(scale), float(eps), bool(add_residual),
         _autocast_dot_dtype(x0), requested_backend(backend))
