@@ -243,6 +243,14 @@ class CrossViT(nn.Module):
         if enable:
             raise ValueError("gradient checkpointing is not supported by CrossViT (as in timm)")
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: say why it cannot work and what does."""
+        raise NotImplementedError(
+            "crossvit_fast.CrossViT cannot be compiled by torch.jit.script: its fused ops are "
+            "Python custom ops, which TorchScript cannot compile. torch.jit.trace(model, example), "
+            "torch.export and torch.compile work; for a scripted model, script timm's CrossVit "
+            "with this model's state_dict (same keys)")
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

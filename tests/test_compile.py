@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) traces the fused ops (custom ops with fake impls): no graph break."""
+import pytest
 import torch
 
 from .numerics import rel_err
@@ -68,3 +69,32 @@ def test_compiled_model_leaves_block_norms_to_inductor(fused_cls_projection):
     assert not any("layer_norm" in t for t in traced), traced
     assert any("attn_pool" in t for t in traced), traced
     assert any("cls_proj" in t for t in traced) == fused_cls_projection, traced
+
+
+def test_jit_trace_records_the_fused_ops_and_replays_on_new_inputs(fused_cls_projection):
+    """torch.jit.trace records each fused op as one custom-op call (the Triton launches inside
+    could not be recorded), so the trace replays correctly, with gradients, on other inputs."""
+    model = small_model().eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 48, 48), check_trace=False)
+    assert "crossvit_fast::attn_pool" in str(traced.inlined_graph)
+    x = torch.randn(2, 3, 48, 48)
+    assert rel_err(traced(x), model(x)) < 1e-6
+    traced(x).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert rel_err(got[name], p.grad) < 1e-5, name
+
+
+def test_torch_export_matches_eager():
+    model = small_model().eval()
+    exported = torch.export.export(model, (torch.randn(2, 3, 48, 48),))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(exported.module()(x), model(x)) < 1e-6
+
+
+def test_jit_script_says_what_works_instead():
+    with pytest.raises(NotImplementedError, match="torch.jit.trace.*torch.export"):
+        torch.jit.script(small_model())

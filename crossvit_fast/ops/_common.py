@@ -74,9 +74,11 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
 
 
 def choose(custom_op: Callable, eager: Callable, forward: Callable) -> Callable:
-    """What a public op calls: the custom op while ``torch.compile`` traces; else the eager
-    Function, or, with gradients off (inference), the forward itself (no autograd bookkeeping)."""
-    if torch.compiler.is_compiling():
+    """What a public op calls: the custom op while ``torch.compile``/``torch.export`` or
+    ``torch.jit.trace`` traces (the trace records one op call; the kernels' launches inside
+    would not be recorded); else the eager Function, or, with gradients off (inference), the
+    forward itself (no autograd bookkeeping)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return custom_op
     return eager if torch.is_grad_enabled() else forward
 
