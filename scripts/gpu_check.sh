@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
-#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize|sanitize_triton|sanitize_cuda diagnose model_profile e2e kernels"] [TESTS="pytest args"] \
+#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize|sanitize_triton|sanitize_cuda diagnose tune model_profile e2e kernels"] [TESTS="pytest args"] \
 #     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
 #     bash scripts/gpu_check.sh
 #
@@ -69,6 +69,8 @@ if step diagnose; then   # a plain run (host traceback on a crash) and the op's 
   phase run_cuda 30 python3 -X faulthandler scripts/run_each_kernel.py --backend cuda
   phase profile 40 python3 scripts/profile_cross_attention.py
 fi
+# the token-pass configuration sweep (BLOCK_N, warps, pipeline stages, splits)
+step tune && phase tune "${TUNE_S:-180}" python3 scripts/tune_attn_pool.py sweep
 # GPU kernel time of whole-model steps, fast against timm, and the kernels that take it
 step model_profile && phase model_profile "${MODEL_PROFILE_S:-90}" python3 scripts/profile_model.py
 KERNELS_S=${KERNELS_S:-90}

@@ -4,8 +4,9 @@ Three measurements, printed as tables (GPU only; ``--check`` runs the correctnes
 CPU under ``TRITON_INTERPRET=1``):
 
 1. ``sweep``: the cross-attention token pass alone (``triton.testing.do_bench``, GPU time) at
-   crossvit_18_240's two shapes and batch 256, over BLOCK_N, num_warps and token splits, for
-   bf16 tokens, fp32 tokens with bf16 dots (the model under autocast) and fp32.
+   crossvit_18_240's two shapes and batch 256, over BLOCK_N, num_warps, software-pipeline
+   stages and token splits, for bf16 tokens and fp32 tokens with bf16 dots (the model under
+   autocast).
 2. ``overhead``: each op's ``do_bench`` time (back-to-back calls: the GPU time, unless the host
    is slower), its latency with a synchronize per call, and the host time per call.
 3. ``layernorm``: the LayerNorm kernel against ``F.layer_norm`` (GPU time).
@@ -39,7 +40,7 @@ def _inputs(B, N, C, H, dtype, device):
     return tokens[:, 0], tokens[:, 1:], kt, gamma, beta
 
 
-def _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot_dtype=None):
+def _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot_dtype=None, stages=1):
     """One forward launch writing split partials; returns a callable and the combine of its
     outputs (in torch, as a check independent of the shipped combine kernel)."""
     B, N, C = patches.shape
@@ -55,7 +56,7 @@ def _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot_dtype=None
             x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk, x0.stride(0),
             patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), EPS, H_PAD=h_pad,
             BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N, FINAL=False,
-            num_warps=warps, num_stages=1)
+            num_warps=warps, num_stages=stages)
 
     def combine():
         m_all = m.amax(dim=1)
@@ -69,7 +70,7 @@ def check() -> None:
     for dtype, (B, N, C, H) in itertools.product((torch.float32, torch.float16),
                                                  [(2, 37, 96, 3), (3, 50, 224, 7)]):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cpu")
-        run, combine = _launch(x0, patches, kt, gamma, beta, 16, 4, 2)
+        run, combine = _launch(x0, patches, kt, gamma, beta, 16, 4, 2, stages=2)
         run()
         z_ref, _ = torch_backend.attn_pool_fwd(x0.double(), patches.double(), kt.double(),
                                                gamma.double(), beta.double(), EPS)
@@ -82,27 +83,28 @@ def check() -> None:
 
 def sweep() -> None:
     from triton.testing import do_bench
-    print("tokens,B,N,C,H,block_n,warps,splits,us,GBps")
+    print("tokens,B,N,C,H,block_n,warps,stages,splits,us,GBps")
     # fp32 tokens with bf16 dots: the model under bf16 autocast (its residual stream is fp32)
     for (B, N, C, H), (dtype, dot) in itertools.product(
-            SHAPES, ((torch.bfloat16, None), (torch.float32, torch.bfloat16), (torch.float32, None))):
+            SHAPES, ((torch.bfloat16, None), (torch.float32, torch.bfloat16))):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cuda")
         nbytes = B * (N + 1) * C * x0.element_size()
         label = str(dtype)[6:] + (f"+{str(dot)[6:]} dots" if dot else "")
         best = (float("inf"),)
-        for block_n, warps, splits in itertools.product((16, 32), (4, 8), (1, 2, 4)):
+        for block_n, warps, stages, splits in itertools.product((16, 32), (4, 8), (1, 2, 3), (1, 2)):
             if block_n * max(256, triton.next_power_of_2(C)) > 16384:
                 continue
-            config = f"{label},{B},{N},{C},{H},{block_n},{warps},{splits}"
+            config = f"{label},{B},{N},{C},{H},{block_n},{warps},{stages},{splits}"
             try:
-                run, _ = _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot)
+                run, _ = _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot, stages)
                 us = do_bench(run, warmup=5, rep=20) * 1e3
             except Exception as err:  # noqa: BLE001 (OutOfResources and compile errors alike)
                 print(f"{config},error: {type(err).__name__}")
                 continue
             print(f"{config},{us:.1f},{nbytes / us / 1e3:.0f}", flush=True)
-            best = min(best, (us, block_n, warps, splits))
-        print(f"# best {label} B={B} N={N} C={C}: (us, block_n, warps, splits) = {best}", flush=True)
+            best = min(best, (us, block_n, warps, stages, splits))
+        print(f"# best {label} B={B} N={N} C={C}: (us, block_n, warps, stages, splits) = {best}",
+              flush=True)
 
 
 def overhead() -> None:
