@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn.modules import module as nn_module
 
 from . import ops, reference
+from .ops._common import autocast_dtype
 
 
 # A block norm (with or without its residual add) over fewer elements than this runs ATen's
@@ -88,9 +89,7 @@ def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.
     rows to, or None where nothing is cast (no autocast, or float64, which autocast leaves
     alone). timm's LayerNorm under autocast returns fp32 whatever its input; the Linear then
     rounds that once to the autocast dtype."""
-    if dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    return None if dtype == torch.float64 else autocast_dtype(device_type)
 
 
 def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -208,8 +207,8 @@ def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
     ph, pw = conv.kernel_size
     gh, gw = H // ph, W // pw
     dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if autocast_dtype(x.device.type) is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = autocast_dtype(x.device.type)
     patches = (x[:, :, :gh * ph, :gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
                .to(dtype, memory_format=torch.contiguous_format).reshape(B, gh * gw, C * ph * pw))
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)

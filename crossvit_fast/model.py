@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair,
                      _runs_as_written)
+from .ops._common import autocast_dtype
 
 
 class MultiScaleBlock(nn.Module):
@@ -280,7 +281,7 @@ class CrossViT(nn.Module):
         param = self.cls_token_0
         if x.device != param.device:
             raise ValueError(f"CrossViT: x is on {x.device} but the model is on {param.device}")
-        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != param.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are {param.dtype}; "
                             f"cast one to the other, or run under torch.autocast")
 

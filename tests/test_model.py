@@ -306,3 +306,14 @@ def test_torch_func_grad_equals_autograd(fused_cls_projection):
     model(x).square().sum().backward()
     for name, p in params.items():
         assert rel_err(got[name], p.grad) < 1e-6, name
+
+
+def test_runs_on_the_meta_device(fused_cls_projection):
+    """Shape-only runs (meta tensors: model init, FLOP counting) work as in timm, forward and
+    backward; autocast state is not queried on a device that has none."""
+    model = small_model().to("meta")
+    x = torch.randn(2, 3, 48, 48, device="meta")
+    y = model(x)
+    assert y.device.type == "meta" and y.shape == (2, model.num_classes)
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())

@@ -41,12 +41,21 @@ def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on ``device_type``, or None where it is off. Devices that
+    autocast does not know (``meta``, used for shape and FLOP counting) count as off, where
+    ``torch.is_autocast_enabled`` would raise."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def without_autocast(fn):
     """Run an op implementation with autocast off: it chooses its own precision per product."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = args[0].device.type
-        if not torch.is_autocast_enabled(device_type):
+        if autocast_dtype(device_type) is None:
             return fn(*args, **kwargs)
         with torch.autocast(device_type=device_type, enabled=False):
             return fn(*args, **kwargs)

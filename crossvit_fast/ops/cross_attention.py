@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (acc_dtype, as_dtype, backend_impl, cast_like, check_float_tensor,
+from ._common import (acc_dtype, as_dtype, autocast_dtype, backend_impl, cast_like, check_float_tensor,
                       check_same_device, check_vector, choose, eager_autograd, requested_backend,
                       without_autocast)
 
@@ -166,10 +166,7 @@ def _autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
     pass may too (the Triton backend then uses the tensor cores; statistics, softmax and
     accumulation stay fp32). Outside autocast, fp32 stays fp32.
     """
-    device_type = x0.device.type
-    if x0.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    return autocast_dtype(x0.device.type) if x0.dtype == torch.float32 else None
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
