@@ -105,7 +105,20 @@ def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tupl
     return norm(h), h
 
 
-class LayerNorm(nn.LayerNorm):
+class NotScriptable:
+    """Mixin for the modules whose forward calls the fused ops: ``torch.jit.script`` calls
+    ``__prepare_scriptable__`` first, and here that says why scripting cannot work and what
+    does, instead of TorchScript's error about some line of Python."""
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"crossvit_fast.{type(self).__name__} cannot be compiled by torch.jit.script: its "
+            "fused ops are Python custom ops, which TorchScript cannot compile. "
+            "torch.jit.trace(model, example), torch.export and torch.compile work; for a "
+            "scripted model, script timm's CrossVit with this model's state_dict (same keys)")
+
+
+class LayerNorm(NotScriptable, nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim through the fused LayerNorm op (fp32 statistics), from
     :data:`FUSED_NORM_MIN_ELEMENTS` elements up, outside ``torch.compile``."""
 
@@ -142,7 +155,7 @@ class DropPath(nn.Module):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(NotScriptable, nn.Module):
     """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, multi_conv=False,
@@ -261,7 +274,7 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
-class Block(nn.Module):
+class Block(NotScriptable, nn.Module):
     """Pre-norm ViT block (timm's ``Block``); ``x + attn`` and ``norm2`` run as one fused op, and
     under autocast both norms write the autocast dtype their Linear would cast to."""
 
@@ -287,7 +300,7 @@ class Block(nn.Module):
 
 
 
-class BlockChain(nn.Sequential):
+class BlockChain(NotScriptable, nn.Sequential):
     """A branch's run of :class:`Block` s (timm's ``nn.Sequential``, same keys), with each
     block's closing residual add fused into the next block's ``norm1``: one pass over the
     tokens fewer per block boundary. A run with any other module, or a block with hooks or
@@ -307,7 +320,7 @@ class BlockChain(nn.Sequential):
         return x + mlp_out
 
 
-class ClsProjection(nn.Sequential):
+class ClsProjection(NotScriptable, nn.Sequential):
     """timm's ``Sequential(norm, GELU, Linear)`` CLS projection, fused into one op where
     :data:`FUSED_CLS_PROJECTION` is set (by default it runs as timm's modules: faster at these
     sizes).
@@ -330,7 +343,7 @@ class ClsProjection(nn.Sequential):
         return super().forward(x)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(NotScriptable, nn.Module):
     """timm's ``CrossAttention``: token 0 queries all tokens (naive math, K and V formed)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.,
@@ -352,7 +365,7 @@ class CrossAttention(nn.Module):
         return self.proj_drop(out)
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(NotScriptable, nn.Module):
     """timm's ``CrossAttentionBlock``: ``cls + drop_path(attn(norm1([cls ‖ patches])))``.
 
     ``forward(cls, patches)`` takes the CLS token ``[B, 1, C]`` and the other branch's patch view

@@ -14,12 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, PatchEmbed, _pair,
-                     _runs_as_written)
+from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
+                     PatchEmbed, _pair, _runs_as_written)
 from .ops._common import autocast_dtype
 
 
-class MultiScaleBlock(nn.Module):
+class MultiScaleBlock(NotScriptable, nn.Module):
     """Both branches' ViT blocks, then the CLS exchange: project, cross-attend, project back."""
 
     def __init__(self, dim: Sequence[int], patches: Sequence[int], depth: Sequence[int],
@@ -126,7 +126,7 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, List[in
     return take, max(take)
 
 
-class CrossViT(nn.Module):
+class CrossViT(NotScriptable, nn.Module):
     """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``)."""
 
     def __init__(
@@ -243,14 +243,6 @@ class CrossViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
             raise ValueError("gradient checkpointing is not supported by CrossViT (as in timm)")
-
-    def __prepare_scriptable__(self):
-        """``torch.jit.script`` calls this first: say why it cannot work and what does."""
-        raise NotImplementedError(
-            "crossvit_fast.CrossViT cannot be compiled by torch.jit.script: its fused ops are "
-            "Python custom ops, which TorchScript cannot compile. torch.jit.trace(model, example), "
-            "torch.export and torch.compile work; for a scripted model, script timm's CrossVit "
-            "with this model's state_dict (same keys)")
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -2,6 +2,10 @@
 import pytest
 import torch
 
+import crossvit_fast
+from crossvit_fast import backends, layers
+
+from .conftest import DEVICE
 from .numerics import rel_err
 from .test_model import small_model
 
@@ -71,11 +75,14 @@ def test_compiled_model_leaves_block_norms_to_inductor(fused_cls_projection):
     assert any("cls_proj" in t for t in traced) == fused_cls_projection, traced
 
 
+@pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                    reason="the Triton backend cannot run here")
 def test_jit_trace_records_the_fused_ops_and_replays_on_new_inputs(fused_cls_projection):
-    """torch.jit.trace records each fused op as one custom-op call (the Triton launches inside
-    could not be recorded), so the trace replays correctly, with gradients, on other inputs."""
+    """torch.jit.trace records each Triton op as one custom-op call (its launches could not be
+    recorded), so the trace replays correctly, with gradients, on other inputs."""
     model = small_model().eval()
-    traced = torch.jit.trace(model, torch.randn(2, 3, 48, 48), check_trace=False)
+    with crossvit_fast.use_backend("triton"):
+        traced = torch.jit.trace(model, torch.randn(2, 3, 48, 48), check_trace=False)
     assert "crossvit_fast::attn_pool" in str(traced.inlined_graph)
     x = torch.randn(2, 3, 48, 48)
     assert rel_err(traced(x), model(x)) < 1e-6
@@ -95,6 +102,24 @@ def test_torch_export_matches_eager():
         assert rel_err(exported.module()(x), model(x)) < 1e-6
 
 
-def test_jit_script_says_what_works_instead():
+def test_jit_trace_on_the_torch_backend_is_aten_only():
+    """On the PyTorch backend the trace holds ATen ops alone, so that it loads where
+    crossvit_fast is not installed (libtorch, ONNX export), with and without gradients."""
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    with crossvit_fast.use_backend("torch"):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                traced = torch.jit.trace(model, torch.randn(2, 3, 48, 48), check_trace=False)
+            if not grad:
+                assert "crossvit_fast::" not in str(traced.inlined_graph)
+            assert rel_err(traced(x), model(x)) < 1e-6
+
+
+@pytest.mark.parametrize("module", ["model", "cross_attention_block", "block_in_sequential"])
+def test_jit_script_says_what_works_instead(module):
+    m = {"model": small_model,
+         "cross_attention_block": lambda: layers.CrossAttentionBlock(16, 2),
+         "block_in_sequential": lambda: torch.nn.Sequential(layers.Block(16, 2))}[module]()
     with pytest.raises(NotImplementedError, match="torch.jit.trace.*torch.export"):
-        torch.jit.script(small_model())
+        torch.jit.script(m)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import crossvit_fast
 from crossvit_fast import CrossViT, create_model, list_models
@@ -317,3 +318,19 @@ def test_runs_on_the_meta_device(fused_cls_projection):
     assert y.device.type == "meta" and y.shape == (2, model.num_classes)
     y.sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_gradient_penalty_raises_on_the_fused_ops_and_runs_under_naive_math():
+    """A second-order gradient (an input-gradient penalty) cannot go through the fused ops'
+    backward: it raises with the way out, and under ``naive_math`` it runs."""
+    model = small_model().double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, requires_grad=True)
+
+    def penalty():
+        g, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), x)[0]
+    with pytest.raises(RuntimeError, match="not differentiable.*naive_math"):
+        penalty()
+    # timm's math, with the SDPA kernel that has a double backward on the CPU
+    with naive_math(), sdpa_kernel(SDPBackend.MATH):
+        assert torch.isfinite(penalty()).all()

@@ -7,9 +7,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch._C import _functorch
 
 from .. import backends
+from ..backends import torch_backend
 
 
 def backend_impl(requested: str, device: torch.device) -> ModuleType:
@@ -71,23 +72,79 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
     time. Under ``torch.compile`` the public functions call the custom op instead (see
     :func:`choose`), which has the fake implementation the compiler needs. ``forward``,
     ``setup_context`` and ``backward`` are the ones the custom op registers, so both paths compute
-    the same thing; the backward is not differentiable again (as with the custom op).
-    Without gradients, :func:`choose` skips even this Function.
+    the same thing; the backward is not differentiable again (as with the custom op: see
+    :func:`_first_order_only`). Without gradients, :func:`choose` skips even this Function.
     """
     # forward and setup_context apart (not forward(ctx, ...)): the form torch.func.grad accepts
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(once_differentiable(backward))})
+        "backward": staticmethod(_first_order_only(name, backward))})
     return function.apply
 
 
-def choose(custom_op: Callable, eager: Callable, forward: Callable) -> Callable:
-    """What a public op calls: the custom op while ``torch.compile``/``torch.export`` or
-    ``torch.jit.trace`` traces (the trace records one op call; the kernels' launches inside
-    would not be recorded); else the eager Function, or, with gradients off (inference), the
-    forward itself (no autograd bookkeeping)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+class _NotDifferentiable(torch.autograd.Function):
+    """Aliases of ``results`` whose backward raises ``message``, linked to ``inputs`` (the
+    backward's incoming gradients and saved tensors) so that every second-order gradient that
+    would flow through them reaches the error, whichever tensors it is taken for."""
+
+    @staticmethod
+    def forward(message: str, num_results: int, *tensors: Tensor):
+        return tuple(t.view_as(t) for t in tensors[:num_results])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _first_order_only(name: str, backward: Callable) -> Callable:
+    """``backward`` run without recording, whose results raise if they are differentiated.
+
+    ``once_differentiable`` is not enough: it hangs its error on detached copies, which a
+    second-order ``autograd.grad(..., inputs=x)`` prunes, and adds none when no incoming
+    gradient requires grad; the second-order gradient then silently lacked this op's part.
+    Nested ``torch.func`` transforms (``grad`` of ``grad``) record the backward at the outer
+    level whatever ``no_grad`` says: there it raises at once.
+    """
+    message = (f"crossvit_fast: the backward of {name} is not differentiable (double backward: "
+               f"create_graph=True, gradient penalties, nested torch.func.grad). Run the model "
+               f"inside crossvit_fast.reference.naive_math() for timm's math, which is")
+
+    def first_order(ctx, *grads):
+        level = _functorch.maybe_current_level()   # torch.func transforms' nesting depth
+        if level is not None and level > 1:
+            raise RuntimeError(message)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if level is not None or not torch.is_grad_enabled():
+            return results
+        sources = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
+        present = [t for t in results if t is not None]
+        if not sources or not present:
+            return results
+        aliases = iter(_NotDifferentiable.apply(message, len(present), *present, *sources))
+        return tuple(None if t is None else next(aliases) for t in results)
+    return first_order
+
+
+def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str,
+           device: torch.device) -> Callable:
+    """What a public op calls for ``backend`` on ``device``: the custom op while
+    ``torch.compile``/``torch.export`` traces; else the eager Function, or, with gradients off
+    (inference), the forward itself (no autograd bookkeeping).
+
+    Under ``torch.jit.trace`` the Triton and CUDA backends also take the custom op: the trace
+    records one op call, where their kernel launches could not be recorded. The PyTorch backend
+    keeps the eager path, so that its trace is ATen ops alone, which a process without
+    crossvit_fast (libtorch, ONNX export) can load.
+    """
+    if torch.compiler.is_compiling():
+        return custom_op
+    if torch.jit.is_tracing() and backend_impl(backend, device) is not torch_backend:
         return custom_op
     return eager if torch.is_grad_enabled() else forward
 

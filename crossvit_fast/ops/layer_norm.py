@@ -107,8 +107,9 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)
-    run = choose(_layer_norm, _layer_norm_eager, _forward)
-    y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), out_dtype, requested_backend(backend))
+    backend = requested_backend(backend)
+    run = choose(_layer_norm, _layer_norm_eager, _forward, backend, x.device)
+    y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), out_dtype, backend)
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 
