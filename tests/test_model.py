@@ -12,6 +12,7 @@ from crossvit_fast import CrossViT, create_model, list_models
 from crossvit_fast.reference import naive_math
 
 from .numerics import rel_err
+from .timm_import import import_timm
 
 TIMM_KEYS = json.loads((Path(__file__).parent / "data" / "timm_state_dict_keys.json").read_text())
 VARIANTS = sorted(TIMM_KEYS["state_dict_shapes"])
@@ -334,3 +335,29 @@ def test_gradient_penalty_raises_on_the_fused_ops_and_runs_under_naive_math():
     # timm's math, with the SDPA kernel that has a double backward on the CPU
     with naive_math(), sdpa_kernel(SDPBackend.MATH):
         assert torch.isfinite(penalty()).all()
+
+
+def test_branch_attention_backward_does_not_copy_the_qkv_gradient():
+    """The branch blocks' attention gives timm's output and gradients bit for bit, and its
+    backward stacks the q/k/v gradients straight into qkv's layout: no further copy (timm's
+    permute costs one more pass over the qkv gradient per block)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from crossvit_fast import layers
+    timm = import_timm()
+    ours = layers.Attention(32, num_heads=4, qkv_bias=True)
+    theirs = timm.models.vision_transformer.Attention(32, num_heads=4, qkv_bias=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 9, 32)
+    dy = torch.randn(2, 9, 32)
+    grads = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dx, = torch.autograd.grad(y, xi, dy)
+        copies = sum(e.count for e in prof.key_averages() if e.key in ("aten::clone", "aten::copy_"))
+        grads.append((y, dx, copies))
+    (y, dx, copies), (y_timm, dx_timm, copies_timm) = grads
+    assert torch.equal(y, y_timm) and torch.equal(dx, dx_timm)
+    assert copies == 0 and copies_timm >= 1
