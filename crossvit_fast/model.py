@@ -80,6 +80,20 @@ class MultiScaleBlock(NotScriptable, nn.Module):
             return cls
         return fusion(cls, patches)
 
+    def _with_cls(self, i: int, cls: Tensor, tokens: Tensor) -> Tensor:
+        """``[cls ‖ tokens[:, 1:]]`` for branch ``i``: timm's concatenation (a copy of every
+        token), or, where nothing records the operation (inference in eager mode) and
+        ``tokens`` is the fresh output of the branch's own blocks, ``cls`` written over its
+        row 0 in place. The other branch reads only ``tokens[:, 1:]``, so it sees no change."""
+        blocks = self.blocks[i]
+        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and type(blocks) is BlockChain and len(blocks) > 0
+                and _runs_as_written(blocks)
+                and torch.promote_types(cls.dtype, tokens.dtype) == tokens.dtype):
+            tokens[:, 0:1] = cls
+            return tokens
+        return torch.cat((cls, tokens[:, 1:]), dim=1)
+
     def forward(self, x: List[Tensor]) -> List[Tensor]:
         outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
         proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
@@ -87,7 +101,7 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
             other = outs_b[(i + 1) % self.num_branches]
             fused_cls = self._cross_attend(fusion, proj_cls_token[i], other[:, 1:])
-            outs.append(torch.cat((revert_proj(fused_cls), outs_b[i][:, 1:]), dim=1))
+            outs.append(self._with_cls(i, revert_proj(fused_cls), outs_b[i]))
         return outs
 
 

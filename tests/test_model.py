@@ -361,3 +361,23 @@ def test_branch_attention_backward_does_not_copy_the_qkv_gradient():
     (y, dx, copies), (y_timm, dx_timm, copies_timm) = grads
     assert torch.equal(y, y_timm) and torch.equal(dx, dx_timm)
     assert copies == 0 and copies_timm >= 1
+
+
+def test_inference_writes_the_cls_token_in_place_with_the_same_result(fused_cls_projection):
+    """In inference the exchanged CLS token is written over row 0 of the branch's fresh
+    tokens instead of concatenated (a copy of every token): same logits and intermediates as
+    with gradients on, where timm's concatenation runs."""
+    from torch.profiler import ProfilerActivity, profile
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    counts, results = [], []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits = model(x)
+            final, intermediates = model.forward_intermediates(x)
+        counts.append(sum(e.count for e in prof.key_averages() if e.key == "aten::cat"))
+        results.append([logits, *final, *intermediates])
+    for with_grad, without in zip(*results):
+        assert torch.equal(with_grad.detach(), without)
+    # two forwards, one concatenation per branch per stage fewer each
+    assert counts[0] - counts[1] == 2 * len(model.blocks) * model.num_branches, counts
