@@ -253,7 +253,7 @@ class Attention(nn.Module):
         # as unbind(2) then transpose: their gradients then stack straight into qkv's layout,
         # where timm's permute(2, 0, 3, 1, 4).unbind(0) stacks them and copies once more.
         q, k, v = (t.transpose(1, 2) for t in
-                   self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2))
+                   self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
