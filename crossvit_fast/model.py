@@ -82,13 +82,17 @@ class MultiScaleBlock(NotScriptable, nn.Module):
 
     def _with_cls(self, i: int, cls: Tensor, tokens: Tensor) -> Tensor:
         """``[cls ‖ tokens[:, 1:]]`` for branch ``i``: timm's concatenation (a copy of every
-        token), or, where nothing records the operation (inference in eager mode) and
-        ``tokens`` is the fresh output of the branch's own blocks, ``cls`` written over its
-        row 0 in place. The other branch reads only ``tokens[:, 1:]``, so it sees no change."""
+        token), or, where nothing records the operation (inference in eager mode) and nobody
+        else can hold ``tokens``, ``cls`` written over its row 0 in place.
+
+        Nobody else holds it where it is the result of BlockChain's fused path (``x + mlp``,
+        made there: plain Blocks, no hooks) and no hook on the CLS projection kept the view of
+        row 0 it was given. The other branch reads only ``tokens[:, 1:]``."""
         blocks = self.blocks[i]
         if (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and type(blocks) is BlockChain and len(blocks) > 0
-                and _runs_as_written(blocks)
+                and all(type(b) is Block for b in blocks)
+                and _runs_as_written(blocks, *blocks, *self.projs[i].modules())
                 and torch.promote_types(cls.dtype, tokens.dtype) == tokens.dtype):
             tokens[:, 0:1] = cls
             return tokens

@@ -85,3 +85,25 @@ def test_dynamically_quantized_model_runs():
     quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     with torch.no_grad():
         assert rel_err(quantized(x), model(x)) < 0.1
+
+
+@pytest.mark.parametrize("where", ["last_block_output", "cls_projection_input", "skipped_block"])
+def test_tensors_a_hook_keeps_are_not_overwritten_in_inference(where):
+    """Inference writes the exchanged CLS token in place only into tokens nobody else holds:
+    a tensor a hook kept (a block's output, the CLS projection's input view, a stage input
+    passed through by a skipping hook) keeps the values it had when the hook saw it."""
+    model = small_model().eval()
+    stage = model.blocks[0]
+    kept = []
+
+    def keep(t):
+        kept.append((t, t.clone()))
+    if where == "last_block_output":
+        stage.blocks[0][-1].register_forward_hook(lambda m, args, out: keep(out))
+    elif where == "cls_projection_input":
+        stage.projs[0].register_forward_pre_hook(lambda m, args: keep(args[0]))
+    else:  # a hook that skips the branch's first block: the stage input goes through
+        stage.blocks[0][0].register_forward_hook(lambda m, args, out: keep(args[0]) or args[0])
+    with torch.no_grad():
+        model(torch.randn(2, 3, 48, 48))
+    assert kept and all(torch.equal(t, at_hook_time) for t, at_hook_time in kept)
