@@ -94,9 +94,10 @@ def _linear_input_dtype(dtype: torch.dtype, device_type: str) -> Optional[torch.
 
 def add_and_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(norm(x + residual), x + residual)`` (``(norm(x), x)`` without a residual), in one fused
-    pass when ``norm`` is a LayerNorm (see :func:`_fuse_block_norm` for when), for a norm that feeds a Linear: under autocast the normalized result comes out in the
-    autocast dtype, the bits the Linear's own cast of the fp32 result would give, without that
-    extra pass over the tokens."""
+    pass when ``norm`` is a LayerNorm (see :func:`_fuse_block_norm` for when), for a norm that
+    feeds a Linear: under autocast the normalized result comes out in the autocast dtype, the
+    bits the Linear's own cast of the fp32 result would give, without that extra pass over the
+    tokens."""
     if _fuse_block_norm(norm, x):
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,

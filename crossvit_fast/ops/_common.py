@@ -84,9 +84,10 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
 
 
 class _NotDifferentiable(torch.autograd.Function):
-    """Aliases of ``results`` whose backward raises ``message``, linked to ``inputs`` (the
-    backward's incoming gradients and saved tensors) so that every second-order gradient that
-    would flow through them reaches the error, whichever tensors it is taken for."""
+    """``apply(message, n, *results, *sources)``: aliases of the ``n`` results whose backward
+    raises ``message``, linked to ``sources`` (the backward's incoming gradients and saved
+    tensors) so that every second-order gradient that would flow through the results reaches
+    the error, whichever tensors it is taken for."""
 
     @staticmethod
     def forward(message: str, num_results: int, *tensors: Tensor):
