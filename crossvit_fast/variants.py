@@ -1,7 +1,7 @@
 """The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from .checkpoint import load_checkpoint, pretrained_path
 from .model import CrossViT
@@ -35,7 +35,7 @@ MODEL_ARGS: Dict[str, dict] = {
 }
 
 
-def pretrained_cfg(name: str) -> dict:
+def default_cfg(name: str) -> dict:
     """timm's default config of variant ``name`` (input size, normalisation, hub id, ...)."""
     dagger = "dagger" in name
     res = 408 if name.endswith("408") else 240
@@ -57,29 +57,36 @@ _TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
-                 cache_dir: Optional[str] = None, pretrained_cfg_overlay: Optional[dict] = None,
-                 **kwargs) -> CrossViT:
+                 cache_dir: Optional[str] = None, pretrained_cfg: Union[str, dict, None] = None,
+                 pretrained_cfg_overlay: Optional[dict] = None, **kwargs) -> CrossViT:
     """Build variant ``name`` (or ``name.in1k``); ``kwargs`` override its arguments as in
     ``timm.create_model``, which also drops the ones that are None.
 
-    ``checkpoint_path`` loads a ``.safetensors`` or ``torch.save`` file (timm or official IBM key
-    style; a training checkpoint's EMA weights first, as timm) strictly; ``pretrained=True``
-    fetches timm's published weights from the Hugging Face Hub (or its local cache,
-    ``cache_dir``), or ``pretrained_cfg_overlay=dict(file=...)``'s file; with another
-    ``num_classes`` the pretrained head is left out, and with another ``in_chans`` the first
-    convs are adapted, as in timm.
+    The pretrained config (timm's, a ``pretrained_cfg`` dict or tag, then
+    ``pretrained_cfg_overlay``) sets the defaults of ``num_classes``, ``in_chans`` and
+    ``img_size`` (from its ``input_size``), as timm's builder does. ``checkpoint_path`` loads a
+    ``.safetensors`` or ``torch.save`` file (timm or official IBM key style; a training
+    checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` fetches timm's
+    published weights from the Hugging Face Hub (or its local cache, ``cache_dir``), or the
+    config's ``file``; with another ``num_classes`` the pretrained head is left out, and with
+    another ``in_chans`` the first convs are adapted, as in timm.
     """
     variant, _, tag = name.partition(".")
     if variant not in MODEL_ARGS:
         raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
+    if isinstance(pretrained_cfg, str):
+        tag, pretrained_cfg = pretrained_cfg, None
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
     if kwargs.pop("features_only", False):
         raise NotImplementedError("create_model: features_only is not supported; use "
                                   "model.forward_intermediates(x, indices=...) for the per-block features")
-    model = CrossViT(**dict(MODEL_ARGS[variant], **kwargs))
-    cfg = dict(pretrained_cfg(variant), **(pretrained_cfg_overlay or {}))
+    kwargs.pop("out_indices", None)   # a features_only argument; timm drops it without one too
+    if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
+        pretrained_cfg = pretrained_cfg.to_dict()   # timm's PretrainedCfg
+    cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
+    model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
         path = cfg.get("file") or pretrained_path(variant, cache_dir)
@@ -88,3 +95,22 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     return model
+
+
+def _defaults_from_cfg(cfg: dict) -> dict:
+    """The model arguments a pretrained config implies, as timm's builder takes them:
+    ``num_classes`` (unless negative), ``global_pool``, and from ``input_size`` ``in_chans`` and,
+    for a fixed input size, ``img_size``."""
+    defaults = {}
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        defaults["num_classes"] = cfg["num_classes"]
+    if cfg.get("global_pool") is not None:
+        defaults["global_pool"] = cfg["global_pool"]
+    input_size = cfg.get("input_size")
+    if input_size is not None:
+        if len(input_size) != 3:
+            raise ValueError(f"pretrained_cfg: input_size must be (channels, height, width), got {input_size!r}")
+        defaults["in_chans"] = input_size[0]
+        if cfg.get("fixed_input_size", False):
+            defaults["img_size"] = tuple(input_size[-2:])
+    return defaults

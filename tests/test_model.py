@@ -381,3 +381,20 @@ def test_inference_writes_the_cls_token_in_place_with_the_same_result(fused_cls_
         assert torch.equal(with_grad.detach(), without)
     # two forwards, one concatenation per branch per stage fewer each
     assert counts[0] - counts[1] == 2 * len(model.blocks) * model.num_branches, counts
+
+
+def test_create_model_takes_the_model_defaults_from_the_pretrained_config():
+    """As timm's builder: the config (a dict or tag, then the overlay) sets num_classes,
+    in_chans and img_size unless given; out_indices without features_only is dropped."""
+    model = create_model("crossvit_tiny_240", pretrained_cfg_overlay=dict(num_classes=5))
+    assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5
+    model = create_model("crossvit_tiny_240", pretrained_cfg=dict(input_size=(1, 120, 120)),
+                         num_classes=7, out_indices=(1, 2))
+    assert (model.num_classes, model.in_chans, model.img_size) == (7, 1, (120, 120))
+    assert model(torch.randn(1, 1, 120, 120)).shape == (1, 7)
+    assert create_model("crossvit_tiny_240", pretrained_cfg="in1k").pretrained_cfg["tag"] == "in1k"
+    with pytest.raises(ValueError, match="unknown pretrained tag"):
+        create_model("crossvit_tiny_240", pretrained_cfg="in21k")
+    # negative num_classes in the config (timm train.py's --pretrained-path form) is not passed on
+    model = create_model("crossvit_tiny_240", pretrained_cfg_overlay=dict(num_classes=-1))
+    assert model.num_classes == 1000
