@@ -140,13 +140,14 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
 
     Under ``torch.jit.trace`` the Triton and CUDA backends also take the custom op: the trace
     records one op call, where their kernel launches could not be recorded. The PyTorch backend
-    keeps the eager path, so that its trace is ATen ops alone, which a process without
-    crossvit_fast (libtorch, ONNX export) can load.
+    runs the forward itself, with or without gradients (its ATen ops are differentiable as
+    they are), so that its trace is ATen ops alone, which a process without crossvit_fast
+    (libtorch, ONNX export) can load; the eager Function would be an unsaveable Python op.
     """
     if torch.compiler.is_compiling():
         return custom_op
-    if torch.jit.is_tracing() and backend_impl(backend, device) is not torch_backend:
-        return custom_op
+    if torch.jit.is_tracing():
+        return forward if backend_impl(backend, device) is torch_backend else custom_op
     return eager if torch.is_grad_enabled() else forward
 
 
