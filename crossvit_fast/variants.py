@@ -40,8 +40,9 @@ def default_cfg(name: str) -> dict:
     dagger = "dagger" in name
     res = 408 if name.endswith("408") else 240
     first_conv = ("patch_embed.0.proj.0", "patch_embed.1.proj.0") if dagger else ("patch_embed.0.proj", "patch_embed.1.proj")
-    return dict(architecture=name, tag="in1k", hf_hub_id=f"timm/{name}.in1k", num_classes=1000,
-                input_size=(3, res, res), pool_size=None, crop_pct=1.0 if res == 408 else 0.875,
+    return dict(url="", hf_hub_id=f"timm/{name}.in1k", architecture=name, tag="in1k",
+                custom_load=False, num_classes=1000, input_size=(3, res, res), pool_size=None,
+                crop_pct=1.0 if res == 408 else 0.875, crop_mode="center",
                 interpolation="bicubic", mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
                 fixed_input_size=True, first_conv=first_conv, classifier=("head.0", "head.1"),
                 license="apache-2.0")
