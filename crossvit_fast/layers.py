@@ -80,7 +80,9 @@ def _fuse_block_norm(norm: nn.Module, x: Tensor) -> bool:
     copy bandwidth forward and 83% forward+backward against the fused op's 93% and 60%
     (bench/results/kernels-nvidia-h100-80gb-hbm3.md), and it costs no custom-op call on the host.
     """
-    return (x.numel() >= FUSED_NORM_MIN_ELEMENTS and not torch.compiler.is_compiling()
+    # is_compiling first: under the compiler the size test would add a shape guard (and a
+    # recompile across the threshold with dynamic shapes) for a decision that is already made
+    return (not torch.compiler.is_compiling() and x.numel() >= FUSED_NORM_MIN_ELEMENTS
             and _fusable_norm(norm))
 
 

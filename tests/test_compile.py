@@ -133,3 +133,67 @@ def test_jit_script_says_what_works_instead(module):
          "block_in_sequential": lambda: torch.nn.Sequential(layers.Block(16, 2))}[module]()
     with pytest.raises(NotImplementedError, match="torch.jit.trace.*torch.export"):
         torch.jit.script(m)
+
+
+class _GraphRecorder:
+    """A torch.compile backend that keeps every graph dynamo hands it and runs it as traced."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _train_step(model, x):
+    model(x).float().square().mean().backward()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_one_graph_without_breaks(mode):
+    """The whole model is one graph, training (forward and backward) and inference, with no
+    graph break: on torch 2.11 a call dynamo could not trace (torch.amp.is_autocast_available)
+    split crossvit_18_240's forward into 24 graphs."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = small_model().train(mode == "train")
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, backend=recorder)   # not fullgraph: a break shows as a count
+    x = torch.randn(2, 3, 48, 48)
+    for _ in range(2):
+        if mode == "train":
+            _train_step(compiled, x)
+        else:
+            with torch.no_grad():
+                compiled(x)
+    assert len(recorder.graphs) == 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_no_recompiles_across_steps_modes_and_autocast():
+    """Each of train/eval × autocast off/on compiles once; going back and forth between them, and
+    more steps in each, compile nothing new. A new batch size compiles one dynamic-shape graph
+    that then serves every other batch size."""
+    torch._dynamo.reset()
+    model = small_model()
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    x = torch.randn(2, 3, 48, 48)
+
+    def run(training: bool, autocast: bool, batch: torch.Tensor = x):
+        compiled.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if training:
+                _train_step(compiled, batch)
+            else:
+                with torch.no_grad():
+                    compiled(batch)
+
+    settings = [(t, a) for a in (False, True) for t in (True, False)]
+    for training, autocast in settings * 2:
+        run(training, autocast)
+    assert len(recorder.graphs) == len(settings)
+    for batch in (3, 4, 5):
+        run(True, False, torch.randn(batch, 3, 48, 48))
+    assert len(recorder.graphs) == len(settings) + 1

@@ -45,8 +45,14 @@ def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast casts to on ``device_type``, or None where it is off. Devices that
     autocast does not know (``meta``, used for shape and FLOP counting) count as off, where
-    ``torch.is_autocast_enabled`` would raise."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    ``torch.is_autocast_enabled`` would raise.
+
+    That availability check is skipped while ``torch.compile`` traces: dynamo 2.11 cannot trace
+    ``torch.amp.is_autocast_available`` and broke the graph at every call (24 graphs for one
+    crossvit_18_240 forward), and traced tensors are never on the meta device."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
