@@ -12,6 +12,7 @@ import os
 import torch
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.jit import JITFunction
 
 # Read once, as triton.jit does when it decorates the kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,3 +62,19 @@ def contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def unit_last_stride(t: Tensor) -> Tensor:
     """``t`` itself when its last dim is contiguous, else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def direct(kernel):
+    """The kernel as it is: launched at once (every eager call)."""
+    return kernel
+
+
+def traced(kernel):
+    """The kernel as ``torch.compile`` records it inside a ``torch.library.triton_op`` body:
+    ``wrap_triton(kernel)``, so that the compiled graph holds the launch and inductor makes it
+    from its own generated code (no Python op call, CUDA-graph trees capture it). Outside a
+    trace ``wrap_triton`` hands back the kernel itself. A kernel that Triton's CPU interpreter
+    runs cannot be recorded (torch 2.11's ``wrap_triton`` refuses it): it is returned as it is,
+    for the eager calls of the op that the tests make."""
+    from torch.library import wrap_triton
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import (LOW_PRECISION_DOT, acc_dtype, cdiv, contiguous_as, next_power_of_2, num_sms,
-                      tl_dtypes, unit_last_stride)
+from ._launch import (LOW_PRECISION_DOT, acc_dtype, cdiv, contiguous_as, direct, next_power_of_2,
+                      num_sms, tl_dtypes, unit_last_stride)
 
 # A split of the token axis gets at least about this many tokens.
 MIN_SPLIT_TOKENS = 64
@@ -259,11 +259,12 @@ def _attn_pool_combine_kernel(out_ptr, m_ptr, l_ptr, gamma_ptr, beta_ptr, z_ptr,
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None,
-                  splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                  splits: Optional[int] = None, launch=direct) -> Tuple[Tensor, Tensor]:
     """``(z [B, H, C], lse [B, H])`` in the accumulation dtype; see ``torch_backend.attn_pool_fwd``.
 
     ``dot_dtype`` (fp16/bf16) lets fp32 tokens meet the tensor cores (see :func:`_tl_dtypes`);
-    ``splits`` forces the number of token splits (default: the heuristic of :func:`_splits`).
+    ``splits`` forces the number of token splits (default: the heuristic of :func:`_splits`);
+    ``launch`` makes each kernel launchable (``_launch.traced`` inside a ``triton_op``).
     """
     B, N, C = patches.shape
     H = kt.shape[1]
@@ -279,16 +280,16 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
         out, m, l = z, lse, lse
     else:
         out = x0.new_empty((B, S, H, C), dtype=acc)
-        m, l = x0.new_empty((2, B, S, H), dtype=acc)
+        m, l = x0.new_empty((B, S, H), dtype=acc), x0.new_empty((B, S, H), dtype=acc)
     if B == 0:
         return z, lse
-    _attn_pool_fwd_kernel[(B, S)](
+    launch(_attn_pool_fwd_kernel)[(B, S)](
         x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
         x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
         H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N,
         FINAL=S == 1, num_warps=num_warps, num_stages=1)
     if S > 1:
-        _attn_pool_combine_kernel[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
+        launch(_attn_pool_combine_kernel)[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
                                           BLOCK_S=next_power_of_2(S), BLOCK_C=block_c,
                                           num_warps=4)
     return z, lse
@@ -296,8 +297,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float,
-                  dot_dtype: Optional[torch.dtype] = None, splits: Optional[int] = None
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  dot_dtype: Optional[torch.dtype] = None, splits: Optional[int] = None,
+                  launch=direct) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx0, dpatches, dkt, dgamma, dbeta)``; see ``torch_backend.attn_pool_bwd``. ``dot_dtype``
     must be the forward's, so that the scores recomputed here are the forward's."""
     B, N, C = patches.shape
@@ -314,10 +315,10 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     if B == 0:
         return dx0, dpatches, x0.new_empty((0, H, C), dtype=acc), *x0.new_zeros((2, C), dtype=acc)
     dkt = x0.new_empty((B, S, H, C), dtype=acc)
-    dgamma, dbeta = x0.new_empty((2, B * S, C), dtype=acc)
+    dgamma, dbeta = x0.new_empty((B * S, C), dtype=acc), x0.new_empty((B * S, C), dtype=acc)
     # One token tile in flight (num_stages=1): pipelining keeps several [BLOCK_N, BLOCK_C] tiles
     # in shared memory, which took fp32 rows of 448 columns past an H100's 227 KB.
-    _attn_pool_bwd_kernel[(B, S)](
+    launch(_attn_pool_bwd_kernel)[(B, S)](
         x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, dkt, dgamma, dbeta,
         N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
         kt.stride(0), kt.stride(1), dz.stride(0), dz.stride(1),

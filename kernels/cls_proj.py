@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import (acc_dtype, cdiv, contiguous_as, next_power_of_2, tl_dtypes,
+from ._launch import (acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, tl_dtypes,
                       unit_last_stride)
 
 BLOCK_M = 16      # rows per program: the smallest tl.dot
@@ -114,7 +114,7 @@ def _prepare(x: Tensor, *params: Tensor):
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
-                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                 eps: float, launch=direct) -> Tuple[Tensor, Tensor, Tensor]:
     """``(y [M, Cout], mean [M], rstd [M])``; see ``torch_backend.cls_proj_fwd``."""
     M, Cin = x.shape
     Cout = weight.shape[0]
@@ -122,7 +122,7 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     y = x.new_empty((M, Cout))
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
     block_cin = max(16, next_power_of_2(Cin))
-    _cls_proj_fwd_kernel[(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))](
+    launch(_cls_proj_fwd_kernel)[(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))](
         x, ln_weight, ln_bias, weight, bias, y, mean, rstd, M, Cin, Cout, x.stride(0), eps,
         BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=min(BLOCK_K, block_cin), BLOCK_CIN=block_cin,
         ACC=ACC, DOT=DOT, num_warps=4)
@@ -130,7 +130,8 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
 
 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
-                 mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 mean: Tensor, rstd: Tensor, launch=direct
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dln_weight, dln_bias, dweight, dbias)``; see ``torch_backend.cls_proj_bwd``."""
     M, Cin = x.shape
     Cout = weight.shape[0]
@@ -141,8 +142,8 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     programs = cdiv(M, BLOCK_M)
     dx = x.new_empty((M, Cin))
     act = x.new_empty((M, Cin), dtype=acc)
-    dlnw, dlnb = x.new_empty((2, programs, Cin), dtype=acc)
-    _cls_proj_bwd_kernel[(programs,)](
+    dlnw, dlnb = x.new_empty((programs, Cin), dtype=acc), x.new_empty((programs, Cin), dtype=acc)
+    launch(_cls_proj_bwd_kernel)[(programs,)](
         dy, x, ln_weight, ln_bias, weight, mean, rstd, dx, act, dlnw, dlnb, M, Cin, Cout,
         dy.stride(0), x.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_O=max(16, min(64, 8192 // block_cin)), BLOCK_CIN=block_cin,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import acc_dtype, cdiv, contiguous_as, next_power_of_2, num_sms, unit_last_stride
+from ._launch import acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, num_sms, unit_last_stride
 
 
 @functools.lru_cache(maxsize=None)   # called on every launch: cached per width
@@ -92,7 +92,7 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   eps: float, out_dtype: Optional[torch.dtype] = None, launch=direct
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` for ``[M, C]`` rows; see ``torch_backend.layer_norm_fwd``.
     Without a residual, ``h`` is ``x`` itself; ``x`` and ``residual`` are each read in their own
@@ -107,7 +107,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     y = x.new_empty((M, C), dtype=out_dtype or dtype)
     h = x if res is None else x.new_empty((M, C), dtype=dtype)
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
-    _layer_norm_fwd_kernel[(cdiv(M, rows),)](
+    launch(_layer_norm_fwd_kernel)[(cdiv(M, rows),)](
         xr, xr if res is None else res, weight, bias, y, h, mean, rstd, M, C,
         xr.stride(0), (xr if res is None else res).stride(0), eps,
         ROWS=rows, BLOCK_C=block_c, HAS_RES=res is not None,
@@ -116,7 +116,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
-                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                   rstd: Tensor, launch=direct) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``; see ``torch_backend.layer_norm_bwd``."""
     M, C = h.shape
     acc = acc_dtype(h.dtype)
@@ -126,8 +126,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     block_c, rows, num_warps = _blocks(C)
     programs = max(1, min(cdiv(M, rows), 2 * num_sms(h.device)))
     dx = h.new_empty((M, C))
-    dw, db = h.new_empty((2, programs, C), dtype=acc)
-    _layer_norm_bwd_kernel[(programs,)](
+    dw, db = h.new_empty((programs, C), dtype=acc), h.new_empty((programs, C), dtype=acc)
+    launch(_layer_norm_bwd_kernel)[(programs,)](
         dy, dy if dh is None else dh, hr, weight, mean, rstd, dx, dw, db, M, C,
         dy.stride(0), (dy if dh is None else dh).stride(0), hr.stride(0),
         ROWS=rows, BLOCK_C=block_c, HAS_DH=dh is not None,

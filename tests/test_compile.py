@@ -197,3 +197,211 @@ def test_no_recompiles_across_steps_modes_and_autocast():
     for batch in (3, 4, 5):
         run(True, False, torch.randn(batch, 3, 48, 48))
     assert len(recorder.graphs) == len(settings) + 1
+
+
+# ---- the Triton backend's kernels as the compiler sees them (triton_op + wrap_triton) --------
+
+triton_here = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                                 reason="the Triton backend cannot run here")
+
+
+def _float64_leaves(*shapes, views=()):
+    return [torch.randn(*s, dtype=torch.float64, device=DEVICE).requires_grad_() for s in shapes]
+
+
+def _outputs_and_grads(op, args):
+    """``op(*args)``'s tensor outputs and the gradients of its tensor inputs that require grad,
+    for one fixed random weighting of the differentiable outputs."""
+    outs = op(*args)
+    outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    torch.manual_seed(1)
+    loss = sum((o * torch.randn_like(o)).sum() for o in outs if o.requires_grad)
+    return outs, torch.autograd.grad(loss, wrt, allow_unused=True)
+
+
+def _triton_op_cases():
+    B, N, C, H, M, Cout = 3, 5, 24, 2, 6, 40
+    x0, patches, kt, gamma, beta, wk_bias = _float64_leaves((B, C), (B, N, C), (B, H, C), (C,), (C,), (C,))
+    rows, residual, w, b = _float64_leaves((M, C), (M, C), (C,), (C,))
+    weight, bias = _float64_leaves((Cout, C), (Cout,))
+    ops_ = torch.ops.crossvit_fast
+    return {
+        "attn_pool": (ops_.attn_pool, ops_.attn_pool_triton,
+                      [x0, patches, kt, gamma, beta, wk_bias, 1e-6, None]),
+        "add_layer_norm": (ops_.layer_norm, ops_.layer_norm_triton,
+                           [rows, residual, w, b, 1e-6, None]),
+        "layer_norm": (ops_.layer_norm, ops_.layer_norm_triton, [rows, None, w, b, 1e-6, None]),
+        "cls_proj": (ops_.cls_proj, ops_.cls_proj_triton, [rows, w, b, weight, bias, 1e-6]),
+    }
+
+
+@triton_here
+@pytest.mark.parametrize("name", ["attn_pool", "add_layer_norm", "layer_norm", "cls_proj"])
+def test_triton_ops_compute_what_the_custom_ops_compute(name):
+    """The triton_op form of each op (what torch.compile decomposes into kernel launches), run
+    eagerly, gives the PyTorch backend's outputs and gradients in float64, through its own
+    registered backward op."""
+    custom_op, triton_op, args = _triton_op_cases()[name]
+    got, got_grads = _outputs_and_grads(triton_op, args + ["triton"])
+    want, want_grads = _outputs_and_grads(custom_op, args + ["torch"])
+    for g, w in zip(got, want):
+        assert g.numel() == 0 or rel_err(g, w) < 1e-10
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None) and (g is None or rel_err(g, w) < 1e-10)
+    torch.library.opcheck(triton_op, args + ["triton"],
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.fixture
+def compilable_triton(monkeypatch):
+    """The kernels as a GPU machine holds them (Triton's JITFunction, which the compiler can
+    record, in place of the CPU interpreter's InterpretedFunction), and the backend saying so.
+    Graphs can then be traced here, not run: the kernels cannot execute without a GPU."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from crossvit_fast.backends import triton_backend
+    from crossvit_fast.kernels import attn_pool, cls_proj, layer_norm
+    for module in (attn_pool, cls_proj, layer_norm):
+        for name, fn in list(vars(module).items()):
+            if isinstance(fn, InterpretedFunction):     # kernels and the helpers they call
+                monkeypatch.setattr(module, name, JITFunction(fn.fn))
+    monkeypatch.setattr(triton_backend, "recordable", lambda: True)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Traced(Exception):
+    """Raised instead of running a captured graph."""
+
+
+def _joint_graph(fn, *args):
+    """The forward+backward graph that AOTAutograd hands the compiler for ``fn(*args)``."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import default_partition
+    captured = []
+
+    def partition(joint, inputs, **kwargs):
+        captured.append(joint)
+        return default_partition(joint, inputs, **kwargs)
+
+    def no_run(gm, example_inputs):
+        def run(*a):
+            raise _Traced
+        return run
+    backend = aot_autograd(fw_compiler=no_run, bw_compiler=no_run, partition_fn=partition)
+    with pytest.raises(_Traced):
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return captured[0].graph
+
+
+def _kernels_and_ops(graph):
+    """The Triton kernels launched in ``graph`` (by name) and its ``crossvit_fast::`` op calls."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    kernels, ops_ = set(), set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if "triton_kernel_wrapper" in str(node.target):
+            kernels.add(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+        elif "crossvit_fast" in str(node.target):
+            ops_.add(str(node.target))
+    return kernels, ops_
+
+
+@triton_here
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_training_step_launches_the_triton_kernels(compilable_triton, fused_cls_projection):
+    """Under torch.compile the Triton backend's token pass (and the CLS projection where it is
+    fused) are kernel launches in the graph the compiler optimizes, forward and backward, with
+    no opaque crossvit_fast op left: inductor launches them from its own generated code."""
+    model = small_model().train()
+    with crossvit_fast.use_backend("triton"):
+        kernels, custom_ops = _kernels_and_ops(
+            _joint_graph(lambda x: model(x).square().mean(), torch.randn(2, 3, 48, 48)))
+    assert not custom_ops, custom_ops
+    expected = {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"}
+    if fused_cls_projection:
+        expected |= {"_cls_proj_fwd_kernel", "_cls_proj_bwd_kernel"}
+    assert kernels == expected
+
+
+@triton_here
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_layer_norm_launches_the_triton_kernels(compilable_triton):
+    x, residual = torch.randn(6, 24, requires_grad=True), torch.randn(6, 24, requires_grad=True)
+    w, b = torch.ones(24, requires_grad=True), torch.zeros(24, requires_grad=True)
+
+    def step(x, residual):
+        y, h = crossvit_fast.ops.add_layer_norm(x, residual, w, b, backend="triton")
+        return (y * h).sum()
+    kernels, custom_ops = _kernels_and_ops(_joint_graph(step, x, residual))
+    assert not custom_ops, custom_ops
+    assert kernels == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}
+
+
+# ---- on a GPU: inductor's own code launches the kernels; CUDA-graph trees capture them ---------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_inductor_launches_the_triton_kernels_itself(mode, caplog):
+    """inductor's generated code holds the token-pass kernels (no crossvit_fast op call), the
+    compiler could read which tensors each kernel writes (else it clones every input of every
+    launch), and the compiled model matches eager."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    model = small_model().cuda().train(mode == "train")
+    x = torch.randn(8, 3, 48, 48, device="cuda")
+
+    def step(m):
+        out = m(x)
+        if mode == "train":
+            out.square().mean().backward()
+            return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        return out.detach(), {}
+
+    with crossvit_fast.use_backend("triton"), caplog.at_level("WARNING"):
+        (got, got_grads), codes = run_and_get_code(step, torch.compile(model, fullgraph=True))
+        model.zero_grad()
+        want, want_grads = step(model)
+    code = "\n".join(codes)
+    assert "_attn_pool_fwd_kernel" in code and ("_attn_pool_bwd_kernel" in code) == (mode == "train")
+    assert "torch.ops.crossvit_fast" not in code      # no opaque op call left
+    assert "assuming every input is mutated" not in caplog.text
+    assert rel_err(got, want) < 1e-4
+    for name, g in want_grads.items():
+        assert rel_err(got_grads[name], g) < 1e-4, name
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_reduce_overhead_captures_cuda_graphs(mode):
+    """mode="reduce-overhead" replays CUDA graphs of the whole compiled model (none skipped)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = small_model().cuda().train(mode == "train")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(8, 3, 48, 48, device="cuda")
+    with crossvit_fast.use_backend("triton"), torch.set_grad_enabled(mode == "train"):
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x)
+            if mode == "train":
+                out.square().mean().backward()
+        want = model(x)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    assert rel_err(out.detach(), want.detach()) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("name", ["attn_pool", "add_layer_norm", "layer_norm", "cls_proj"])
+def test_triton_ops_pass_every_opcheck(name):
+    """On a GPU the triton_op forms pass every opcheck, the fake-tensor and AOT ones included
+    (their fake is their body, whose launches are recorded, not run)."""
+    _, triton_op, args = _triton_op_cases()[name]
+    torch.library.opcheck(triton_op, args + ["triton"])

@@ -382,7 +382,7 @@ def test_a_backward_that_does_not_fit_sends_its_forward_to_torch_too(monkeypatch
 
     forwards = []
     real_fwd = attn_pool.attn_pool_fwd
-    monkeypatch.setattr(attn_pool, "attn_pool_fwd", lambda *a: forwards.append(1) or real_fwd(*a))
+    monkeypatch.setattr(attn_pool, "attn_pool_fwd", lambda *a, **k: forwards.append(1) or real_fwd(*a, **k))
     monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
     monkeypatch.setattr(tb, "_does_not_fit", set())
     x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))

@@ -3,10 +3,17 @@
 
 Triton runs CUDA tensors compiled, and CPU tensors only in its interpreter (``TRITON_INTERPRET=1``
 set before Triton is first imported), which is how the tests exercise it on machines without a GPU.
+
+Each primitive takes ``launch``: how each kernel is launched. Eager calls launch at once;
+:data:`TRACED` holds the same primitives launched through ``wrap_triton``, for the bodies of the
+``triton_op`` s that ``torch.compile`` decomposes into the kernel launches themselves (see
+:mod:`crossvit_fast.ops`).
 """
 from __future__ import annotations
 
+import functools
 import os
+import types
 import warnings
 from typing import Optional, Tuple
 
@@ -23,6 +30,7 @@ else:
     from triton.runtime.errors import OutOfResources
 
     from ..kernels import _launch, attn_pool, cls_proj, layer_norm
+    from ..kernels._launch import direct
 
 # (C, heads, dtype, dot dtype) of the cross-attention shapes whose Triton kernels did not fit
 # the GPU: they go straight to torch after the first failure instead of failing (and warning)
@@ -48,6 +56,12 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
+def recordable() -> bool:
+    """Whether ``torch.compile`` can record the kernels' launches (:data:`TRACED`): where
+    Triton compiles them, not where its CPU interpreter runs them."""
+    return triton is not None and not _launch.INTERPRET
+
+
 def _torch_when_out_of_resources(what: str, key: tuple, kernel_call, torch_call):
     """``kernel_call()``; if Triton cannot fit the kernel on this GPU (shared memory or
     registers for very wide rows), warn once for ``key`` and run ``torch_call()`` from then on."""
@@ -65,39 +79,57 @@ def _torch_when_out_of_resources(what: str, key: tuple, kernel_call, torch_call)
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
-                  eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                  eps: float, dot_dtype: Optional[torch.dtype] = None, launch=None
+                  ) -> Tuple[Tensor, Tensor]:
     return _torch_when_out_of_resources(
         "cross-attention forward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
-        lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype),
+        lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype,
+                                        launch=launch or direct),
         lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps))
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float,
-                  dot_dtype: Optional[torch.dtype] = None
+                  dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _torch_when_out_of_resources(
         "cross-attention backward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
-        lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype),
+        lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype,
+                                        launch=launch or direct),
         lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps))
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   eps: float, out_dtype: Optional[torch.dtype] = None
+                   eps: float, out_dtype: Optional[torch.dtype] = None, launch=None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
+    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype, launch or direct)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
-                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    return layer_norm.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
+                   rstd: Tensor, launch=None) -> Tuple[Tensor, Tensor, Tensor]:
+    return layer_norm.layer_norm_bwd(dy, dh, h, weight, mean, rstd, launch or direct)
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
-                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return cls_proj.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+                 eps: float, launch=None) -> Tuple[Tensor, Tensor, Tensor]:
+    return cls_proj.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps, launch or direct)
 
 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
-                 mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)
+                 mean: Tensor, rstd: Tensor, launch=None
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, launch or direct)
+
+
+def _traced_primitives() -> Optional[types.SimpleNamespace]:
+    """The six primitives with every kernel launched through ``wrap_triton`` (see
+    ``kernels._launch.traced``); None where Triton is missing."""
+    if triton is None:
+        return None
+    primitives = (attn_pool_fwd, attn_pool_bwd, layer_norm_fwd, layer_norm_bwd, cls_proj_fwd,
+                  cls_proj_bwd)
+    return types.SimpleNamespace(**{f.__name__: functools.partial(f, launch=_launch.traced)
+                                    for f in primitives})
+
+
+TRACED = _traced_primitives()

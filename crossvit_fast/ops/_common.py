@@ -138,11 +138,36 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
     return first_order
 
 
+def compiler_triton_op(name: str, body: Callable):
+    """``body`` registered as ``torch.library.triton_op`` ``name``: an op that the compiler
+    decomposes into the Triton kernel launches ``body`` records (see ``kernels._launch.traced``),
+    so that inductor runs them from its own generated code. None on a torch without
+    ``triton_op`` (before 2.6): the Triton backend then stays an opaque custom op there."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    return None if triton_op is None else triton_op(name, body, mutates_args=())
+
+
+def traced_triton() -> ModuleType:
+    """The Triton backend's primitives with their launches recorded (``triton_backend.TRACED``)."""
+    from ..backends import triton_backend
+    return triton_backend.TRACED
+
+
+@torch.compiler.assume_constant_result   # run once while tracing, not traced into
+def _compiler_sees_triton(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` runs the Triton kernels on ``device`` and the compiler can record
+    their launches (Triton compiles them; its CPU interpreter's cannot be recorded)."""
+    from ..backends import triton_backend
+    return backend_impl(backend, device) is triton_backend and triton_backend.recordable()
+
+
 def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str,
-           device: torch.device) -> Callable:
-    """What a public op calls for ``backend`` on ``device``: the custom op while
-    ``torch.compile``/``torch.export`` traces; else the eager Function, or, with gradients off
-    (inference), the forward itself (no autograd bookkeeping).
+           device: torch.device, triton_op: Optional[Callable] = None) -> Callable:
+    """What a public op calls for ``backend`` on ``device``: while ``torch.compile``/``torch.export``
+    traces, ``triton_op`` (the op's Triton form, see :func:`compiler_triton_op`) where the
+    backend is Triton and the compiler can record its kernels, else the custom op; outside a
+    trace, the eager Function, or, with gradients off (inference), the forward itself (no
+    autograd bookkeeping).
 
     Under ``torch.jit.trace`` the Triton and CUDA backends also take the custom op: the trace
     records one op call, where their kernel launches could not be recorded. The PyTorch backend
@@ -151,6 +176,8 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
     (libtorch, ONNX export) can load; the eager Function would be an unsaveable Python op.
     """
     if torch.compiler.is_compiling():
+        if triton_op is not None and _compiler_sees_triton(backend, device):
+            return triton_op
         return custom_op
     if torch.jit.is_tracing():
         return forward if backend_impl(backend, device) is torch_backend else custom_op

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ._common import (backend_impl, cast_like, check_float_tensor, check_same_device, check_vector,
-                      choose, eager_autograd, requested_backend, without_autocast)
+                      choose, compiler_triton_op, eager_autograd, requested_backend, traced_triton,
+                      without_autocast)
 
 OP = "cls_projection"
 
@@ -22,15 +23,33 @@ def _forward(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias
 
 
 @without_autocast
+def _forward_traced(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                    eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`_forward` on the Triton kernels, launched so that the compiler records them."""
+    return traced_triton().cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+@without_autocast
 def _backward_rows(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                    mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
     return list(backend_impl(backend, x.device).cls_proj_bwd(dy, x, ln_weight, ln_bias, weight,
                                                              mean, rstd))
 
 
+@without_autocast
+def _backward_rows_traced(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                          mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
+    """:func:`_backward_rows` on the Triton kernels, launched so that the compiler records them."""
+    return list(traced_triton().cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd))
+
+
 _cls_proj = torch.library.custom_op("crossvit_fast::cls_proj", _forward, mutates_args=())
 _cls_proj_backward = torch.library.custom_op("crossvit_fast::cls_proj_backward", _backward_rows,
                                              mutates_args=())
+# The Triton backend's CLS projection as the compiler sees it (None where torch has no triton_op).
+_cls_proj_triton = compiler_triton_op("crossvit_fast::cls_proj_triton", _forward_traced)
+_cls_proj_triton_backward = compiler_triton_op("crossvit_fast::cls_proj_triton_backward",
+                                               _backward_rows_traced)
 
 
 @_cls_proj.register_fake
@@ -70,6 +89,9 @@ def _gradients(backward_rows):
 
 
 _cls_proj.register_autograd(_gradients(_cls_proj_backward), setup_context=_setup_context)
+if _cls_proj_triton is not None:
+    _cls_proj_triton.register_autograd(_gradients(_cls_proj_triton_backward),
+                                       setup_context=_setup_context)
 _cls_proj_eager = eager_autograd("ClsProjectionFunction", _forward, _setup_context,
                                  _gradients(_backward_rows))
 
@@ -94,6 +116,6 @@ def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor
     check_same_device(OP, x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     rows = x.reshape(-1, c_in)
     backend = requested_backend(backend)
-    run = choose(_cls_proj, _cls_proj_eager, _forward, backend, x.device)
+    run = choose(_cls_proj, _cls_proj_eager, _forward, backend, x.device, _cls_proj_triton)
     y, _, _ = run(rows, ln_weight, ln_bias, weight, bias, float(eps), backend)
     return y.view(*x.shape[:-1], c_out)

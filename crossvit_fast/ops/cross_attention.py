@@ -7,8 +7,9 @@ mean of the LayerNorm-ed tokens (``z``), and ``Wv``/``proj`` act on that mean.
 
 Only the token pass (``attn_pool_fwd``/``attn_pool_bwd`` of the backend) is a custom op with its
 own backward. The four small per-sample products around it (q, kt, o, y) are plain torch code
-that autograd differentiates and that ``torch.compile`` traces and fuses, so a compiled model
-calls one opaque op per cross-attention, not the whole block.
+that autograd differentiates and that ``torch.compile`` traces and fuses. On the Triton backend
+the token pass is a ``triton_op`` under the compiler, which decomposes it into its kernel
+launches: inductor runs them from its own code; other backends stay one opaque op call.
 
 Under autocast the small products stay fp32 (autocast is switched off around them), while the
 token pass may run its products in the autocast dtype, as timm's K/V projections do there.
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (acc_dtype, as_dtype, autocast_dtype, backend_impl, cast_like, check_float_tensor,
-                      check_same_device, check_vector, choose, eager_autograd, requested_backend,
-                      without_autocast)
+                      check_same_device, check_vector, choose, compiler_triton_op, eager_autograd,
+                      requested_backend, traced_triton, without_autocast)
 
 OP = "cls_cross_attention"
 
@@ -34,6 +35,13 @@ OP = "cls_cross_attention"
 # ---------------------------------------------------------------------------------------------
 # The token pass: a custom op with its own backward.
 # ---------------------------------------------------------------------------------------------
+
+def _pool_forward_on(impl, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                     eps: float, dot_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    acc = acc_dtype(x0)
+    z, lse = impl.attn_pool_fwd(as_dtype(x0, patches.dtype), patches, kt, gamma, beta, eps, dot_dtype)
+    return as_dtype(z, acc).contiguous(), as_dtype(lse, acc).contiguous()
+
 
 @without_autocast
 def _pool_forward(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
@@ -47,10 +55,25 @@ def _pool_forward(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     in the patches' dtype (exact: it was cast up from there). ``wk_bias`` is not read: it
     shifts every score of a head by the same amount, which the softmax cancels, and it is
     taken only to get its exact zero gradient."""
-    acc = acc_dtype(x0)
-    z, lse = backend_impl(backend, x0.device).attn_pool_fwd(
-        as_dtype(x0, patches.dtype), patches, kt, gamma, beta, eps, dot_dtype)
-    return as_dtype(z, acc).contiguous(), as_dtype(lse, acc).contiguous()
+    return _pool_forward_on(backend_impl(backend, x0.device), x0, patches, kt, gamma, beta, eps,
+                            dot_dtype)
+
+
+@without_autocast
+def _pool_forward_traced(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                         wk_bias: Optional[Tensor], eps: float, dot_dtype: Optional[torch.dtype],
+                         backend: str) -> Tuple[Tensor, Tensor]:
+    """:func:`_pool_forward` on the Triton kernels, launched so that the compiler records them."""
+    return _pool_forward_on(traced_triton(), x0, patches, kt, gamma, beta, eps, dot_dtype)
+
+
+def _pool_backward_on(impl, dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                      beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                      dot_dtype: Optional[torch.dtype]
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    d_x0, *rest = impl.attn_pool_bwd(dz, as_dtype(x0, patches.dtype), patches, kt, gamma, beta, z,
+                                     lse, eps, dot_dtype)
+    return (as_dtype(d_x0, x0.dtype).contiguous(), *(g.contiguous() for g in rest))
 
 
 @without_autocast
@@ -60,14 +83,27 @@ def _pool_backward(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: T
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx0, dpatches, dkt, dgamma, dbeta)``, contiguous (the fakes promise so); ``dx0`` in
     ``x0``'s dtype."""
-    d_x0, *rest = backend_impl(backend, x0.device).attn_pool_bwd(
-        dz, as_dtype(x0, patches.dtype), patches, kt, gamma, beta, z, lse, eps, dot_dtype)
-    return (as_dtype(d_x0, x0.dtype).contiguous(), *(g.contiguous() for g in rest))
+    return _pool_backward_on(backend_impl(backend, x0.device), dz, x0, patches, kt, gamma, beta,
+                             z, lse, eps, dot_dtype)
+
+
+@without_autocast
+def _pool_backward_traced(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
+                          beta: Tensor, z: Tensor, lse: Tensor, eps: float,
+                          dot_dtype: Optional[torch.dtype], backend: str
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_pool_backward` on the Triton kernels, launched so that the compiler records them."""
+    return _pool_backward_on(traced_triton(), dz, x0, patches, kt, gamma, beta, z, lse, eps,
+                             dot_dtype)
 
 
 _attn_pool = torch.library.custom_op("crossvit_fast::attn_pool", _pool_forward, mutates_args=())
 _attn_pool_backward = torch.library.custom_op("crossvit_fast::attn_pool_backward", _pool_backward,
                                               mutates_args=())
+# The Triton backend's token pass as the compiler sees it (None where torch has no triton_op).
+_attn_pool_triton = compiler_triton_op("crossvit_fast::attn_pool_triton", _pool_forward_traced)
+_attn_pool_triton_backward = compiler_triton_op("crossvit_fast::attn_pool_triton_backward",
+                                                _pool_backward_traced)
 
 
 @_attn_pool.register_fake
@@ -112,6 +148,9 @@ def _gradients(pool_backward):
 
 
 _attn_pool.register_autograd(_gradients(_attn_pool_backward), setup_context=_setup_context)
+if _attn_pool_triton is not None:
+    _attn_pool_triton.register_autograd(_gradients(_attn_pool_triton_backward),
+                                        setup_context=_setup_context)
 _attn_pool_eager = eager_autograd("AttnPoolFunction", _pool_forward, _setup_context,
                                   _gradients(_pool_backward))
 
@@ -159,7 +198,8 @@ def _cross_attention(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias
     q = F.linear(F.layer_norm(x0_acc, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
                  as_dtype(wq_bias, acc))
     kt = torch.bmm(_heads_first(q, num_heads), _heads(wk_weight, num_heads, acc)) * scale
-    z, _ = choose(_attn_pool, _attn_pool_eager, _pool_forward, backend, x0.device)(
+    z, _ = choose(_attn_pool, _attn_pool_eager, _pool_forward, backend, x0.device,
+                  _attn_pool_triton)(
         x0_acc, patches, kt.transpose(0, 1), gamma, beta, wk_bias, eps, dot_dtype, backend)
     y = F.linear(_values(z, wv_weight, wv_bias, num_heads), as_dtype(proj_weight, acc),
                  as_dtype(proj_bias, acc))

@@ -9,9 +9,16 @@ import torch
 from torch import Tensor
 
 from ._common import (FLOAT_DTYPES, backend_impl, cast_like, check_float_tensor, check_same_device,
-                      check_vector, choose, eager_autograd, requested_backend, without_autocast)
+                      check_vector, choose, compiler_triton_op, eager_autograd, requested_backend,
+                      traced_triton, without_autocast)
 
 OP = "layer_norm"
+
+
+def _forward_on(impl, x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                eps: float, out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, mean, rstd = impl.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
+    return y, (h if residual is not None else x.new_empty(0)), mean, rstd
 
 
 @without_autocast
@@ -19,9 +26,15 @@ def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor
              out_dtype: Optional[torch.dtype], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, rstd)`` over rows ``[M, C]``; ``h`` is empty when there is no residual
     (an op output may not alias its input ``x``)."""
-    y, h, mean, rstd = backend_impl(backend, x.device).layer_norm_fwd(x, residual, weight, bias, eps,
-                                                                      out_dtype)
-    return y, (h if residual is not None else x.new_empty(0)), mean, rstd
+    return _forward_on(backend_impl(backend, x.device), x, residual, weight, bias, eps, out_dtype)
+
+
+@without_autocast
+def _forward_traced(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float,
+                    out_dtype: Optional[torch.dtype], backend: str
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward` on the Triton kernels, launched so that the compiler records them."""
+    return _forward_on(traced_triton(), x, residual, weight, bias, eps, out_dtype)
 
 
 @without_autocast
@@ -30,9 +43,20 @@ def _backward_rows(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor,
     return list(backend_impl(backend, h.device).layer_norm_bwd(dy, dh, h, weight, mean, rstd))
 
 
+@without_autocast
+def _backward_rows_traced(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor,
+                          mean: Tensor, rstd: Tensor, backend: str) -> List[Tensor]:
+    """:func:`_backward_rows` on the Triton kernels, launched so that the compiler records them."""
+    return list(traced_triton().layer_norm_bwd(dy, dh, h, weight, mean, rstd))
+
+
 _layer_norm = torch.library.custom_op("crossvit_fast::layer_norm", _forward, mutates_args=())
 _layer_norm_backward = torch.library.custom_op("crossvit_fast::layer_norm_backward", _backward_rows,
                                                mutates_args=())
+# The Triton backend's LayerNorm as the compiler sees it (None where torch has no triton_op).
+_layer_norm_triton = compiler_triton_op("crossvit_fast::layer_norm_triton", _forward_traced)
+_layer_norm_triton_backward = compiler_triton_op("crossvit_fast::layer_norm_triton_backward",
+                                                 _backward_rows_traced)
 
 
 @_layer_norm.register_fake
@@ -76,6 +100,9 @@ def _gradients(backward_rows):
 
 
 _layer_norm.register_autograd(_gradients(_layer_norm_backward), setup_context=_setup_context)
+if _layer_norm_triton is not None:
+    _layer_norm_triton.register_autograd(_gradients(_layer_norm_triton_backward),
+                                         setup_context=_setup_context)
 _layer_norm_eager = eager_autograd("LayerNormFunction", _forward, _setup_context,
                                    _gradients(_backward_rows))
 
@@ -108,7 +135,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     rows = x.reshape(-1, C)
     res_rows = None if residual is None else residual.reshape(-1, C)
     backend = requested_backend(backend)
-    run = choose(_layer_norm, _layer_norm_eager, _forward, backend, x.device)
+    run = choose(_layer_norm, _layer_norm_eager, _forward, backend, x.device, _layer_norm_triton)
     y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), out_dtype, backend)
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
