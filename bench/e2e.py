@@ -1,22 +1,28 @@
 """End-to-end throughput: images/s of inference and of a training step, fused model vs timm.
 
-Five implementations of each variant: ``fast`` (``crossvit_fast.CrossViT``, fused ops on the
-default backend), ``fast+graphs`` (the same replayed as a CUDA graph, inference on CUDA only),
-``fast+compile`` (the same under ``torch.compile``), ``timm`` (timm's own
-``CrossVit`` from ``timm.create_model``) and ``timm+compile``; in fp32 or under bf16/fp16
-autocast. Inference is a forward under ``no_grad``; a training step is zero_grad, forward,
-cross-entropy, backward and an SGD step (with a GradScaler under fp16). Each row has the median
-time and spread over warmed-up synchronized runs, images/s, on CUDA the GPU time of the step's
-kernels (below the median where the host is the bottleneck), the first call's seconds (the
-compilation, for the compiled implementations), the peak CUDA memory, and the achieved model
-FLOP/s (timm's FLOPs, counted once per variant with FlopCounterMode on the meta device) as a
-fraction of the matmul peak measured in the same run (bench/peaks.py).
+Each implementation of crossvit_fast has its like on timm's side, run the same way:
+``fast``/``timm`` (eager: ``crossvit_fast.CrossViT`` on the default backend, timm's own
+``CrossVit``), ``+graphs`` (the inference forward captured and replayed as one CUDA graph by
+``crossvit_fast.GraphedInference``, CUDA only), ``+compile`` (``torch.compile``, default mode)
+and ``+compile-ro`` (``mode="reduce-overhead"``: inductor with CUDA-graph trees); in fp32 or under
+bf16/fp16 autocast. Inference is a forward under ``no_grad``; a training step is zero_grad,
+forward, cross-entropy, backward and an AdamW step (with a GradScaler under fp16).
+
+Each row has two times: the median over warmed-up runs each synchronized on its own (latency),
+and the median over rounds of N steps back to back with one synchronize (throughput, as a
+training loop runs: the host may queue a step while the GPU runs the last); images/s from the
+back-to-back time; ``vs peer``, the speedup over timm run the same way (fast+compile against
+timm+compile...), the comparison that counts; on CUDA the GPU time of the step's kernels; the
+first call's seconds (the compilation); the peak CUDA memory; and the achieved model FLOP/s
+(timm's FLOPs, counted once per variant with FlopCounterMode on the meta device) as a fraction
+of the matmul peak measured in the same run (bench/peaks.py).
 
 Eager rows run first and compiled ones after, each compiled model compiled once;
 ``--compile-budget-s`` caps the seconds spent compiling, past which compiled rows are left out
 (listed under ``skipped``), so that a time limit cuts the most expensive rows first.
 
     python -m bench.e2e --preset gpu-quick      # about 3 minutes on an H100
+    python -m bench.e2e --preset compile-race   # issue 11's rows: compiled and graphed, both sides
     python -m bench.e2e --smoke                  # seconds on a CPU; writes to a temporary folder
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import crossvit_fast
 from crossvit_fast import backends
-from crossvit_fast.benchmarking import kernel_time, summarize, time_fn
+from crossvit_fast.benchmarking import back_to_back_time, kernel_time, summarize, time_fn
 from crossvit_fast.reference import naive_math
 from crossvit_fast.variants import list_models
 
@@ -43,11 +50,24 @@ from . import peaks
 from .common import (StudyResults, Stopped, environment_lines, fmt, markdown_table, out_dir, parse_dtype,
                      parse_list, pick_device, stop_on_sigterm)
 
-IMPLS = ("fast", "fast+graphs", "fast+compile", "timm", "timm+compile")
-# Compiled or eager implementations of every row; fast+graphs (a CUDA-graph replay) is for inference.
+RUN_MODES = ("", "+graphs", "+compile", "+compile-ro")
+IMPLS = tuple(f"{side}{mode}" for side in ("fast", "timm") for mode in RUN_MODES)
+# Compiled or eager implementations of every row; +graphs (a CUDA-graph replay) is for inference.
 MAIN_IMPLS = ("fast", "fast+compile", "timm", "timm+compile")
 EAGER_IMPLS = ("fast", "timm")
 MODES = ("infer", "train")
+# torch.compile's mode for each compiled implementation (None: torch's default)
+COMPILE_MODES = {"+compile": None, "+compile-ro": "reduce-overhead"}
+
+
+def peer(impl: str) -> Optional[str]:
+    """timm run the way ``impl`` runs crossvit_fast (``fast+compile`` → ``timm+compile``)."""
+    return "timm" + impl[len("fast"):] if impl.startswith("fast") else None
+
+
+def run_mode(impl: str) -> str:
+    """``impl`` without its side: ``""``, ``+graphs``, ``+compile`` or ``+compile-ro``."""
+    return impl[impl.index("+"):] if "+" in impl else ""
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class Spec:
 
     @property
     def compiled(self) -> bool:
-        return self.impl.endswith("+compile")
+        return run_mode(self.impl) in COMPILE_MODES
 
 
 def expand(variants, modes, dtypes, batches, impls) -> List[Spec]:
@@ -70,13 +90,22 @@ def expand(variants, modes, dtypes, batches, impls) -> List[Spec]:
 
 
 # --preset gpu-quick: six model compilations (the expensive part), about 3 minutes on an H100;
-# CUDA-graph replay (fast+graphs) for both inference rows.
+# CUDA-graph replay for both inference rows.
+# --preset compile-race: issue 11's targets, each against timm run the same way: the training
+# step at 128 eager and compiled, inference at 256 in every mode, batch-1 latency under CUDA
+# graphs; six compilations (the two training ones about 90 s each on an H100).
 PRESETS: Dict[str, Callable[[], List[Spec]]] = {
     "gpu-quick": lambda: (
-        expand(["crossvit_18_240"], ["infer"], ["bf16"], [256], IMPLS)
-        + expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1], IMPLS)  # batch-1 latency
+        expand(["crossvit_18_240"], ["infer"], ["bf16"], [256],
+               ("fast", "fast+graphs", "fast+compile", "timm", "timm+graphs", "timm+compile"))
+        + expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1],
+                 ("fast", "fast+graphs", "fast+compile", "timm", "timm+graphs", "timm+compile"))
         + expand(["crossvit_18_240"], ["train"], ["bf16"], [128], MAIN_IMPLS)
         + expand(list_models(), ["infer"], ["bf16"], [64], EAGER_IMPLS)),  # eager sweep, no compile
+    "compile-race": lambda: (
+        expand(["crossvit_18_240"], ["train"], ["bf16"], [128], MAIN_IMPLS)
+        + expand(["crossvit_18_240"], ["infer"], ["bf16"], [256], IMPLS)
+        + expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1], ("fast+graphs", "timm+graphs"))),
 }
 
 
@@ -108,9 +137,13 @@ def build_model(spec: Spec, timm) -> torch.nn.Module:
 
 def wrap_model(model: torch.nn.Module, spec: Spec, settings) -> torch.nn.Module:
     """``model`` as ``spec.impl`` runs it: compiled, CUDA-graph replayed, or as is."""
+    mode = run_mode(spec.impl)
     if spec.compiled:
-        return torch.compile(model, **settings.compile_options)
-    if spec.impl == "fast+graphs":
+        options = dict(settings.compile_options)
+        if COMPILE_MODES[mode] is not None:
+            options["mode"] = COMPILE_MODES[mode]
+        return torch.compile(model, **options)
+    if mode == "+graphs":   # the same capture for timm's model and ours
         return crossvit_fast.GraphedInference(model.eval())
     return model
 
@@ -142,20 +175,25 @@ def step_function(model: torch.nn.Module, spec: Spec, device: torch.device,
     dtype = parse_dtype(spec.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     x = torch.randn(spec.batch, *base.pretrained_cfg["input_size"], device=device)
+    # CUDA-graph trees replay into the same output buffers: each step starts a new generation
+    new_step = (torch.compiler.cudagraph_mark_step_begin if COMPILE_MODES.get(run_mode(spec.impl))
+                else lambda: None)
     if spec.mode == "infer":
         base.eval()
 
         def infer():
+            new_step()
             with torch.no_grad(), autocast:
                 return model(x)
         return infer
 
     base.train()
     labels = torch.randint(0, base.num_classes, (spec.batch,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def train():
+        new_step()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = F.cross_entropy(model(x), labels)
@@ -177,12 +215,14 @@ class Settings:
     compile_budget_s: Optional[float]
     matmul_n: int
     smoke: bool
+    back_to_back_steps: int
 
     def config(self) -> dict:
         """The settings as recorded in the results."""
         return dict(smoke=self.smoke, preset=self.preset, device=str(self.device), warmup=self.warmup,
                     iters=self.iters, compile=self.compile_options, compile_budget_s=self.compile_budget_s,
-                    fused_backend=backends.resolve(None, self.device), optimizer="SGD(momentum=0.9)",
+                    fused_backend=backends.resolve(None, self.device), optimizer="AdamW",
+                    back_to_back_steps=self.back_to_back_steps,
                     allow_tf32=torch.backends.cuda.matmul.allow_tf32, specs=[asdict(s) for s in self.specs])
 
 
@@ -200,7 +240,7 @@ class Runner:
         budget = self.settings.compile_budget_s
         if spec.impl.startswith("timm") and self.timm is None:
             return self.timm_reason
-        if spec.impl == "fast+graphs" and (spec.mode != "infer" or self.settings.device.type != "cuda"):
+        if run_mode(spec.impl) == "+graphs" and (spec.mode != "infer" or self.settings.device.type != "cuda"):
             return "CUDA-graph replay is for inference on a CUDA device"
         if spec.compiled and budget is not None and self.compile_spent_s >= budget:
             return f"compile budget of {budget:g} s spent"
@@ -223,14 +263,16 @@ class Runner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stats = summarize(time_fn(step, device, warmup=settings.warmup, iters=settings.iters))
+        back_to_back_s = statistics.median(back_to_back_time(step, device, steps=settings.back_to_back_steps))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         gpu_s = kernel_time(step, device, iters=3)   # host time left out; kernels replayed from
         # a CUDA graph may not be seen by the profiler (then 0, shown as —)
         if spec.variant not in self.flops:
             self.flops[spec.variant] = count_flops(spec.variant, self.timm)
         flops = self.flops[spec.variant][spec.mode] * spec.batch
-        tflops = flops / stats["median_s"] / 1e12
-        return dict(asdict(spec), images_per_s=spec.batch / stats["median_s"], **stats, gpu_s=gpu_s,
+        tflops = flops / back_to_back_s / 1e12
+        return dict(asdict(spec), images_per_s=spec.batch / back_to_back_s, **stats,
+                    back_to_back_s=back_to_back_s, gpu_s=gpu_s,
                     first_call_s=first_call_s, peak_memory_bytes=peak,
                     flops_per_image=self.flops[spec.variant][spec.mode],
                     flops_source=self.flops[spec.variant]["source"], TFLOPs=tflops,
@@ -242,17 +284,18 @@ def key(row: dict) -> tuple:
 
 
 def add_speedups(rows: List[dict]) -> None:
-    """Each row's speedup over timm eager (and over fast eager) at the same variant, mode, dtype
-    and batch; None where that row is missing."""
-    for base in ("timm", "fast"):
-        times = {key(r): r["median_s"] for r in rows if r["impl"] == base}
-        for row in rows:
-            ref = times.get(key(row))
-            row[f"vs_{base}"] = None if ref is None else ref / row["median_s"]
+    """Each row's back-to-back speedup over its peer (timm run the same way), over timm eager and
+    over fast eager, at the same variant, mode, dtype and batch; None where that row is missing."""
+    times = {(key(r), r["impl"]): r["back_to_back_s"] for r in rows}
+    for row in rows:
+        for column, impl in (("vs_peer", peer(row["impl"])), ("vs_timm", "timm"), ("vs_fast", "fast")):
+            ref = times.get((key(row), impl))
+            row[column] = None if ref is None else ref / row["back_to_back_s"]
 
 
-HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "median ms", "p10–p90 ms", "GPU ms", "vs timm",
-           "vs fast", "first call s", "peak MiB", "TFLOP/s", "% matmul peak"]
+HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "back-to-back ms", "latency ms",
+           "p10–p90 ms", "GPU ms", "vs peer", "vs timm", "vs fast", "first call s", "peak MiB", "TFLOP/s",
+           "% matmul peak"]
 
 
 def table_row(row: dict) -> List[str]:
@@ -260,8 +303,10 @@ def table_row(row: dict) -> List[str]:
     speedup = lambda v: fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
     peak = row["peak_memory_bytes"]
     return [row["variant"], row["mode"], row["dtype"], row["batch"], row["impl"], f"{row['images_per_s']:.1f}",
-            f"{row['median_s'] * 1e3:.2f}", f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
-            fmt(row["gpu_s"] * 1e3 if row.get("gpu_s") else None, ".2f"), speedup(row["vs_timm"]), speedup(row["vs_fast"]), f"{row['first_call_s']:.1f}",
+            f"{row['back_to_back_s'] * 1e3:.2f}", f"{row['median_s'] * 1e3:.2f}",
+            f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
+            fmt(row["gpu_s"] * 1e3 if row.get("gpu_s") else None, ".2f"), speedup(row.get("vs_peer")),
+            speedup(row["vs_timm"]), speedup(row["vs_fast"]), f"{row['first_call_s']:.1f}",
             fmt(None if peak is None else peak / 2 ** 20, ".0f"), f"{row['TFLOPs']:.2f}",
             f"{100 * row['flop_fraction']:.1f}%"]
 
@@ -280,7 +325,8 @@ def markdown(results: StudyResults) -> str:
         f"Measured matmul peak (this run, n={config['matmul_n']}): {matmuls}. Fused backend "
         f"{config['fused_backend']}; torch.compile {config['compile']}, compile budget {config['compile_budget_s']} s "
         f"(spent {payload.get('compile_spent_s', 0):.0f} s); {config['warmup']} warm-up + {config['iters']} "
-        f"timed runs; training step: forward, cross-entropy, backward, {config['optimizer']}; "
+        f"synchronized runs (latency) and 3 rounds of {config['back_to_back_steps']} steps back to back "
+        f"(img/s, vs columns); training step: forward, cross-entropy, backward, {config['optimizer']}; "
         f"bf16/fp16 rows run under autocast. FLOPs: {payload['flops_source']}."
         + (" (smoke run)" if config["smoke"] else "")
         + (f" **Incomplete: {payload['stopped']}.**" if payload.get("stopped") else ""),
@@ -329,14 +375,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
     compile_options = {"backend": args.compile_backend or ("aot_eager" if smoke else "inductor")}
     if args.compile_mode:
         compile_options["mode"] = args.compile_mode
-    budget = args.compile_budget_s if args.compile_budget_s is not None else (100.0 if gpu else None)
+    default_budget = 400.0 if args.preset == "compile-race" else 100.0
+    budget = args.compile_budget_s if args.compile_budget_s is not None else (default_budget if gpu else None)
     return Settings(
         device=device, specs=sorted(specs, key=lambda s: s.compiled),  # eager first; stable otherwise
         preset=args.preset,
         warmup=args.warmup if args.warmup is not None else (2 if smoke else 3),
         iters=args.iters if args.iters is not None else (2 if smoke else 20 if gpu else 5),
         compile_options=compile_options, compile_budget_s=None if budget is not None and budget < 0 else budget,
-        matmul_n=512 if smoke else 8192 if gpu else 1024, smoke=smoke)
+        matmul_n=512 if smoke else 8192 if gpu else 1024, smoke=smoke,
+        back_to_back_steps=args.steps if args.steps is not None else (2 if smoke else 10))
+
+
+def study_name(settings: Settings) -> str:
+    """The results' file stem: ``e2e`` (``e2e-smoke`` for a smoke run), ``e2e-<preset>`` for a
+    preset other than gpu-quick, so that one GPU run can write both."""
+    if settings.smoke:
+        return "e2e-smoke"
+    return "e2e" if settings.preset in (None, "gpu-quick") else f"e2e-{settings.preset}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "with --impls, compiled rows use aot_eager")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu-quick: crossvit_18_240 bf16 inference at 256 and training at 128, "
-                             "crossvit_tiny_240 fp32 batch-1 latency (every impl; fast+graphs for inference "
-                             "only), and an eager sweep of all 11 variants at bf16 batch 64 (replaces "
-                             "--variants/--modes/--dtypes/--batch-sizes/--impls)")
+                             "crossvit_tiny_240 fp32 batch-1 latency (eager, +graphs for inference, "
+                             "+compile), and an eager sweep of all 11 variants at bf16 batch 64; "
+                             "compile-race: crossvit_18_240 bf16 training at 128 (eager, +compile) and "
+                             "inference at 256 (every impl), crossvit_tiny_240 fp32 batch 1 (+graphs), "
+                             "compile budget 400 s (replaces --variants/--modes/--dtypes/--batch-sizes/--impls)")
     parser.add_argument("--device", default=None, help="auto (CUDA if present; CPU with --smoke), cpu, cuda, cuda:N")
     parser.add_argument("--variants", default=None,
                         help="comma-separated, or 'all' (default crossvit_18_240; crossvit_tiny_240 with --smoke)")
@@ -362,8 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated from {','.join(IMPLS)} (default all; fast,timm with --smoke)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 3; 2 with --smoke)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 on CUDA, 5 on CPU, 2 with --smoke)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per back-to-back round, 3 rounds (default 10; 2 with --smoke)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager with --smoke)")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the +compile rows (default: torch's default; "
+                             "+compile-ro rows always use reduce-overhead)")
     parser.add_argument("--compile-budget-s", type=float, default=None,
                         help="seconds of compilation after which compiled rows are left out "
                              "(default 100 on CUDA, none elsewhere; negative: none)")
@@ -382,7 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_peaks = dict(matmul={name: peaks.matmul_peak(settings.device, settings.matmul_n, parse_dtype(name), **timing)
                              for name in dict.fromkeys(s.dtype for s in settings.specs)})
     config = dict(settings.config(), matmul_n=settings.matmul_n)
-    results = StudyResults(out_dir(args.out, settings.smoke), "e2e-smoke" if settings.smoke else "e2e",
+    results = StudyResults(out_dir(args.out, settings.smoke), study_name(settings),
                            settings.device, config, peaks=run_peaks, timm=timm_reason or "imported",
                            flops_source="timm's model (FlopCounterMode, meta device)" if timm is not None
                            else "crossvit_fast's model under naive_math (timm not importable)", skipped=[])

@@ -45,6 +45,25 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     return times
 
 
+def back_to_back_time(fn: Callable[[], object], device: torch.device | str, steps: int = 10,
+                      rounds: int = 3, warmup: int = 3) -> List[float]:
+    """Seconds per call of ``fn`` run ``steps`` times back to back with one synchronize at the
+    end, once per round: the throughput a training loop sees, where the host may queue the next
+    step while the GPU still runs the last (unlike :func:`time_fn`, which waits for each call)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    return times
+
+
 def kernel_time(fn: Callable[[], object], device: torch.device | str, iters: int = 10) -> Optional[float]:
     """GPU seconds per call of ``fn``: the device time of every kernel (and copy) it launches,
     from the profiler, summed over ``iters`` calls after one warm-up call; None off CUDA.

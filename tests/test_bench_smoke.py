@@ -81,7 +81,7 @@ def test_e2e_smoke(tmp_path):
     for row in rows:
         check_timing(row)
         assert (row["variant"], row["dtype"], row["batch"]) == ("crossvit_tiny_240", "fp32", 1)
-        assert row["images_per_s"] == pytest.approx(1 / row["median_s"])
+        assert row["images_per_s"] == pytest.approx(1 / row["back_to_back_s"])
         assert row["TFLOPs"] > 0 and row["flop_fraction"] > 0
         assert row["peak_memory_bytes"] is None  # CPU
         assert row["vs_fast"] > 0
@@ -103,6 +103,36 @@ def test_gpu_quick_preset_counts_its_compilations():
     specs = e2e.PRESETS["gpu-quick"]()
     assert sum(s.compiled for s in specs) == 6
     assert {s.variant for s in specs if s.impl == "fast"} == set(e2e.list_models())
+
+
+def test_compile_race_preset_has_a_peer_for_every_row():
+    """Issue 11's rows: every crossvit_fast row beside timm run the same way."""
+    specs = e2e.PRESETS["compile-race"]()
+    assert sum(s.compiled for s in specs) == 6
+    rows = {(s.variant, s.mode, s.dtype, s.batch, s.impl) for s in specs}
+    for variant, mode, dtype, batch, impl in rows:
+        if impl.startswith("fast"):
+            assert (variant, mode, dtype, batch, e2e.peer(impl)) in rows
+    assert e2e.peer("fast+compile-ro") == "timm+compile-ro" and e2e.peer("timm") is None
+
+
+def test_e2e_compiled_rows_against_their_peers(tmp_path):
+    """Both compile modes on both sides (aot_eager on the CPU), each compared with its peer."""
+    argv = ["--smoke", "--modes", "infer", "--impls", "fast+compile,fast+compile-ro,timm+compile,timm+compile-ro",
+            "--iters", "2", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    payload = load(tmp_path, "e2e")
+    timm_ok = payload["timm"] == "imported"
+    rows = {r["impl"]: r for r in payload["rows"]}
+    assert set(rows) == ({"fast+compile", "fast+compile-ro", "timm+compile", "timm+compile-ro"} if timm_ok
+                         else {"fast+compile", "fast+compile-ro"})
+    for impl, row in rows.items():
+        check_timing(row)
+        assert row["back_to_back_s"] > 0 and row["images_per_s"] == pytest.approx(1 / row["back_to_back_s"])
+        if impl.startswith("fast") and timm_ok:
+            assert row["vs_peer"] == pytest.approx(rows[e2e.peer(impl)]["back_to_back_s"] / row["back_to_back_s"])
+        else:
+            assert row["vs_peer"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
