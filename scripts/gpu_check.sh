@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
-#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="tests sanitize|sanitize_triton|sanitize_cuda diagnose tune model_profile e2e kernels"] [TESTS="pytest args"] \
+#   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="ext tests sanitize|sanitize_triton|sanitize_cuda diagnose tune model_profile
+#     profile_compiled host race e2e kernels"] [TESTS="pytest args"] \
 #     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
 #     bash scripts/gpu_check.sh
 #
-# install and build the CUDA extension, then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA graphs) with
-# per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
+# install, build the CUDA extension (ext), then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA
+# graphs, torch.compile with inductor and CUDA-graph trees) with per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
 # racecheck on the CUDA ones; the end-to-end benchmark in whatever time is left before DEADLINE_S
 # once KERNELS_S is set aside (skipped under 30 s); then the kernel microbenchmark (bf16). `diagnose` runs the CUDA ops
 # outside the sanitizer with a host traceback, profiles one cross-attention call and reruns the
@@ -17,7 +18,7 @@ set -u
 # Each tensor its own cudaMalloc, so that memcheck sees accesses past a tensor, not just past a pool.
 SAN="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"
 DEADLINE_S=${DEADLINE_S:-500}
-STEPS=${STEPS:-tests sanitize kernels e2e}
+STEPS=${STEPS:-ext tests sanitize kernels e2e}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/gpu_check}
 WORK="$OUT/gpu_check"
@@ -42,10 +43,10 @@ phase() {  # phase NAME SECONDS COMMAND...: run under a time limit into logs/NAM
 } > "$WORK/logs/environment.log" 2>&1
 cat "$WORK/logs/environment.log"
 phase install 60 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
-phase build_ext 180 python3 -m crossvit_fast.cli build-ext
+step ext && phase build_ext 180 python3 -m crossvit_fast.cli build-ext
 
 GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py
-  tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py
+  tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py tests/test_compile.py
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
 step tests && phase tests "${TESTS_S:-150}" env OMP_NUM_THREADS=1 python3 -m pytest -v -n 14 -p no:cacheprovider \
@@ -73,6 +74,14 @@ fi
 step tune && phase tune "${TUNE_S:-180}" python3 scripts/tune_attn_pool.py sweep
 # GPU kernel time of whole-model steps, fast against timm, and the kernels that take it
 step model_profile && phase model_profile "${MODEL_PROFILE_S:-90}" python3 scripts/profile_model.py
+# the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
+# time, inductor's code (into results/compiled/)
+step profile_compiled && phase profile_compiled "${PROFILE_COMPILED_S:-240}" python3 scripts/profile_compiled.py \
+  --out "$WORK/results/compiled" ${PROFILE_COMPILED_ARGS:-}
+# host time per eager call of each fused op against timm's ATen ops (batch 1)
+step host && phase host_cost "${HOST_S:-60}" python3 scripts/host_cost.py --out "$WORK/results"
+# issue 11's end-to-end rows, each against timm run the same way (compiled, graphed)
+step race && phase bench_race "${RACE_S:-300}" python3 -m bench.e2e --preset compile-race --out "$WORK/results"
 KERNELS_S=${KERNELS_S:-90}
 E2E_S=$((DEADLINE_S - SECONDS - 15 - $(step kernels && echo "$KERNELS_S" || echo 0)))
 step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \
