@@ -147,8 +147,6 @@ def test_timm_helper_methods():
     assert set(model.group_matcher()) == {"stem", "blocks"}
     assert model.num_features == model.head_hidden_size == 72
     assert [f["num_chs"] for f in model.feature_info] == [24] * 3 + [48] * 3
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model.set_grad_checkpointing(True)
 
 
 def test_other_image_sizes_are_rescaled_like_timm():
