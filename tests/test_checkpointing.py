@@ -9,7 +9,7 @@ from crossvit_fast import layers, ops, use_backend
 from crossvit_fast.benchmarking import peak_memory
 from crossvit_fast.reference import naive_math
 
-from .conftest import backend_param
+from .conftest import DEVICE, backend_param
 from .numerics import FP32_REL_TOL, rel_err
 from .test_model import small_model
 
@@ -40,8 +40,9 @@ def assert_same_step(got, want, tol):
 
 
 def model_and_batch(dtype=torch.float32, **kwargs):
-    model = small_model(num_classes=5, **kwargs).to(dtype).train()
-    return model, torch.randn(3, 3, 48, 48, dtype=dtype), torch.tensor([0, 3, 4])
+    model = small_model(num_classes=5, **kwargs).to(DEVICE, dtype).train()
+    return (model, torch.randn(3, 3, 48, 48, dtype=dtype, device=DEVICE),
+            torch.tensor([0, 3, 4], device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -141,7 +142,7 @@ def test_checkpointing_lowers_the_peak_memory_of_a_training_step():
     model, images, labels = model_and_batch()
     step = lambda: F.cross_entropy(model(images), labels).backward()  # noqa: E731
     step()
-    plain = peak_memory(step, "cpu")
+    plain = peak_memory(step, DEVICE)
     model.set_grad_checkpointing(True)
     step()
-    assert peak_memory(step, "cpu") < 2 / 3 * plain
+    assert peak_memory(step, DEVICE) < 2 / 3 * plain
