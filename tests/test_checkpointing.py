@@ -56,6 +56,20 @@ def test_checkpointed_gradients_equal_the_plain_run(backend, dtype, fused_cls_pr
     assert_same_step(checkpointed, plain, TOL[dtype])
 
 
+def test_checkpointed_gradients_under_bf16_autocast():
+    """The forward under autocast, the backward outside it (as usual): the recompute replays
+    the forward's autocast state, so the same bf16 products and the plain run's gradients to
+    fp32 rounding, not bf16's."""
+    model, images, labels = model_and_batch(**DROPOUT)
+
+    def forward(x):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return model(x)
+    plain = train_step(model, images, labels, forward)
+    model.set_grad_checkpointing(True)
+    assert_same_step(train_step(model, images, labels, forward), plain, FP32_REL_TOL)
+
+
 def test_backward_recomputes_each_block_through_the_fused_norm(monkeypatch):
     """Each branch block runs its two norms again in the backward (the fused add + LayerNorm op:
     the conftest fuses every norm); the CLS exchange is not recomputed."""
