@@ -141,9 +141,11 @@ class MultiScaleBlock(NotScriptable, nn.Module):
 
         Per block rather than per multi-scale block: only each block's input stays saved, and the
         backward recomputes one block at a time, not a whole stage (up to 7 blocks in the
-        largest variants). The CLS exchange is not recomputed: it keeps CLS-sized activations
-        and views of the branch outputs. A chain with hooks of its own is one checkpoint, so
-        that its hooks run."""
+        largest variants). Each block then runs on its own, without the chain's fusion of its
+        closing residual add into the next block's norm (one pass over the tokens more per
+        block). The CLS exchange is not recomputed: it keeps CLS-sized activations and views
+        of the branch outputs. A chain with hooks of its own is one checkpoint, so that its
+        hooks run."""
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             return blocks(x)
         if not (isinstance(blocks, nn.Sequential) and _runs_as_written(blocks)):
