@@ -151,6 +151,11 @@ def train_bf16_reference(model, batches) -> None:
         opt.step()
 
 
+def cpu_state(model) -> dict:
+    """A copy of the model's weights in fp32 on the CPU, where the results are compared."""
+    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def update_errors(got: dict, want: dict, init: dict) -> dict:
     """Per parameter, the relative error of the training update ``p - p0`` (what the steps
     changed, not the initial weights that dominate ``p``)."""
@@ -173,7 +178,7 @@ class References:
 
     def __init__(self, workdir: Path, device: str):
         model, batches, _ = load_problem(workdir, device)
-        self.init = copy.deepcopy(model.state_dict())
+        self.init = cpu_state(model)
         self.fp32 = self._trained(model, batches)
         with use_backend("torch"):        # float64 everywhere, also where CUDA picks Triton
             self.fp64 = self._trained(model.double(), [(x.double(), y) for x, y in batches])
@@ -185,7 +190,7 @@ class References:
     def _trained(self, model, batches) -> dict:
         model.load_state_dict(self.init)
         train(model, sgd(model.parameters()), batches)
-        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        return cpu_state(model)
 
 
 # ---- DDP ---------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ def _ddp_case(rank: int, setup: Setup, workdir: Path) -> None:
         train(forward, sgd(ddp.parameters()), shard(batches, rank, setup.world),
               lambda: _assert_every_gradient_reduced(model, setup.world))
         if rank == 0:
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, workdir / f"ddp-{case}.pt")
+            torch.save(cpu_state(model), workdir / f"ddp-{case}.pt")
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -244,8 +249,11 @@ def _fully_shard(model, mesh, param_dtype=None):
 
 
 def _full_state_dict(model) -> dict:
+    """The unsharded weights on the CPU, copied: with one process on the CPU,
+    ``get_model_state_dict`` returns the parameters themselves, which later steps change."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def _record_sharded_inputs(record: dict):
@@ -344,7 +352,7 @@ def test_fsdp2_bf16_mixed_precision_matches_the_bf16_single_process_run(fsdp_run
     ref = References(workdir, setup.device)
     model, batches, _ = load_problem(workdir, setup.device)
     train_bf16_reference(model, batches)
-    bf16 = model.state_dict()
+    bf16 = cpu_state(model)
     bf16_own = total_update_error(bf16, ref.fp32, ref.init)
     error = total_update_error(torch.load(workdir / "fsdp-bf16.pt")["trained"], bf16, ref.init)
     assert error < LOWP_FACTOR * bf16_own, f"off by {error:.2e}; bf16's own error {bf16_own:.2e}"
