@@ -128,3 +128,38 @@ def environment(device: torch.device | str) -> Dict[str, str]:
     except ImportError:
         env["triton"] = "not installed"
     return env
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak bytes of tensor memory allocated on ``device`` while ``fn()`` runs, above what was
+    allocated when it started (activations, gradients, temporaries; not the tensors that were
+    there before, such as the parameters).
+
+    On CUDA that is the caching allocator's ``max_memory_allocated``. The CPU allocator keeps
+    no such statistics (and ``tracemalloc`` does not see tensor memory), so there the
+    profiler's allocation events (``profile_memory=True``: the size of every allocation and
+    free of a CPU tensor) are summed in time order and their highest running total is taken.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+        pending.extend(event.children)
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak

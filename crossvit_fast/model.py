@@ -6,6 +6,7 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -13,10 +14,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from . import backends, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
                      PatchEmbed, _pair, _runs_as_written)
 from .ops._common import autocast_dtype
+
+
+@contextlib.contextmanager
+def _fused_choices(backend: str, norm_min_elements: int, fused_cls_projection: bool, naive: bool):
+    """Inside the block, the fused ops run with the given choices (backend, block-norm size
+    threshold, fused CLS projection, naive math); the previous ones come back after it."""
+    saved = layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION
+    layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = norm_min_elements, fused_cls_projection
+    try:
+        with backends.use_backend(backend), reference.naive_math(naive):
+            yield
+    finally:
+        layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = saved
+
+
+def _recompute_as_in_forward():
+    """``context_fn`` of the block checkpoints: the recompute in the backward makes the forward's
+    fused-op choices, also where ``backward()`` runs outside the context that set them (a
+    ``use_backend`` or ``naive_math`` block, a patched threshold). Another choice there would
+    record another graph (checkpoint raises) or round differently."""
+    choices = (backends.get_backend(), layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION,
+               reference.naive_enabled())
+    return contextlib.nullcontext(), _fused_choices(*choices)
+
+
+def checkpoint_module(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with its activations recomputed in the backward: non-reentrant
+    ``torch.utils.checkpoint``, as timm's ``checkpoint`` (RNG and autocast state replayed).
+    Under ``torch.compile`` the traced graph holds the choices already, and the compiler takes
+    only its own kind of ``context_fn``."""
+    if torch.compiler.is_compiling():
+        return checkpoint(module, x, use_reentrant=False)
+    return checkpoint(module, x, use_reentrant=False, context_fn=_recompute_as_in_forward)
 
 
 class MultiScaleBlock(NotScriptable, nn.Module):
@@ -31,6 +67,7 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         dd = {"device": device, "dtype": dtype}
         num_branches = len(dim)
         self.num_branches = num_branches
+        self.grad_checkpointing = False
         if not isinstance(drop_path, (list, tuple)):
             drop_path = [drop_path] * (max(depth[:-1]) + depth[-1])
         self.blocks = nn.ModuleList()
@@ -98,8 +135,27 @@ class MultiScaleBlock(NotScriptable, nn.Module):
             return tokens
         return torch.cat((cls, tokens[:, 1:]), dim=1)
 
+    def _run_branch(self, blocks: nn.Module, x: Tensor) -> Tensor:
+        """A branch's ViT blocks on ``x``; with ``grad_checkpointing`` (and gradients on), each
+        block is a checkpoint of its own, as timm checkpoints a ViT's blocks.
+
+        Per block rather than per multi-scale block: only each block's input stays saved, and the
+        backward recomputes one block at a time, not a whole stage (up to 7 blocks in the
+        largest variants). Each block then runs on its own, without the chain's fusion of its
+        closing residual add into the next block's norm (one pass over the tokens more per
+        block). The CLS exchange is not recomputed: it keeps CLS-sized activations and views
+        of the branch outputs. A chain with hooks of its own is one checkpoint, so that its
+        hooks run."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return blocks(x)
+        if not (isinstance(blocks, nn.Sequential) and _runs_as_written(blocks)):
+            return checkpoint_module(blocks, x)
+        for block in blocks:
+            x = checkpoint_module(block, x)
+        return x
+
     def forward(self, x: List[Tensor]) -> List[Tensor]:
-        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
+        outs_b = [self._run_branch(block, x[i]) for i, block in enumerate(self.blocks)]
         proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
         outs = []
         for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
@@ -184,6 +240,7 @@ class CrossViT(NotScriptable, nn.Module):
 
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.grad_checkpointing = False
         self.global_pool = global_pool
         self.img_size = _pair(img_size)
         img_scale = _pair(img_scale)
@@ -259,8 +316,11 @@ class CrossViT(NotScriptable, nn.Module):
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise ValueError("gradient checkpointing is not supported by CrossViT (as in timm)")
+        """Recompute each ViT block's activations in the backward (timm's CrossVit raises here).
+        Sets ``grad_checkpointing`` on the model and on each multi-scale block, which runs it."""
+        self.grad_checkpointing = enable
+        for block in self.blocks:
+            block.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m crossvit_fast.examples.train_ddp --help``."""

@@ -1,0 +1,255 @@
+"""Train a crossvit_fast CrossViT with DistributedDataParallel, resumably.
+
+    torchrun --standalone --nproc-per-node 2 -m crossvit_fast.examples.train_ddp --steps 100
+    torchrun --standalone --nproc-per-node 8 -m crossvit_fast.examples.train_ddp \\
+        --data /data/imagenet/train --model crossvit_18_240 --batch-size 128 --amp --compile
+
+Synthetic images by default, or an ImageFolder-style directory (one subdirectory of images
+per class) with ``--data``. Each process takes its shard of every global batch
+(``DistributedSampler``); gradients are averaged by DDP (NCCL on GPUs, gloo on the CPU).
+Every ``--save-every`` steps rank 0 writes ``--checkpoint`` (model, optimizer, step), and
+``--resume`` continues from it where it stopped, mid-epoch included. The model weights in it load
+with ``crossvit_fast.create_model(name, checkpoint_path=...)``. Run without torchrun, it trains
+in one process. An example, not a training recipe: no augmentation, schedule or EMA (timm's
+train.py has those, and takes this model too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+import crossvit_fast
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m crossvit_fast.examples.train_ddp",
+        description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
+    parser.add_argument("--model", default="crossvit_tiny_240", help="variant name (crossvit_fast.list_models())")
+    parser.add_argument("--model-kwargs", default="{}", type=json.loads,
+                        help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
+    parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
+    parser.add_argument("--data", type=Path, help="ImageFolder-style directory; synthetic images if not given")
+    parser.add_argument("--synthetic-size", type=int, default=1024, help="number of synthetic images")
+    parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (a resumed run continues to it)")
+    parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute the blocks in the backward")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    parser.add_argument("--checkpoint", type=Path, default=Path("train_ddp_checkpoint.pt"))
+    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (and at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+def init_distributed(device: str) -> Tuple[int, int, torch.device]:
+    """``(rank, world size, device)``: joins torchrun's process group (NCCL for CUDA, gloo
+    otherwise) where torchrun started this process, else one process on its own."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device)
+    on_cuda = torch.device(device).type == "cuda"
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    if on_cuda:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+class SyntheticImages(Dataset):
+    """Random images and labels, the same for an index in every process and run."""
+
+    def __init__(self, size: int, image_size: Tuple[int, int], num_classes: int, seed: int):
+        self.size, self.image_size, self.num_classes, self.seed = size, image_size, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        image = torch.randn(3, *self.image_size, generator=generator)
+        return image, int(torch.randint(self.num_classes, (), generator=generator))
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>``: classes in sorted order, each image resized (shorter side) and
+    centre-cropped to ``image_size``, normalized with ``mean``/``std``. Reads with Pillow
+    (torchvision not needed)."""
+
+    def __init__(self, root: Path, image_size: Tuple[int, int], mean, std):
+        try:
+            import PIL.Image
+        except ImportError as err:
+            raise SystemExit("--data needs Pillow to read images: pip install pillow") from err
+        self._open, self._bicubic = PIL.Image.open, PIL.Image.Resampling.BICUBIC
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.samples = [(path, label) for label, name in enumerate(self.classes)
+                        for path in sorted((root / name).rglob("*"))
+                        if path.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise SystemExit(f"--data {root}: no images found in class subdirectories")
+        self.image_size = image_size
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with self._open(path) as image:
+            image = self._resize_and_crop(image.convert("RGB"))
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255
+        return (pixels - self.mean) / self.std, label
+
+    def _resize_and_crop(self, image):
+        (h, w), (height, width) = self.image_size, (image.height, image.width)
+        scale = max(h / height, w / width)
+        image = image.resize((max(w, round(width * scale)), max(h, round(height * scale))), self._bicubic)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        return image.crop((left, top, left + w, top + h))
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch after its first ``start`` indices."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def make_dataset(args: argparse.Namespace, model: crossvit_fast.CrossViT) -> Dataset:
+    cfg = model.pretrained_cfg
+    if args.data is not None:
+        return ImageFolder(args.data, model.img_size, cfg["mean"], cfg["std"])
+    return SyntheticImages(args.synthetic_size, model.img_size, args.num_classes, args.seed)
+
+
+def num_classes(args: argparse.Namespace) -> int:
+    """The classes of ``--data`` (its subdirectories), else ``--num-classes``."""
+    if args.data is None:
+        return args.num_classes
+    return sum(1 for d in args.data.iterdir() if d.is_dir())
+
+
+# ---- model, optimizer and checkpoint -----------------------------------------------------------
+
+def make_optimizer(args: argparse.Namespace, model: crossvit_fast.CrossViT) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9); no weight decay on biases, norms, CLS tokens and position
+    embeddings, as timm."""
+    skip = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in skip]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def resume_from(path: Path, model, optimizer, device: torch.device) -> int:
+    """Model and optimizer state from ``path``; the step to continue from."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, args: argparse.Namespace) -> None:
+    """Written to a temporary file, then renamed: a run killed while saving leaves the last
+    checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, tmp)
+    os.replace(tmp, path)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    torch.manual_seed(args.seed)
+    model = crossvit_fast.create_model(args.model, pretrained=args.pretrained,
+                                       num_classes=num_classes(args), **args.model_kwargs).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    optimizer = make_optimizer(args, model)
+    step = 0
+    if args.resume and args.checkpoint.exists():
+        step = resume_from(args.checkpoint, model, optimizer, device)
+    # every rank starts from rank 0's weights (DDP broadcasts them)
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+           if world > 1 else model)
+    forward = torch.compile(ddp) if args.compile else ddp
+
+    dataset = make_dataset(args, model)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} images make no batch of {args.batch_size} per process on {world}")
+    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    while step < args.steps:
+        epoch, done = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.start = done * args.batch_size
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            loss = train_step(forward, optimizer, images.to(device), labels.to(device), args.amp)
+            step += 1
+            progress.update()
+            progress.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+            if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+                save_checkpoint(args.checkpoint, model, optimizer, step, args)
+            if step == args.steps:
+                break
+    progress.close()
+
+
+def train_step(forward, optimizer, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
+    """One optimizer step on the mean cross-entropy; the loss (this process's)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = F.cross_entropy(forward(images), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""``crossvit_fast.examples.train_ddp`` end to end: two processes under ``torchrun`` with gloo on
+a tiny model, stopped and resumed mid-epoch, against an uninterrupted run and one process on
+the whole batch; an ImageFolder directory; the checkpoint loads with ``create_model``."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import crossvit_fast
+from crossvit_fast import layers
+from crossvit_fast.examples import train_ddp
+
+from .conftest import LIBRARY_FUSED_NORM_MIN_ELEMENTS
+from .numerics import FP32_REL_TOL
+
+MODEL_KWARGS = {"img_size": 48, "img_scale": [1.0, 1.0], "embed_dim": [24, 48],
+                "depth": [[1, 1, 0], [1, 1, 0]], "num_heads": [2, 2]}
+# 12 images, 2 per process and step on 2 processes: 3 steps an epoch, so a run of 5 steps
+# crosses an epoch boundary, and a stop after 2 is mid-epoch.
+ARGS = ["--model-kwargs", json.dumps(MODEL_KWARGS), "--synthetic-size", "12", "--opt", "sgd",
+        "--lr", "0.1", "--workers", "0"]
+TIMEOUT_S = 120
+
+
+def torchrun(*args: str) -> None:
+    """The example on 2 CPU processes; fails the test with the output on error or timeout."""
+    torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2", "-m", "crossvit_fast.examples.train_ddp"]
+    done = subprocess.run([*torchrun_cmd, *ARGS, "--batch-size", "2", *args], capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def weights(path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Checkpoints of a 2-process run stopped after 2 steps and resumed to 5, and of one run
+    straight to 5."""
+    tmp = tmp_path_factory.mktemp("train_ddp")
+    torchrun("--steps", "2", "--checkpoint", str(tmp / "resumed.pt"))
+    shutil.copy(tmp / "resumed.pt", tmp / "after2.pt")
+    torchrun("--steps", "5", "--resume", "--checkpoint", str(tmp / "resumed.pt"))
+    torchrun("--steps", "5", "--checkpoint", str(tmp / "straight.pt"))
+    return tmp
+
+
+def test_resumed_run_is_the_uninterrupted_run(runs):
+    after2, resumed = (torch.load(runs / name, weights_only=True) for name in ("after2.pt", "resumed.pt"))
+    straight = torch.load(runs / "straight.pt", weights_only=True)
+    assert (after2["step"], resumed["step"], straight["step"]) == (2, 5, 5)
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    assert not torch.equal(after2["model"]["head.0.weight"], straight["model"]["head.0.weight"])
+
+
+def test_two_processes_train_as_one_on_the_whole_batch(runs, tmp_path, monkeypatch):
+    """The same 5 global batches: each process takes its shard, DDP averages the gradients.
+    Updates within 1e-4 (2-norm, per parameter): the 2-process run sums in another order, and
+    p0 + update rounds in fp32, which for the norm weights (near 1, moved by ~1e-3) is
+    ~1e-5 of the update already (measured worst: 2.2e-5)."""
+    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", LIBRARY_FUSED_NORM_MIN_ELEMENTS)
+    train_ddp.main([*ARGS, "--batch-size", "4", "--steps", "5", "--checkpoint", str(tmp_path / "one.pt")])
+    one, two = weights(tmp_path / "one.pt"), weights(runs / "straight.pt")
+    torch.manual_seed(0)                                     # the example's --seed
+    init = crossvit_fast.create_model("crossvit_tiny_240", num_classes=10, **MODEL_KWARGS)
+    for name, p0 in init.state_dict().items():
+        update, want = two[name] - p0, one[name] - p0
+        assert (update - want).norm() <= 10 * FP32_REL_TOL * want.norm() + 1e-7, name
+
+
+def test_checkpoint_loads_with_create_model(runs):
+    model = crossvit_fast.create_model("crossvit_tiny_240", num_classes=10,
+                                       checkpoint_path=str(runs / "straight.pt"), **MODEL_KWARGS)
+    for name, value in weights(runs / "straight.pt").items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_image_folder(tmp_path):
+    """Two class directories of Pillow-written images, one process, one step."""
+    PIL_image = pytest.importorskip("PIL.Image")
+    for label, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            PIL_image.new("RGB", (64 + 16 * i, 50), colour).save(tmp_path / "data" / label / f"{i}.png")
+    dataset = train_ddp.ImageFolder(tmp_path / "data", (48, 48), (0.5,) * 3, (0.25,) * 3)
+    image, label = dataset[2]
+    assert dataset.classes == ["cat", "dog"] and label == 1 and image.shape == (3, 48, 48)
+    assert torch.allclose(image[2], torch.full((48, 48), (200 / 255 - 0.5) / 0.25), atol=1e-2)
+    train_ddp.main(["--model-kwargs", json.dumps(MODEL_KWARGS), "--data", str(tmp_path / "data"),
+                    "--batch-size", "2", "--steps", "1", "--workers", "0",
+                    "--checkpoint", str(tmp_path / "ck.pt")])
+    assert weights(tmp_path / "ck.pt")["head.0.weight"].shape == (2, 24)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_ddp.main(["--help"])
+    assert exit_.value.code == 0 and "--resume" in capsys.readouterr().out
