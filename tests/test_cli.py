@@ -54,10 +54,11 @@ def test_info_lists_backends_and_reasons(capsys):
     assert "torch   on cpu  : usable" in out
 
 
-def test_check_passes_and_fails_past_the_bar(capsys):
+def test_check_passes_and_fails_past_the_bar(capsys, recwarn):
     assert main(["check", "--model", MODEL, "--batch", "1", "--device", "cpu", "--backends", "torch"]) == 0
     out = capsys.readouterr().out
     assert "logits" in out and "param grads (worst)" in out and "ok: worst relative error" in out
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
     assert main(["check", "--model", MODEL, "--batch", "1", "--device", "cpu", "--backends", "torch",
                  "--tol", "1e-12"]) == 1
     assert "FAIL" in capsys.readouterr().out
@@ -221,6 +222,18 @@ def test_help_and_argument_errors_come_back_before_torch_is_imported(argv):
     assert out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
 
 
+def test_import_is_light_and_every_public_name_loads_on_first_use():
+    code = "\n".join([
+        "import sys, crossvit_fast",
+        "print('torch' in sys.modules)",
+        "print(all(getattr(crossvit_fast, name) is not None for name in crossvit_fast.__all__))",
+        "print(crossvit_fast.ops.cls_cross_attention.__name__, crossvit_fast.reference.naive_math.__name__)",
+        "print(set(crossvit_fast.__all__) <= set(dir(crossvit_fast)), hasattr(crossvit_fast, 'nothing'))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["False", "True", "cls_cross_attention naive_math", "True False"], out.stderr
+
+
 def test_help_takes_well_under_a_second():
     exe = console_script()
     subprocess.run([exe, "--help"], capture_output=True, timeout=120)   # warm the file cache
@@ -233,3 +246,25 @@ def test_help_takes_well_under_a_second():
 
 def test_the_parser_knows_every_dtype_of_the_commands():
     assert set(cli.DTYPE_NAMES) == set(benchmarking.DTYPES)
+
+
+# ---- a clean first run prints no warnings ---------------------------------------------------------
+
+def test_numpy_is_a_dependency():
+    """torch warns "Failed to initialize NumPy" on import where numpy is missing: every command
+    imports torch, so the package depends on numpy."""
+    import importlib.metadata
+    requires = importlib.metadata.requires("crossvit-fast")
+    assert "numpy" in requires, requires
+
+
+@pytest.mark.parametrize("argv", [
+    ["info"],
+    ["bench", "--model", "crossvit_tiny_240", "--device", "cpu", "--batch-sizes", "1", "--warmup", "0", "--iters", "1"],
+], ids=lambda argv: argv[0])
+def test_readme_commands_print_no_warnings(argv):
+    """In a fresh process, as a user runs them (check: see test_check_passes_and_fails_past_the_bar)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONWARNINGS")}
+    out = subprocess.run([console_script(), *argv], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
