@@ -23,28 +23,25 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 def positive_int(text: str) -> int:
     """An integer of at least 1 (batch sizes, timed runs)."""
-    return _int_at_least(text, 1, "a positive integer")
+    return _int_in(text, 1, None, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0 (warm-up runs)."""
-    return _int_at_least(text, 0, "a non-negative integer")
+    return _int_in(text, 0, None, "a non-negative integer")
 
 
 def seed(text: str) -> int:
     """A seed torch accepts: an integer from 0 to 2**63 - 1."""
-    value = _int_at_least(text, 0, "an integer seed from 0 to 2**63 - 1")
-    if value >= 2 ** 63:
-        raise argparse.ArgumentTypeError(f"expected an integer seed from 0 to 2**63 - 1, got {text!r}")
-    return value
+    return _int_in(text, 0, 2 ** 63 - 1, "an integer seed from 0 to 2**63 - 1")
 
 
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
+def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = None
-    if value is None or value < minimum:
+    if value is None or value < minimum or (maximum is not None and value > maximum):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
@@ -107,8 +104,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="crossvit-fast", description="CrossViT with fused kernels: "
-                                     "check it against the naive model, measure it, inspect the setup.")
+    parser = _Parser(prog="crossvit-fast", description="CrossViT with fused kernels: check it against "
+                     "the naive model, measure it, inspect the setup.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     debug = argparse.ArgumentParser(add_help=False)

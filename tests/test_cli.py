@@ -244,8 +244,13 @@ def test_help_takes_well_under_a_second():
     assert seconds < HELP_SECONDS, f"crossvit-fast --help took {seconds:.2f} s"
 
 
-def test_the_parser_knows_every_dtype_of_the_commands():
-    assert set(cli.DTYPE_NAMES) == set(benchmarking.DTYPES)
+def test_the_parser_knows_every_dtype_and_bar_of_the_commands(capsys):
+    assert set(cli.DTYPE_NAMES) == set(benchmarking.DTYPES) == set(commands.DEFAULT_TOL)
+    code, out, _ = run_main(capsys, "check", "--help")
+    check_help = " ".join(out.split())
+    assert code == 0
+    said = {dtype: float(bar) for bar, dtype in re.findall(r"([0-9.]+e-[0-9]+) (fp32|bf16|fp16)", check_help)}
+    assert said == commands.DEFAULT_TOL, check_help
 
 
 # ---- a clean first run prints no warnings ---------------------------------------------------------
