@@ -7,7 +7,7 @@ ones); a case with one deliberate mistake (a wrong shape, dtype or device, not a
 ...) must raise a ValueError or TypeError whose one-line message names the op. Never another
 exception, never a hang.
 
-Runs are reproducible (``derandomize``) and bounded (``max_examples``), for CI: about 20 s on a
+Runs are reproducible (``derandomize``) and bounded (``max_examples``), for CI: about 25 s on a
 loaded 2-core CPU machine. ``--hypothesis-show-statistics`` shows the mix of backends and devices.
 """
 import contextlib

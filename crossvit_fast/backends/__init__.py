@@ -39,7 +39,7 @@ def check_name(name: str, what: str) -> str:
 _requested: Optional[str] = None
 
 
-def env_backend() -> str:
+def _env_backend() -> str:
     """The backend that ``CROSSVIT_FAST_BACKEND`` requests (``auto`` when unset or empty); a
     ValueError naming the variable and the valid names when it holds something else."""
     return check_name(os.environ.get(ENV_VAR) or "auto", ENV_VAR)
@@ -52,7 +52,7 @@ def get_backend() -> str:
     backend is first chosen, and on every call until a valid choice is made."""
     global _requested
     if _requested is None:
-        _requested = env_backend()
+        _requested = _env_backend()
     return _requested
 
 
