@@ -14,8 +14,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-from crossvit_fast.benchmarking import environment
-from crossvit_fast.cli import DTYPES
+from crossvit_fast.benchmarking import DTYPES, environment
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "crossvit-fast-bench-smoke"

@@ -15,6 +15,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+# The dtypes of ``crossvit-fast`` and the bench/ harness, by their command-line names.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

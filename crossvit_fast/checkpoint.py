@@ -10,18 +10,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the offending keys."""
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message, in plain text,
+    names the file and what is wrong with it.
+
+    A RuntimeError, as timm's ``load_checkpoint`` raises for an unreadable ``torch.save`` file and
+    torch's ``load_state_dict`` for mismatched keys, so that handlers written for timm catch it
+    too (and a ValueError, as before). Where timm raises another type, the subclass raised is
+    that type too: :class:`CheckpointNotFoundError`, :class:`SafetensorsCheckpointError`."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint file at the path: a FileNotFoundError too, as timm raises there."""
+
+
+class SafetensorsCheckpointError(CheckpointError, SafetensorError):
+    """An unreadable ``.safetensors`` file: a SafetensorError too, as timm lets through there."""
 
 
 def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -30,39 +46,72 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, 
     ``use_ema`` (timm's ``load_checkpoint`` default).
 
     Pickle files are read with ``torch.load(weights_only=True)``, ``argparse.Namespace`` (timm's
-    saved ``args``) allowed: no code in them runs.
+    saved ``args``) allowed: no code in them runs. Any failure is a :class:`CheckpointError`.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path: no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
-            raise CheckpointError(f"checkpoint_path: {path.name!r} is neither a .safetensors file nor "
-                                  f"a torch.save file of tensors ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise CheckpointNotFoundError(f"checkpoint {path}: {'not a file' if path.exists() else 'no such file'}")
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
     keys = (_EMA_KEYS if use_ema else ()) + _WRAPPER_KEYS
     for key in keys:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors "
+    if not (isinstance(state, Mapping) and all(isinstance(k, str) for k in state)
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"checkpoint {path}: expected a mapping of parameter names to tensors "
                               f"(optionally under {' or '.join(repr(k) for k in keys)})")
     return dict(state)
 
 
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - SafetensorError and OSError alike: unreadable
+        raise SafetensorsCheckpointError(f"checkpoint {path}: not a readable .safetensors file, truncated or "
+                              f"corrupt? ({_summary(err, str(err))})") from err
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+        # torch's message is a page of advice; the cause follows "WeightsUnpickler error:"
+        detail = _first_line(str(err).partition("WeightsUnpickler error:")[2] or str(err))
+        if detail.startswith("Unsupported global"):
+            raise CheckpointError(f"checkpoint {path}: holds pickled Python objects, not only tensors "
+                                  f"({detail}); a whole model saved with torch.save(model)? Save its "
+                                  f"state_dict() instead") from err
+        raise CheckpointError(f"checkpoint {path}: neither a .safetensors file nor a torch.save file "
+                              f"of tensors, truncated or corrupt? ({_summary(err, detail)})") from err
+
+
+def _summary(err: Exception, detail: str) -> str:
+    """``"ErrorType: detail"``, or the type alone where there is no detail (an empty file)."""
+    detail = _first_line(detail)
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+
+
+def _first_line(text: str) -> str:
+    """The first non-empty line of an error message, up to its first full stop, without terminal
+    colour codes (torch.load puts some in its messages)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else ""
+
+
+# prefixes of DDP and torch.compile wrappers, in either order (timm's clean_state_dict drops them)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def to_timm_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename IBM-style (``pos_embed.0``) and DDP (``module.``) keys to timm's names."""
+    """Rename IBM-style (``pos_embed.0``), DDP (``module.``) and compiled-model (``_orig_mod.``)
+    keys to timm's names."""
     out = {}
     for key, value in state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.partition(".")[2]
         if key.startswith(("pos_embed.", "cls_token.")):
             key = key.replace(".", "_")
         out[key] = value
@@ -129,7 +178,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state.update(own_head)
     check_state_dict(model, state, f"checkpoint {path}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # what check_state_dict does not catch, e.g. a sparse tensor
+        raise CheckpointError(f"checkpoint {path}: {' '.join(str(err).split())}") from err
 
 
 def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) -> str:
@@ -150,7 +202,7 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) ->
     try:
         return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
     except Exception as err:
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not fetch pretrained weights for {name} from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}: {err}. Without network access, download model.safetensors "
             f"from https://huggingface.co/{repo} on another machine and pass checkpoint_path=") from err

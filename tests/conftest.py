@@ -54,3 +54,30 @@ def norm_threshold(request, monkeypatch):
     if request.param == "norms_library_default":
         monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", LIBRARY_FUSED_NORM_MIN_ELEMENTS)
     return request.param
+
+
+TIMM_INSTALL = "pip install --no-deps timm==1.0.31 pillow pyyaml"
+PARITY_TESTS = "test_timm_parity.py"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying whether the comparison with timm ran: it needs timm, which the test extra
+    cannot install (timm requires torchvision), so a run without it must say so, not just pass."""
+    line = timm_parity_line(terminalreporter.stats)
+    if line:
+        terminalreporter.write_line(line)
+
+
+def timm_parity_line(stats: dict) -> str:
+    """``timm parity: ran ...`` or ``timm parity: SKIPPED ...`` from a run's reports, or "" where
+    no parity test was collected."""
+    counts = {outcome: sum(PARITY_TESTS in getattr(r, "nodeid", "") for r in stats.get(outcome, []))
+              for outcome in ("passed", "failed", "error", "skipped")}
+    if not any(counts.values()):
+        return ""
+    if counts["passed"] + counts["failed"] + counts["error"] == 0:
+        return (f"timm parity: SKIPPED: timm is not installed ({counts['skipped']} skipped); "
+                f"for the comparison with timm: {TIMM_INSTALL}")
+    import importlib.metadata
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n)
+    return f"timm parity: ran against timm {importlib.metadata.version('timm')}: {summary}"

@@ -64,9 +64,28 @@ def test_environment_variable_sets_the_default():
     env = dict(os.environ, CROSSVIT_FAST_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "torch", out.stderr
-    env["CROSSVIT_FAST_BACKEND"] = "fastest"
+
+
+def test_a_bad_environment_variable_is_reported_when_a_backend_is_first_chosen():
+    """``import crossvit_fast`` works; the first op (or get_backend) raises a ValueError naming the
+    variable, its value and the valid names; set_backend replaces it."""
+    code = "\n".join([
+        "import torch, crossvit_fast",
+        "from crossvit_fast import ops",
+        "x, w, b = torch.randn(2, 8), torch.ones(8), torch.zeros(8)",
+        "try:",
+        "    ops.layer_norm(x, w, b)",
+        "except ValueError as err:",
+        "    print('ValueError:', err)",
+        "crossvit_fast.set_backend('torch')",
+        "print('then', crossvit_fast.get_backend(), tuple(ops.layer_norm(x, w, b).shape))",
+    ])
+    env = dict(os.environ, CROSSVIT_FAST_BACKEND="fastest")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "CROSSVIT_FAST_BACKEND: unknown backend 'fastest'" in out.stderr
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "ValueError: CROSSVIT_FAST_BACKEND: unknown backend 'fastest'; expected one of auto, triton, cuda, torch",
+        "then torch (2, 8)"]
 
 
 def test_status_reports_every_backend():

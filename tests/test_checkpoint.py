@@ -6,6 +6,8 @@ from safetensors.torch import save_file
 import crossvit_fast
 from crossvit_fast import CheckpointError, create_model
 
+from .timm_import import import_timm
+
 NAME = "crossvit_9_240"
 
 
@@ -81,15 +83,112 @@ def test_another_variant_is_refused(tmp_path):
         create_model(NAME, checkpoint_path=str(tmp_path / "tiny.pth"))
 
 
-def test_bad_files_get_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        create_model(NAME, checkpoint_path=str(tmp_path / "missing.pth"))
-    (tmp_path / "weights.npz").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="'weights.npz' is neither a .safetensors file nor a torch.save file"):
-        create_model(NAME, checkpoint_path=str(tmp_path / "weights.npz"))
-    torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(CheckpointError, match="mapping of parameter names to tensors"):
-        create_model(NAME, checkpoint_path=str(tmp_path / "list.pth"))
+def _write_bad_checkpoint(kind: str, path, source) -> None:
+    """One way a checkpoint file can be wrong (``kind``), written to ``path``."""
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if kind in ("truncated", "garbage", "empty"):
+        if path.suffix == ".safetensors":
+            save_file(state, str(path))
+        else:
+            torch.save(state, path)
+        data = path.read_bytes()
+        path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"not a checkpoint", "empty": b""}[kind])
+    elif kind == "whole model":
+        torch.save(source, path)
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "not tensors":
+        torch.save({"epoch": 3, "lr": 0.1}, path)
+    elif kind == "int keys":
+        torch.save({0: torch.zeros(3)}, path)
+    elif kind == "sparse tensor":
+        state["head.0.bias"] = state["head.0.bias"].to_sparse()
+        torch.save(state, path)
+    elif kind == "missing key":
+        del state["head.0.bias"]
+        torch.save(state, path)
+    elif kind == "wrong shape":
+        state["head.0.bias"] = torch.zeros(3)
+        torch.save(state, path)
+    elif kind != "missing":
+        raise AssertionError(kind)
+
+
+# (kind, file name, what the message says)
+BAD_CHECKPOINTS = [
+    ("missing", "w.pth", "no such file"),
+    ("truncated", "w.pth", "neither a .safetensors file nor a torch.save file of tensors, truncated or corrupt"),
+    ("garbage", "w.pth", "truncated or corrupt"),
+    ("empty", "w.pth", "truncated or corrupt? (EOFError)"),
+    ("garbage", "weights.npz", "neither a .safetensors file nor a torch.save file"),
+    ("truncated", "w.safetensors", "not a readable .safetensors file, truncated or corrupt"),
+    ("garbage", "w.safetensors", "not a readable .safetensors file"),
+    ("empty", "w.safetensors", "not a readable .safetensors file"),
+    ("whole model", "w.pth", "holds pickled Python objects, not only tensors (Unsupported global: GLOBAL "
+                             "crossvit_fast.model.CrossViT"),
+    ("list", "w.pth", "expected a mapping of parameter names to tensors"),
+    ("not tensors", "w.pth", "expected a mapping of parameter names to tensors"),
+    ("int keys", "w.pth", "expected a mapping of parameter names to tensors"),
+    ("sparse tensor", "w.pth", "copy_() between dense and sparse Tensors is not implemented"),
+    ("missing key", "w.pth", "does not fit this model: missing keys: head.0.bias"),
+    ("wrong shape", "w.pth", "head.0.bias (checkpoint (3,), model (1000,))"),
+]
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A model that bad checkpoints are loaded into (a failed load may leave it half loaded)."""
+    return create_model(NAME)
+
+
+@pytest.mark.parametrize("kind,name,says", BAD_CHECKPOINTS, ids=[f"{k}-{n}" for k, n, _ in BAD_CHECKPOINTS])
+def test_every_bad_checkpoint_raises_one_plain_line(source, target, tmp_path, kind, name, says):
+    """Whatever is wrong with the file, a CheckpointError (a RuntimeError, as timm's errors) whose
+    message is one line of plain text naming the file and what is wrong."""
+    path = tmp_path / name
+    _write_bad_checkpoint(kind, path, source)
+    with pytest.raises(CheckpointError) as err:
+        crossvit_fast.load_checkpoint(target, path)
+    msg = str(err.value)
+    assert isinstance(err.value, RuntimeError)
+    assert says in msg and str(path) in msg
+    assert "\n" not in msg and "\x1b" not in msg, repr(msg)
+
+
+def test_checkpoint_errors_are_what_timm_raises_there(source, target, tmp_path):
+    """For each bad file, timm's own load_checkpoint raises some type; ours is an instance of it
+    (FileNotFoundError, RuntimeError, SafetensorError), except where timm fails by accident with
+    an AttributeError (not a mapping) or an EOFError (empty pickle): there ours is a RuntimeError.
+    (timm reads .npz files as JAX checkpoints, through the model's own loader: not compared.)"""
+    timm = import_timm()
+    checked = set()
+    for i, (kind, name, _) in enumerate(BAD_CHECKPOINTS):
+        if name.endswith(".npz"):
+            continue
+        path = tmp_path / str(i) / name
+        path.parent.mkdir()
+        _write_bad_checkpoint(kind, path, source)
+        with pytest.raises(Exception) as theirs:
+            timm.models.load_checkpoint(target, str(path))
+        with pytest.raises(CheckpointError) as ours:
+            crossvit_fast.load_checkpoint(target, path)
+        if type(theirs.value) in (AttributeError, EOFError):
+            continue
+        assert isinstance(ours.value, type(theirs.value)), (kind, name, type(theirs.value))
+        checked.add(type(theirs.value).__name__)
+    assert checked == {"FileNotFoundError", "RuntimeError", "SafetensorError"}
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        create_model(NAME, checkpoint_path=str(tmp_path))
+
+
+def test_compiled_model_checkpoint_loads(source, tmp_path):
+    """torch.compile's ``_orig_mod.`` prefix (with or around DDP's ``module.``) is dropped, as timm does."""
+    state = {f"_orig_mod.module.{k}": v for k, v in source.state_dict().items()}
+    torch.save(state, tmp_path / "compiled.pth")
+    assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "compiled.pth")), source)
 
 
 def make_hub_cache(root, name, state):
@@ -115,7 +214,7 @@ def test_pretrained_from_a_local_hub_cache(source, tmp_path):
 def test_pretrained_without_network_or_cache_says_what_to_do(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="could not fetch pretrained weights for crossvit_9_240.*checkpoint_path"):
+    with pytest.raises(CheckpointError, match="could not fetch pretrained weights for crossvit_9_240.*checkpoint_path"):
         create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
 
 

@@ -34,11 +34,25 @@ def check_name(name: str, what: str) -> str:
     return name.lower()
 
 
-_requested = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+# Seeded from the environment variable when a backend is first chosen, not at import, so that a
+# bad value leaves ``import crossvit_fast`` (and ``crossvit-fast info``, which reports it) working.
+_requested: Optional[str] = None
+
+
+def _env_backend() -> str:
+    """The backend that ``CROSSVIT_FAST_BACKEND`` requests (``auto`` when unset or empty); a
+    ValueError naming the variable and the valid names when it holds something else."""
+    return check_name(os.environ.get(ENV_VAR) or "auto", ENV_VAR)
 
 
 def get_backend() -> str:
-    """The backend requested now (``auto`` unless set by env var, :func:`set_backend` or context)."""
+    """The backend requested now (``auto`` unless set by env var, :func:`set_backend` or context).
+
+    The first call reads ``CROSSVIT_FAST_BACKEND``: a bad value raises its ValueError here, when a
+    backend is first chosen, and on every call until a valid choice is made."""
+    global _requested
+    if _requested is None:
+        _requested = _env_backend()
     return _requested
 
 
@@ -100,7 +114,7 @@ def _raise_if_unusable_everywhere(name: str) -> None:
 
 def resolve(requested: Optional[str], device: torch.device | str) -> str:
     """The concrete backend that runs on ``device`` for a ``requested`` name (None: current choice)."""
-    name = check_name(requested, "backend") if requested is not None else _requested
+    name = check_name(requested, "backend") if requested is not None else get_backend()
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":

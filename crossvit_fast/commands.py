@@ -1,0 +1,233 @@
+"""What the ``crossvit-fast`` commands do, once :mod:`.cli` has parsed and checked the arguments."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import __version__, backends
+from .backends import BackendUnavailableError
+from .benchmarking import DTYPES, environment, summarize, time_fn
+from .checkpoint import CheckpointError
+from .reference import naive_math
+from .variants import create_model
+
+# Whole-model bars (worst relative error against the float64 naive model).
+DEFAULT_TOL = {"fp32": 1e-4, "bf16": 6e-2, "fp16": 1e-2}
+
+
+class CommandError(Exception):
+    """A failure the user can act on, found by a command; its message is the one line shown."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit code."""
+    handlers = {"info": info, "check": check, "bench": bench, "build-ext": build_ext}
+    return handlers[args.command](args)
+
+
+def expected_failure(err: Exception) -> Optional[str]:
+    """The one-line message of a failure the user can act on; None for anything else (a bug,
+    whose traceback the user should see)."""
+    if _out_of_memory(err):
+        return f"out of memory: {_first_line(err)} (try a smaller batch)"
+    if isinstance(err, (CommandError, BackendUnavailableError, CheckpointError, OSError)):
+        return _first_line(err)
+    return None
+
+
+def _out_of_memory(err: Exception) -> bool:
+    # torch raises OutOfMemoryError on CUDA, a plain RuntimeError from the CPU allocator
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def _device(name: str) -> torch.device:
+    """The device ``--device`` names (``auto``: CUDA if present); a CommandError if it is not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {name}: expected an index below {torch.cuda.device_count()} "
+                               f"(the number of CUDA devices here)")
+    return device
+
+
+def _usable_backends(device: torch.device) -> List[str]:
+    return [b for b in backends.CONCRETE_BACKENDS if backends.unavailable_reason(b, device) is None]
+
+
+def _table(headers: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _image(model, batch: int, device, dtype, seed: int = 0) -> torch.Tensor:
+    size = model.pretrained_cfg["input_size"][-1]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(batch, model.in_chans, size, size, generator=gen).to(device, dtype)
+
+
+def info(args) -> int:
+    print(f"crossvit-fast {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"triton: {env['triton']}")
+    print(f"device: {env['device']}" + ("" if torch.cuda.is_available() else " (no CUDA device)"))
+    print(f"requested backend: {_requested_backend()} (set with {backends.ENV_VAR} or set_backend)")
+    print("backends:")
+    for name, per_device in backends.status().items():
+        for dev, reason in per_device.items():
+            print(f"  {name:7s} on {dev:5s}: {'usable' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _requested_backend() -> str:
+    """The requested backend, or what is wrong with ``CROSSVIT_FAST_BACKEND``: ``info`` reports a
+    bad value instead of failing on it."""
+    try:
+        return backends.get_backend()
+    except ValueError as err:
+        return f"none: {err}"
+
+
+def _outputs(model, x) -> Dict[str, torch.Tensor]:
+    feats = model.forward_features(x)
+    return {"logits": model.forward_head(feats), "features[0]": feats[0], "features[1]": feats[1]}
+
+
+def _param_grads(model, x, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (model(x).double() * weights).sum().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _checked_backends(requested: Optional[List[str]], device: torch.device) -> List[str]:
+    """``--backends`` (every usable one if not given); a CommandError naming one that cannot run
+    on ``device``, before any work is done."""
+    if requested is None:
+        return _usable_backends(device)
+    for name in requested:
+        try:
+            backends.resolve(name, device)
+        except BackendUnavailableError as err:
+            raise CommandError(f"--backends {name}: {err}") from err
+    return requested
+
+
+def check(args) -> int:
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
+    chosen = _checked_backends(args.backends, device)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, checkpoint_path=args.checkpoint).to(device).eval()
+    reference = copy.deepcopy(model).double()
+    x = _image(model, args.batch, device, torch.float64, args.seed)
+    weights = torch.randn(args.batch, model.num_classes, dtype=torch.float64, device=device)
+    with naive_math():
+        with torch.no_grad():
+            expected = _outputs(reference, x)
+        expected_grads = _param_grads(reference, x, weights)
+    fast = model.to(dtype)
+    rows, worst = [], 0.0
+    for backend in chosen:
+        with backends.use_backend(backend):
+            with torch.no_grad():
+                got = _outputs(fast, x.to(dtype))
+            grads = _param_grads(fast, x.to(dtype), weights)
+        errors = {name: _rel(got[name], expected[name]) for name in expected}
+        errors["param grads (worst)"] = max(_rel(grads[n], g) for n, g in expected_grads.items())
+        for name, err in errors.items():
+            worst = max(worst, err)
+            rows.append([backend, name, f"{err:.2e}", f"{tol:.0e}", "ok" if err <= tol else "FAIL"])
+    print(f"{args.model} {args.dtype} batch {args.batch} on {device}: fused model vs the naive "
+          f"float64 reference (relative error)")
+    print(_table(["backend", "output", "rel err", "bar", ""], rows))
+    if not worst <= tol:   # a NaN error fails too
+        print(f"FAIL: worst relative error {worst:.2e} exceeds the bar {tol:.0e}")
+        return 1
+    print(f"ok: worst relative error {worst:.2e} within {tol:.0e}")
+    return 0
+
+
+def _fused_backend(device: torch.device) -> str:
+    """The backend ``CROSSVIT_FAST_BACKEND`` (or ``auto``) picks on ``device``; a CommandError
+    naming the variable where it cannot."""
+    try:
+        return backends.resolve(None, device)
+    except ValueError as err:   # an unknown name: the message names the variable
+        raise CommandError(str(err)) from err
+    except BackendUnavailableError as err:
+        raise CommandError(f"{backends.ENV_VAR}={backends.get_backend()}: {err}") from err
+
+
+def bench(args) -> int:
+    from tqdm import tqdm
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    sizes = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 4, 16])
+    backend = _fused_backend(device)
+    json_path = _writable(args.json) if args.json else None
+    model = create_model(args.model).to(device, dtype).eval()
+    plan = [(bs, impl) for bs in sizes for impl in ("naive", "fused")]
+    results = []
+    with torch.inference_mode():
+        for bs, impl in tqdm(plan, desc=f"bench {args.model}", unit="run", file=sys.stderr):
+            x = _image(model, bs, device, dtype)
+            with naive_math(impl == "naive"):
+                times = time_fn(lambda: model(x), device, warmup=args.warmup, iters=args.iters)
+            stats = summarize(times)
+            results.append(dict(batch=bs, impl=impl, backend="naive" if impl == "naive" else backend,
+                                images_per_s=bs / stats["median_s"], **stats))
+    rows = []
+    for bs in sizes:
+        naive, fused = (next(r for r in results if r["batch"] == bs and r["impl"] == i) for i in ("naive", "fused"))
+        rows.append([bs, f"{naive['images_per_s']:.1f}", f"{fused['images_per_s']:.1f}",
+                     f"{fused['images_per_s'] / naive['images_per_s']:.2f}x"])
+    env = environment(device)
+    print(f"{args.model} {args.dtype} inference on {env['device']} (fused backend: {backend}); "
+          f"median of {args.iters} runs after {args.warmup} warm-up")
+    print(_table(["batch", "naive img/s", "fused img/s", "speedup"], rows))
+    if json_path:
+        json_path.write_text(json.dumps(dict(environment=env, model=args.model, dtype=args.dtype,
+                                             mode="inference", results=results), indent=2))
+        print(f"wrote {json_path}")
+    return 0
+
+
+def _writable(path: str) -> Path:
+    """``--json PATH`` with its folder made, checked before the benchmark runs rather than after."""
+    out = Path(path)
+    if out.is_dir():
+        raise CommandError(f"--json {path}: is a folder; expected a file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_ext(args) -> int:
+    from ._extension import build_extension
+    try:
+        build_extension(verbose=True)
+    except RuntimeError as err:   # no CUDA build of torch, no toolkit, or the compiler's output above
+        raise CommandError(str(err)) from err
+    print("crossvit_fast CUDA extension built")
+    return 0
