@@ -1,4 +1,4 @@
-"""The Triton backend: the six primitives of :mod:`.torch_backend`, run by the kernels in
+"""The Triton backend: the seven primitives of :mod:`.torch_backend`, run by the kernels in
 :mod:`crossvit_fast.kernels` (same signatures, same output dtypes).
 
 Triton runs CUDA tensors compiled, and CPU tensors only in its interpreter (``TRITON_INTERPRET=1``
@@ -101,3 +101,17 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                  mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)
+
+
+if triton is not None:
+    from ..kernels import attn_weights as attn_weights_kernels
+
+
+def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                 lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
+    # the forward's key: where its kernel did not fit, the torch backend made lse, so it makes
+    # the maps too (same scores, rows that sum to 1)
+    return _torch_when_out_of_resources(
+        "cross-attention maps", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        lambda: attn_weights_kernels.attn_weights(x0, patches, kt, gamma, beta, lse, eps, dot_dtype),
+        lambda: torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps))
