@@ -7,7 +7,7 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
-                     PatchEmbed, _pair, _runs_as_written)
+                     PatchEmbed, _pair, _runs_as_written, recording_attention_maps)
 from .ops._common import autocast_dtype
 
 
@@ -376,3 +376,31 @@ class CrossViT(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_attention_maps(self, x: Tensor, branches: bool = False
+                               ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The logits and the attention maps, as timm's ``attn_drop`` modules receive them.
+
+        Returns ``(logits, maps)``; ``maps`` is keyed by the name of each ``attn_drop`` module,
+        in model order, as a forward hook on it (or ``timm.utils.AttentionExtract(model,
+        method="hook")``) keys them. For every fusion block of every multi-scale block,
+        ``blocks.{i}.fusion.{d}.attn.attn_drop`` holds the CLS token's softmax weights over
+        ``[CLS ‖ the other branch's patches]``, ``[B, heads, 1, 1 + N]``: ``d = 0`` is branch 0's
+        (small patches) CLS over branch 1's patch grid, ``d = 1`` branch 1's CLS over branch 0's
+        grid; column 0 is the CLS token itself. The fused op makes them from the scores of its
+        token pass (a second pass over the tokens, run only here). With ``branches`` the branch
+        self-attention maps ``blocks.{i}.blocks.{b}.{k}.attn.attn_drop`` (``[B, heads, 1 + N,
+        1 + N]``) are added: those blocks then form their attention matrix instead of SDPA's.
+
+        The maps carry no gradient; they are fp32 (float64 for a float64 model).
+        """
+        names = {m: n for n, m in self.named_modules()}
+        with recording_attention_maps(branches) as maps:
+            logits = self(x)
+        missing = [n for n, m in self.named_modules() if isinstance(m, CrossAttentionBlock)
+                   and getattr(m.attn, "attn_drop", None) not in maps]
+        if missing:
+            raise RuntimeError(f"forward_attention_maps: no attention maps from {', '.join(missing)}: "
+                               "their attn is not CrossViT's CrossAttention (replaced or wrapped); "
+                               "register a forward hook on the module that receives the softmax")
+        return logits, {names[m]: maps[m] for m in self.modules() if m in maps}
