@@ -202,17 +202,22 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(NotScriptable, nn.Module):
-    """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``)."""
+    """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``).
+
+    Takes images of ``img_size`` only, unless ``strict_img_size`` is False (a model with
+    ``dynamic_img_size``, which gives each branch a size its patches tile)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, multi_conv=False,
-                 device=None, dtype=None):
+                 strict_img_size: bool = True, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         img_size = _pair(img_size)
         patch_size = _pair(patch_size)
         self.img_size = img_size
         self.patch_size = patch_size
-        self.num_patches = (img_size[1] // patch_size[1]) * (img_size[0] // patch_size[0])
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
         if multi_conv:
             if patch_size[0] == 12:
                 self.proj = nn.Sequential(
@@ -237,7 +242,7 @@ class PatchEmbed(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
-        if (H, W) != tuple(self.img_size):
+        if self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(f"PatchEmbed: input image size ({H}*{W}) doesn't match model "
                              f"({self.img_size[0]}*{self.img_size[1]})")
         if _patchify_conv(self.proj) and x.ndim == 4 and x.shape[1] == self.proj.in_channels:

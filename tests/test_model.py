@@ -153,7 +153,8 @@ def test_timm_helper_methods():
 
 def test_other_image_sizes_are_rescaled_like_timm():
     model = small_model().eval()
-    assert model(torch.randn(1, 3, 64, 40)).shape == (1, 10)
+    with pytest.warns(UserWarning, match="resized to the model's img_size"):
+        assert model(torch.randn(1, 3, 64, 40)).shape == (1, 10)
 
 
 def test_bad_images_get_clear_errors():
