@@ -38,8 +38,6 @@ def test_create_model_takes_timms_factory_arguments():
     assert model.num_classes == 5 and model.global_pool == "token"
     with pytest.raises(ValueError, match="timm publishes 'in1k' only"):
         create_model("crossvit_tiny_240.in21k")
-    with pytest.raises(NotImplementedError, match="forward_intermediates"):
-        create_model("crossvit_tiny_240", features_only=True)
 
 
 def test_unknown_variant_lists_the_known_ones():
