@@ -1,4 +1,4 @@
-"""``crossvit-fast``: info, check (fused vs naive), bench (images/s), build-ext."""
+"""``crossvit-fast``: info, check (fused vs naive), bench (images/s), build-ext, attention (maps PNG)."""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +145,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    from .attention_viz import draw_attention   # matplotlib: only this command needs it
+    width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
+                                   heads=args.heads, device=_device(args.device),
+                                   dtype=DTYPES[args.dtype])
+    print(f"wrote {args.out} ({width}x{height} pixels)")
+    return 0
+
+
 def cmd_build_ext(args) -> int:
     from ._extension import build_extension
     try:
@@ -180,12 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
     sub.add_parser("build-ext", help="build the CUDA C++ extension now instead of on first use")
+
+    attention = sub.add_parser("attention", parents=[common],
+                               help="draw each branch's CLS cross-attention over an image (PNG)")
+    attention.add_argument("image", help="an image file (any format Pillow reads)")
+    attention.add_argument("--checkpoint", default=None, metavar="PATH",
+                           help="weights to load (default: random weights, labelled so)")
+    attention.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
+    attention.add_argument("--heads", action="store_true", help="one heat map per head, not the mean")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "build-ext": cmd_build_ext}[args.command]
+    handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "build-ext": cmd_build_ext,
+               "attention": cmd_attention}[args.command]
     return handler(args)
 
 
