@@ -179,3 +179,35 @@ def test_a_replaced_cross_attention_says_its_maps_are_missing():
     model.blocks[1].fusion[0].attn = Other()
     with pytest.raises(RuntimeError, match="blocks.1.fusion.0"):
         model.forward_attention_maps(torch.randn(1, 3, 48, 48))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_18_dagger_408"])
+def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
+    """On the GPU, the compiled Triton kernel and the CUDA kernel: fp32 (tf32 off) within 1e-5 of
+    timm's hooked maps in float64; under bf16 autocast within 4x timm's own bf16 error."""
+    reason = crossvit_fast.backends.unavailable_reason(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    ref, ours = pair(timm, name)
+    ref, ours = ref.cuda(), ours.cuda()
+    res = ref.pretrained_cfg["input_size"][-1]
+    x = torch.randn(4, 3, res, res, device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected = extract(timm, ref.double(), x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timm_bf16 = extract(timm, ref.float(), x)
+        with torch.no_grad(), crossvit_fast.use_backend(backend):
+            _, maps = ours.forward_attention_maps(x)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, maps_bf16 = ours.forward_attention_maps(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert list(maps) == list(expected) == list(maps_bf16)
+    for n, m in expected.items():
+        assert maps[n].dtype == torch.float32 and rel_err(maps[n], m) < TOL, n
+        assert rel_err(maps_bf16[n], m) <= 4 * max(rel_err(timm_bf16[n], m), 1e-3), n
