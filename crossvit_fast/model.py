@@ -196,10 +196,10 @@ class CrossViT(NotScriptable, nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.img_size = _pair(img_size)
         self.img_scale = img_scale = _pair(img_scale)
         self.patch_size = tuple(patch_size)
-        self.img_size_scaled = branch_sizes(self.img_size, img_scale, patch_size)
+        self.img_size_scaled = branch_sizes(_pair(img_size), img_scale, patch_size)   # checks it
+        self.img_size = tuple(int(s) for s in _pair(img_size))
         self.dynamic_img_size = dynamic_img_size
         self._warned_input_size = False
         self.crop_scale = crop_scale

@@ -11,6 +11,7 @@ they tile (every pretrained configuration), and a size that works everywhere els
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,10 +30,11 @@ def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequenc
                  what: str = "img_size") -> List[Size]:
     """Each branch's image size for inputs of ``img_size``; a ValueError naming ``what`` and the
     nearest valid size where a branch would get no patch along a side."""
-    if (len(img_size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                                      for s in img_size)):
+    if (len(img_size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                      and s > 0 for s in img_size)):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
                          f"got {img_size!r}")
+    img_size = (int(img_size[0]), int(img_size[1]))
     sizes = [branch_size(img_size, s, p) for s, p in zip(img_scale, patch_size)]
     if all(min(size) > 0 for size in sizes):
         return sizes
