@@ -8,7 +8,8 @@ stand-in of tests/timm_import.py, and, with ``--crossvit-impl fast`` (the defaul
 module's ``create_model`` building crossvit_fast's model for every CrossViT name (any other
 name stays timm's). ``--crossvit-impl timm`` runs the same selection on timm's own CrossVit.
 
-Run by hand (the command CI runs, via tests/test_timm_model_tests.py):
+The suite runs a selection of it (tests/test_timm_model_tests.py); every CrossViT variant, from
+the repository root:
 
     python -m pytest -p tests.timm_model_tests "$(python -m tests.timm_model_tests)" \\
         -k "crossvit and not fx and not torchscript and not load_pretrained"
