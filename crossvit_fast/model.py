@@ -423,12 +423,15 @@ class CrossViT(NotScriptable, nn.Module):
         ``blocks.{i}.fusion.{d}.attn.attn_drop`` holds the CLS token's softmax weights over
         ``[CLS ‖ the other branch's patches]``, ``[B, heads, 1, 1 + N]``: ``d = 0`` is branch 0's
         (small patches) CLS over branch 1's patch grid, ``d = 1`` branch 1's CLS over branch 0's
-        grid; column 0 is the CLS token itself. The fused op makes them from the scores of its
-        token pass (a second pass over the tokens, run only here). With ``branches`` the branch
-        self-attention maps ``blocks.{i}.blocks.{b}.{k}.attn.attn_drop`` (``[B, heads, 1 + N,
-        1 + N]``) are added: those blocks then form their attention matrix instead of SDPA's.
+        grid; column 0 is the CLS token itself. Where the fusion runs fused, the maps come from
+        the backend's token pass (each head's log-sum-exp) and a second pass that recomputes the
+        scores (:func:`crossvit_fast.ops.cls_attention_maps`), run only here. With ``branches``
+        the branch self-attention maps ``blocks.{i}.blocks.{b}.{k}.attn.attn_drop`` (``[B,
+        heads, 1 + N, 1 + N]``) are added: those blocks then form their attention matrix
+        instead of calling SDPA.
 
-        The maps carry no gradient; they are fp32 (float64 for a float64 model).
+        The maps carry no gradient; they are fp32 (float64 for a float64 model). Eager only:
+        the recording is not meant for ``torch.compile``.
         """
         names = {m: n for n, m in self.named_modules()}
         with recording_attention_maps(branches) as maps:
