@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
+from .resolution import resample_checkpoint_pos_embeds
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
@@ -165,9 +167,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
     pretrained model is built with another ``num_classes``. ``use_ema`` as in timm's
     ``load_checkpoint``: a checkpoint's EMA weights win over its plain ones. ``input_convs``
     names the first convs (without ``.weight``) to adapt to the model's ``in_chans`` where the
-    checkpoint's are RGB (:func:`adapt_input_conv`).
+    checkpoint's are RGB (:func:`adapt_input_conv`). Position embeddings of a checkpoint
+    trained at another image size are resampled to the model's patch grids (bicubic, the CLS
+    row kept), as timm's ``resample_abs_pos_embed`` does for ViTs.
     """
     state = to_timm_keys(read_state_dict(path, use_ema))
+    if hasattr(model, "patch_embed") and hasattr(model, "embed_dim"):   # trained at another size
+        state = resample_checkpoint_pos_embeds(state, [p.grid_size for p in model.patch_embed],
+                                               model.embed_dim)
     in_chans = getattr(model, "in_chans", 3)
     for conv in input_convs:
         key = f"{conv}.weight"

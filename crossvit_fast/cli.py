@@ -1,4 +1,4 @@
-"""``crossvit-fast``: info, check (fused vs naive), bench (images/s), build-ext.
+"""``crossvit-fast``: info, check (fused vs naive), bench (images/s), build-ext, attention (maps PNG).
 
 This module parses and checks the arguments; :mod:`.commands` runs them. Nothing here imports
 torch before the arguments are parsed, so that ``--help`` and argument errors come back at once
@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
     sub.add_parser("build-ext", parents=[debug], help="build the CUDA C++ extension now instead of on first use")
+
+    attention = sub.add_parser("attention", parents=[common],
+                               help="draw each branch's CLS cross-attention over an image (PNG)")
+    attention.add_argument("image", help="an image file (any format Pillow reads)")
+    attention.add_argument("--checkpoint", default=None, metavar="PATH",
+                           help="weights to load (default: random weights, labelled so)")
+    attention.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
+    attention.add_argument("--heads", action="store_true", help="one heat map per head, not the mean")
     return parser
 
 

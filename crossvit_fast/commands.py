@@ -28,7 +28,8 @@ class CommandError(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit code."""
-    handlers = {"info": info, "check": check, "bench": bench, "build-ext": build_ext}
+    handlers = {"info": info, "check": check, "bench": bench, "build-ext": build_ext,
+                "attention": attention}
     return handlers[args.command](args)
 
 
@@ -221,6 +222,15 @@ def _writable(path: str) -> Path:
         raise CommandError(f"--json {path}: is a folder; expected a file path")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def attention(args) -> int:
+    from .attention_viz import draw_attention   # matplotlib: only this command needs it
+    width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
+                                   heads=args.heads, device=_device(args.device),
+                                   dtype=DTYPES[args.dtype])
+    print(f"wrote {args.out} ({width}x{height} pixels)")
+    return 0
 
 
 def build_ext(args) -> int:

@@ -10,7 +10,9 @@ so does every block norm under ``torch.compile``, which fuses them itself.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple, Type
+import os
+import sys
+from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -49,6 +51,49 @@ def always_fuse_norms() -> Iterator[None]:
         yield
     finally:
         FUSED_NORM_MIN_ELEMENTS = saved
+
+
+# While CrossViT.forward_attention_maps runs: each attention module's ``attn_drop`` → the
+# softmax weights it receives (the CLS cross-attentions always; the branch self-attentions
+# when _record_branch_maps is set). None otherwise: no module records, nothing costs.
+_attention_maps: Optional[Dict[nn.Module, Tensor]] = None
+_record_branch_maps = False
+
+
+@contextlib.contextmanager
+def recording_attention_maps(branches: bool = False) -> Iterator[Dict[nn.Module, Tensor]]:
+    """Inside the block, every CLS cross-attention (and with ``branches`` every branch
+    self-attention) records the softmax weights its ``attn_drop`` receives, detached, into the
+    yielded dict under that ``attn_drop`` module."""
+    global _attention_maps, _record_branch_maps
+    saved = _attention_maps, _record_branch_maps
+    _attention_maps, _record_branch_maps = {}, branches
+    try:
+        yield _attention_maps
+    finally:
+        _attention_maps, _record_branch_maps = saved
+
+
+def _recording_attn_drop(attn_drop: nn.Module, record: bool):
+    """``attn_drop`` itself, or where ``record``, a callable that records its input first."""
+    if not record or _attention_maps is None:
+        return attn_drop
+    maps = _attention_maps
+
+    def record_then_drop(a: Tensor) -> Tensor:
+        maps[attn_drop] = a.detach()
+        return attn_drop(a)
+    return record_then_drop
+
+
+def use_fused_attn() -> bool:
+    """The default of :attr:`Attention.fused_attn`, as timm's: timm's own setting where timm
+    is imported (``timm.layers.set_fused_attn``), else its ``TIMM_FUSED_ATTN`` environment
+    variable (``0`` turns SDPA off)."""
+    timm_config = sys.modules.get("timm.layers.config")
+    if timm_config is not None and hasattr(timm_config, "use_fused_attn"):
+        return bool(timm_config.use_fused_attn())
+    return int(os.environ.get("TIMM_FUSED_ATTN", "1")) > 0
 
 
 def _runs_as_written(*modules: nn.Module) -> bool:
@@ -159,17 +204,22 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(NotScriptable, nn.Module):
-    """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``)."""
+    """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``).
+
+    Takes images of ``img_size`` only, unless ``strict_img_size`` is False (a model with
+    ``dynamic_img_size``, which gives each branch a size its patches tile)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, multi_conv=False,
-                 device=None, dtype=None):
+                 strict_img_size: bool = True, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         img_size = _pair(img_size)
         patch_size = _pair(patch_size)
         self.img_size = img_size
         self.patch_size = patch_size
-        self.num_patches = (img_size[1] // patch_size[1]) * (img_size[0] // patch_size[0])
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
         if multi_conv:
             if patch_size[0] == 12:
                 self.proj = nn.Sequential(
@@ -194,7 +244,7 @@ class PatchEmbed(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
-        if (H, W) != tuple(self.img_size):
+        if self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(f"PatchEmbed: input image size ({H}*{W}) doesn't match model "
                              f"({self.img_size[0]}*{self.img_size[1]})")
         if _patchify_conv(self.proj) and x.ndim == 4 and x.shape[1] == self.proj.in_channels:
@@ -231,7 +281,11 @@ def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention of the branch blocks (timm's ``Attention``, through SDPA)."""
+    """Multi-head self-attention of the branch blocks (timm's ``Attention``).
+
+    As timm's: through SDPA where ``fused_attn`` (default :func:`use_fused_attn`), else with
+    the attention matrix formed and passed to ``attn_drop`` (where hooks can read it).
+    """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.,
                  device=None, dtype=None):
@@ -242,6 +296,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.q_norm = nn.Identity()
         self.k_norm = nn.Identity()
@@ -257,7 +312,11 @@ class Attention(nn.Module):
         # where timm's permute(2, 0, 3, 1, 4).unbind(0) stacks them and copies once more.
         q, k, v = (t.transpose(1, 2) for t in
                    self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        if self.fused_attn and not _record_branch_maps:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:  # timm's non-fused path, recording the maps for forward_attention_maps
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = _recording_attn_drop(self.attn_drop, _record_branch_maps)(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -368,7 +427,7 @@ class CrossAttention(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = reference.cross_attention(x, self.wq, self.wk, self.wv, self.proj, self.num_heads,
-                                        self.scale, attn_drop=self.attn_drop)
+                                        self.scale, attn_drop=_recording_attn_drop(self.attn_drop, True))
         return self.proj_drop(out)
 
 
@@ -392,14 +451,17 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
 
     def _fusable(self) -> bool:
         """The fused op reads norm1's and the four Linears' parameters itself: only where those
-        are plain modules (not wrapped, quantized or hooked) and no dropout acts inside."""
+        are plain modules (not wrapped, quantized or hooked) and no dropout acts inside. It
+        never calls ``attn_drop``: where that is hooked or replaced (to read the attention
+        maps, as timm's ``AttentionExtract`` does), timm's math runs and calls it."""
         attn = self.attn
-        if type(attn) is not CrossAttention:
+        if type(attn) is not CrossAttention or type(attn.attn_drop) is not nn.Dropout:
             return False
         linears = (attn.wq, attn.wk, attn.wv, attn.proj)
         dropout_active = self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)
         return (_fusable_norm(self.norm1) and not dropout_active
-                and all(type(m) is nn.Linear for m in linears) and _runs_as_written(attn, *linears))
+                and all(type(m) is nn.Linear for m in linears)
+                and _runs_as_written(attn, attn.attn_drop, *linears))
 
     def forward(self, x: Tensor, patches: Optional[Tensor] = None) -> Tensor:
         cls, patches = (x[:, 0:1], x[:, 1:]) if patches is None else (x, patches)
@@ -413,6 +475,10 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
             return cls + self.drop_path(self.attn(self.norm1(tokens)))
         stochastic_depth = self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0
         attn = self.attn
+        if _attention_maps is not None:
+            _attention_maps[attn.attn_drop] = ops.cls_attention_maps(
+                cls, patches, self.norm1.weight, self.norm1.bias, attn.wq.weight, attn.wq.bias,
+                attn.wk.weight, attn.num_heads, attn.scale, self.norm1.eps)
         out = ops.cls_cross_attention(
             cls, patches, self.norm1.weight, self.norm1.bias, attn.wq.weight, attn.wq.bias,
             attn.wk.weight, attn.wk.bias, attn.wv.weight, attn.wv.bias, attn.proj.weight,

@@ -7,8 +7,9 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
-                     PatchEmbed, _pair, _runs_as_written)
+                     PatchEmbed, _pair, _runs_as_written, recording_attention_maps)
 from .ops._common import autocast_dtype
+from .resolution import branch_sizes, resample_pos_embed
 
 
 @contextlib.contextmanager
@@ -201,7 +203,15 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, List[in
 
 
 class CrossViT(NotScriptable, nn.Module):
-    """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``)."""
+    """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``).
+
+    Any ``img_size`` (an int or ``(H, W)``) builds: each branch's image is ``img_size`` scaled
+    by its ``img_scale`` and rounded to whole patches (:mod:`crossvit_fast.resolution`), timm's
+    sizes wherever those tile. Inputs of another size are resized to it per branch, as timm
+    does (with a warning, once per model); with ``dynamic_img_size=True`` every input size runs
+    as is instead, the position embeddings interpolated to its patch grids per call (as timm's
+    ViT option).
+    """
 
     def __init__(
             self,
@@ -224,6 +234,7 @@ class CrossViT(NotScriptable, nn.Module):
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = partial(LayerNorm, eps=1e-6),
             global_pool: str = "token",
+            dynamic_img_size: bool = False,
             device=None,
             dtype=None,
     ):
@@ -242,9 +253,12 @@ class CrossViT(NotScriptable, nn.Module):
         self.in_chans = in_chans
         self.grad_checkpointing = False
         self.global_pool = global_pool
-        self.img_size = _pair(img_size)
-        img_scale = _pair(img_scale)
-        self.img_size_scaled = [tuple([int(sj * si) for sj in self.img_size]) for si in img_scale]
+        self.img_scale = img_scale = _pair(img_scale)
+        self.patch_size = tuple(patch_size)
+        self.img_size_scaled = branch_sizes(_pair(img_size), img_scale, patch_size)   # checks it
+        self.img_size = tuple(int(s) for s in _pair(img_size))
+        self.dynamic_img_size = dynamic_img_size
+        self._warned_input_size = False
         self.crop_scale = crop_scale
         num_patches = _compute_num_patches(self.img_size_scaled, patch_size)
         self.num_branches = len(patch_size)
@@ -258,7 +272,8 @@ class CrossViT(NotScriptable, nn.Module):
 
         for im_s, p, d in zip(self.img_size_scaled, patch_size, embed_dim):
             self.patch_embed.append(PatchEmbed(img_size=im_s, patch_size=p, in_chans=in_chans,
-                                               embed_dim=d, multi_conv=multi_conv, **dd))
+                                               embed_dim=d, multi_conv=multi_conv,
+                                               strict_img_size=not dynamic_img_size, **dd))
 
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
@@ -355,17 +370,40 @@ class CrossViT(NotScriptable, nn.Module):
             raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are {param.dtype}; "
                             f"cast one to the other, or run under torch.autocast")
 
-    def _embed(self, x: Tensor) -> List[Tensor]:
+    def _branch_sizes(self, x: Tensor) -> List[Tuple[int, int]]:
+        """Each branch's image size for input ``x``: the model's (timm: the input is resized to
+        it), or with ``dynamic_img_size`` the input's own, scaled per branch."""
+        size = tuple(x.shape[-2:])
+        if self.dynamic_img_size:
+            return branch_sizes(size, self.img_scale, self.patch_size, what="input image size")
+        if (size != self.img_size and not self._warned_input_size
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            self._warned_input_size = True
+            warnings.warn(
+                f"CrossViT: input images of {size[0]}x{size[1]} are resized to the model's "
+                f"img_size {self.img_size[0]}x{self.img_size[1]} (per branch: "
+                f"{', '.join(f'{h}x{w}' for h, w in self.img_size_scaled)}), as timm's CrossVit does. "
+                f"To run at their own size, build the model with img_size={size} (checkpoints "
+                f"load with their position embeddings resampled) or dynamic_img_size=True. "
+                f"Shown once per model.", UserWarning, stacklevel=4)
+        return self.img_size_scaled
+
+    def _embed(self, x: Tensor) -> Tuple[List[Tensor], List[Tuple[int, int]]]:
+        """The tokens ``[CLS ‖ patches] + pos_embed`` of each branch, and each branch's patch grid."""
         self._check_input(x)
         B = x.shape[0]
-        xs = []
-        for i, patch_embed in enumerate(self.patch_embed):
-            x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))
+        xs, grids = [], []
+        for i, (patch_embed, size) in enumerate(zip(self.patch_embed, self._branch_sizes(x))):
+            x_ = patch_embed(scale_image(x, size, self.crop_scale))
             cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
             x_ = torch.cat((cls_tokens, x_), dim=1)
-            x_ = x_ + (self.pos_embed_0 if i == 0 else self.pos_embed_1)
-            xs.append(self.pos_drop(x_))
-        return xs
+            grid = (size[0] // self.patch_size[i], size[1] // self.patch_size[i])
+            pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1
+            if grid != patch_embed.grid_size:   # dynamic_img_size only
+                pos_embed = resample_pos_embed(pos_embed, grid, patch_embed.grid_size)
+            xs.append(self.pos_drop(x_ + pos_embed))
+            grids.append(grid)
+        return xs, grids
 
     def forward_intermediates(
             self,
@@ -386,7 +424,7 @@ class CrossViT(NotScriptable, nn.Module):
         max_block = max([idx % num_blocks for idx in take_indices])
 
         B = x.shape[0]
-        xs = self._embed(x)
+        xs, grids = self._embed(x)
         blocks = self.blocks[:max_block + 1] if stop_early else self.blocks
         branch_intermediates: List[List[Tensor]] = [[] for _ in range(self.num_branches)]
         for i, blk in enumerate(blocks):
@@ -397,10 +435,8 @@ class CrossViT(NotScriptable, nn.Module):
                     branch_intermediates[b].append(y[:, 1:])
 
         intermediates = []
-        for patch_embed, branch_feats in zip(self.patch_embed, branch_intermediates):
+        for (H, W), branch_feats in zip(grids, branch_intermediates):
             if reshape:
-                H = patch_embed.img_size[0] // patch_embed.patch_size[0]
-                W = patch_embed.img_size[1] // patch_embed.patch_size[1]
                 branch_feats = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in branch_feats]
             intermediates.extend(branch_feats)
         if intermediates_only:
@@ -422,7 +458,7 @@ class CrossViT(NotScriptable, nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> List[Tensor]:
-        xs = self._embed(x)
+        xs, _ = self._embed(x)
         for blk in self.blocks:
             xs = blk(xs)
         return [norm(xs[i]) for i, norm in enumerate(self.norm)]
@@ -436,3 +472,34 @@ class CrossViT(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_attention_maps(self, x: Tensor, branches: bool = False
+                               ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The logits and the attention maps, as timm's ``attn_drop`` modules receive them.
+
+        Returns ``(logits, maps)``; ``maps`` is keyed by the name of each ``attn_drop`` module,
+        in model order, as a forward hook on it (or ``timm.utils.AttentionExtract(model,
+        method="hook")``) keys them. For every fusion block of every multi-scale block,
+        ``blocks.{i}.fusion.{d}.attn.attn_drop`` holds the CLS token's softmax weights over
+        ``[CLS ‖ the other branch's patches]``, ``[B, heads, 1, 1 + N]``: ``d = 0`` is branch 0's
+        (small patches) CLS over branch 1's patch grid, ``d = 1`` branch 1's CLS over branch 0's
+        grid; column 0 is the CLS token itself. Where the fusion runs fused, the maps come from
+        the backend's token pass (each head's log-sum-exp) and a second pass that recomputes the
+        scores (:func:`crossvit_fast.ops.cls_attention_maps`), run only here. With ``branches``
+        the branch self-attention maps ``blocks.{i}.blocks.{b}.{k}.attn.attn_drop`` (``[B,
+        heads, 1 + N, 1 + N]``) are added: those blocks then form their attention matrix
+        instead of calling SDPA.
+
+        The maps carry no gradient; they are fp32 (float64 for a float64 model). Eager only:
+        the recording is not meant for ``torch.compile``.
+        """
+        names = {m: n for n, m in self.named_modules()}
+        with recording_attention_maps(branches) as maps:
+            logits = self(x)
+        missing = [n for n, m in self.named_modules() if isinstance(m, CrossAttentionBlock)
+                   and getattr(m.attn, "attn_drop", None) not in maps]
+        if missing:
+            raise RuntimeError(f"forward_attention_maps: no attention maps from {', '.join(missing)}: "
+                               "their attn is not CrossViT's CrossAttention (replaced or wrapped); "
+                               "register a forward hook on the module that receives the softmax")
+        return logits, {names[m]: maps[m] for m in self.modules() if m in maps}

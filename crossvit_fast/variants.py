@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Union
 
+import torch.nn as nn
+
 from .checkpoint import load_checkpoint, pretrained_path
+from .features import FeatureGetterNet, default_out_indices
 from .model import CrossViT
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +62,7 @@ _TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
                  cache_dir: Optional[str] = None, pretrained_cfg: Union[str, dict, None] = None,
-                 pretrained_cfg_overlay: Optional[dict] = None, **kwargs) -> CrossViT:
+                 pretrained_cfg_overlay: Optional[dict] = None, **kwargs) -> nn.Module:
     """Build variant ``name`` (or ``name.in1k``); ``kwargs`` override its arguments as in
     ``timm.create_model``, which also drops the ones that are None.
 
@@ -70,7 +73,13 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` fetches timm's
     published weights from the Hugging Face Hub (or its local cache, ``cache_dir``), or the
     config's ``file``; with another ``num_classes`` the pretrained head is left out, and with
-    another ``in_chans`` the first convs are adapted, as in timm.
+    another ``in_chans`` the first convs are adapted, as in timm. A checkpoint trained at
+    another image size loads with its position embeddings resampled to ``img_size``.
+
+    ``features_only=True`` returns the backbone as timm 1.0.31 builds it
+    (:class:`crossvit_fast.features.FeatureGetterNet`: a list of NCHW feature maps, by default
+    the last block's of each branch; ``out_indices`` picks others, index ``b * 3 + i`` being
+    branch ``b`` after block ``i``; ``feature_info`` describes them).
     """
     variant, _, tag = name.partition(".")
     if variant not in MODEL_ARGS:
@@ -80,10 +89,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
-    if kwargs.pop("features_only", False):
-        raise NotImplementedError("create_model: features_only is not supported; use "
-                                  "model.forward_intermediates(x, indices=...) for the per-block features")
-    kwargs.pop("out_indices", None)   # a features_only argument; timm drops it without one too
+    features_only = kwargs.pop("features_only", False)
+    # features_only arguments; timm drops them without features_only too
+    out_indices, feature_cls = kwargs.pop("out_indices", None), kwargs.pop("feature_cls", None)
     if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
         pretrained_cfg = pretrained_cfg.to_dict()   # timm's PretrainedCfg
     cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
@@ -95,7 +103,27 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
                         input_convs=cfg["first_conv"])
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
+    if features_only:
+        return _feature_net(model, out_indices, feature_cls)
     return model
+
+
+def _feature_net(model: CrossViT, out_indices, feature_cls) -> nn.Module:
+    """``model`` wrapped as timm 1.0.31 wraps CrossVit for ``features_only``: a feature getter
+    over ``forward_intermediates``, by default the last block's features of each branch."""
+    if out_indices is None:
+        out_indices = default_out_indices(model.num_feature_blocks)
+    if feature_cls is None or feature_cls == "getter":
+        feature_cls = FeatureGetterNet
+    elif isinstance(feature_cls, str):
+        raise ValueError(f"create_model: feature_cls {feature_cls!r} is not supported for CrossViT; "
+                         f"its features come from forward_intermediates (feature_cls='getter', as timm's)")
+    net = feature_cls(model, out_indices=out_indices)
+    net.in_chans = model.in_chans
+    # timm's pretrained_cfg_for_features: the classifier's entries mean nothing for a backbone
+    net.pretrained_cfg = net.default_cfg = {k: v for k, v in model.pretrained_cfg.items()
+                                            if k not in ("num_classes", "classifier", "global_pool")}
+    return net
 
 
 def _defaults_from_cfg(cfg: dict) -> dict:

@@ -1,4 +1,4 @@
-// torch bindings of the crossvit-fast CUDA kernels: the six primitives of the `cuda` backend as
+// torch bindings of the crossvit-fast CUDA kernels: the seven primitives of the `cuda` backend as
 // ops of the `crossvit_fast_cuda` library, with the schemas and output dtypes of
 // crossvit_fast/backends/torch_backend.py. This is the only file that sees torch: it validates
 // the tensors (with messages that name the argument and what was expected), converts parameters
@@ -209,6 +209,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_pool_bwd(
                                       dbeta.data_ptr<float>(), current_stream(x0.device())));
   return {dx0, dpatches, plan.splits == 1 ? dkt.squeeze(1) : dkt.sum(1), dgamma.sum(0),
           dbeta.sum(0)};
+}
+
+Tensor attn_weights(const Tensor& x0, const Tensor& patches, const Tensor& kt,
+                    const Tensor& gamma, const Tensor& beta, const Tensor& lse, double eps) {
+  constexpr const char* op = "crossvit_fast_cuda::attn_weights";
+  const c10::DeviceGuard guard(x0.device());
+  const PoolInputs in = pool_inputs(op, x0, patches, kt, gamma, beta, eps);
+  check_device(op, "lse", lse, x0.device());
+  check_shape(op, "lse", lse, {in.B, in.H});
+  check_floating(op, "lse", lse);
+  Tensor a = at::empty({in.B, in.H, in.N + 1}, x0.options().dtype(at::kFloat));
+  const Tensor lse32 = as_f32(lse);
+  check_launch(op, cvf::attn_weights(in.args, lse32.data_ptr<float>(), a.data_ptr<float>(),
+                                     current_stream(x0.device())));
+  return a;
 }
 
 // ---- LayerNorm with an optional residual add --------------------------------------------------
@@ -430,6 +445,8 @@ TORCH_LIBRARY(crossvit_fast_cuda, m) {
         "float eps) -> (Tensor, Tensor)");
   m.def("attn_pool_bwd(Tensor dz, Tensor x0, Tensor patches, Tensor kt, Tensor gamma, "
         "Tensor beta, Tensor z, Tensor lse, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("attn_weights(Tensor x0, Tensor patches, Tensor kt, Tensor gamma, Tensor beta, "
+        "Tensor lse, float eps) -> Tensor");
   m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, "
@@ -445,6 +462,7 @@ TORCH_LIBRARY(crossvit_fast_cuda, m) {
 #define CROSSVIT_FAST_IMPLS(m)                   \
   m.impl("attn_pool_fwd", &attn_pool_fwd);       \
   m.impl("attn_pool_bwd", &attn_pool_bwd);       \
+  m.impl("attn_weights", &attn_weights);         \
   m.impl("layer_norm_fwd", &layer_norm_fwd);     \
   m.impl("layer_norm_bwd", &layer_norm_bwd);     \
   m.impl("cls_proj_fwd", &cls_proj_fwd);         \

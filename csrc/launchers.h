@@ -64,6 +64,11 @@ cudaError_t attn_pool_bwd(const AttnPoolArgs& args, const AttnPoolPlan& plan, co
                           float* dkt_part, float* dgamma_part, float* dbeta_part,
                           cudaStream_t stream);
 
+// CLS attention maps: out [B, H, N + 1] (contiguous) = exp(s - lse) per token, from the lse
+// [B, H] of attn_pool_fwd on the same inputs.
+cudaError_t attn_weights(const AttnPoolArgs& args, const float* lse, float* out,
+                         cudaStream_t stream);
+
 // ---- LayerNorm with an optional residual add --------------------------------------------------
 
 struct LayerNormFwdArgs {

@@ -44,7 +44,8 @@ def test_intermediates_pre_logits_and_resized_input_match_timm(timm):
     ref, ours = pair(timm, "crossvit_9_240")
     with torch.no_grad():
         x = torch.randn(1, 3, 224, 224)  # not the model's 240: both rescale per branch
-        assert rel_err(ours(x), ref(x)) < TOL
+        with pytest.warns(UserWarning, match="resized"):   # ours says so, once
+            assert rel_err(ours(x), ref(x)) < TOL
         x = torch.randn(1, 3, 240, 240)
         a = ours.forward_intermediates(x, indices=[0, 4], norm=True)
         b = ref.forward_intermediates(x, indices=[0, 4], norm=True)

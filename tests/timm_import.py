@@ -43,12 +43,17 @@ class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__path__ = []
 
 
+def install_torchvision_stand_in() -> None:
+    """Where torchvision is not installed, answer its imports with the stand-in (once)."""
+    if importlib.util.find_spec("torchvision") is None and not any(
+            isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionStandIn())
+
+
 def import_timm():
     """timm, or a pytest skip saying why it cannot be imported here."""
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm is not installed (pip install --no-deps timm==1.0.31 pillow pyyaml)")
-    if importlib.util.find_spec("torchvision") is None and not any(
-            isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
-        sys.meta_path.insert(0, _TorchvisionStandIn())
+    install_torchvision_stand_in()
     import timm
     return timm

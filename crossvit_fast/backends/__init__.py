@@ -1,6 +1,6 @@
 """Which backend runs the fused ops: ``auto``, ``triton``, ``cuda`` or ``torch``.
 
-Each backend is a module exposing the six primitives of :mod:`.torch_backend` and
+Each backend is a module exposing the seven primitives of :mod:`.torch_backend` and
 ``unavailable_reason(device) -> Optional[str]`` (``None`` when it can run on that device).
 The choice is made, in order of precedence, per call (``backend=`` on the functional ops), per
 context (:func:`use_backend`), or globally (:func:`set_backend`, seeded from the

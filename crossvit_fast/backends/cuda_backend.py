@@ -1,4 +1,4 @@
-"""The CUDA C++ backend: the six primitives of :mod:`.torch_backend`, run by the kernels in
+"""The CUDA C++ backend: the seven primitives of :mod:`.torch_backend`, run by the kernels in
 ``csrc/`` (ops ``torch.ops.crossvit_fast_cuda.*``, built on first use by
 :mod:`crossvit_fast._extension`). Same signatures and output dtypes as the torch backend.
 
@@ -97,3 +97,11 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     if x.dtype == torch.float64:
         return torch_backend.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd)
     return _ops().cls_proj_bwd(_rows(dy.to(x.dtype)), x, ln_weight, ln_bias, weight, mean, rstd)
+
+
+def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                 lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """See :func:`.torch_backend.attn_weights`; computes in fp32 whatever ``dot_dtype``."""
+    if x0.dtype == torch.float64:
+        return torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps)
+    return _ops().attn_weights(x0, patches, kt, gamma, beta, lse, eps)

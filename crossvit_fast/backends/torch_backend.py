@@ -1,6 +1,6 @@
 """The PyTorch backend: the per-backend primitives written with plain torch ops.
 
-Every backend (``torch``, ``triton``, ``cuda``) implements the same six primitives with the same
+Every backend (``torch``, ``triton``, ``cuda``) implements the same seven primitives with the same
 signatures and output dtypes; the custom ops in :mod:`crossvit_fast.ops` compose them with the
 small per-sample products. This module is also the readable statement of the math (design.md §2).
 
@@ -184,3 +184,20 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """The PyTorch backend runs on every device."""
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLS attention maps: the softmax weights of the token pass, recomputed from its log-sum-exp.
+# ---------------------------------------------------------------------------------------------
+
+def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                 lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``a[b, h, j] = exp(s_hj − lse[b, h])`` over the tokens ``[x0 ‖ patches]``: the softmax
+    weights of :func:`attn_pool_fwd` given its ``lse`` (``[B, H]``), as ``[B, H, N + 1]`` in the
+    accumulation dtype (token 0 is ``x0``). Same arguments as :func:`attn_pool_fwd`; this
+    backend computes in fp32 whatever ``dot_dtype``.
+    """
+    kt, gamma, beta, lse = (_acc_of(t, x0) for t in (kt, gamma, beta, lse))
+    scores = [torch.einsum("bhc,bnc->bhn", kt, normalize(t, eps)[0] * gamma + beta)
+              for t in (x0.unsqueeze(1), patches)]
+    return torch.exp(torch.cat(scores, dim=-1) - lse.unsqueeze(-1))

@@ -1,11 +1,11 @@
-"""The Triton backend: the six primitives of :mod:`.torch_backend`, run by the kernels in
+"""The Triton backend: the seven primitives of :mod:`.torch_backend`, run by the kernels in
 :mod:`crossvit_fast.kernels` (same signatures, same output dtypes).
 
 Triton runs CUDA tensors compiled, and CPU tensors only in its interpreter (``TRITON_INTERPRET=1``
 set before Triton is first imported), which is how the tests exercise it on machines without a GPU.
 
-Each primitive takes ``launch``: how each kernel is launched. Eager calls launch at once;
-:data:`TRACED` holds the same primitives launched through ``wrap_triton``, for the bodies of the
+The six primitives of the fused ops take ``launch``: how each kernel is launched. Eager calls
+launch at once; :data:`TRACED` holds the same primitives launched through ``wrap_triton``, for the bodies of the
 ``triton_op`` s that ``torch.compile`` decomposes into the kernel launches themselves (see
 :mod:`crossvit_fast.ops`).
 """
@@ -30,6 +30,7 @@ else:
     from triton.runtime.errors import OutOfResources
 
     from ..kernels import _launch, attn_pool, cls_proj, layer_norm
+    from ..kernels import attn_weights as attn_weights_kernels
     from ..kernels._launch import direct
 
 # (C, heads, dtype, dot dtype) of the cross-attention shapes whose Triton kernels did not fit
@@ -121,9 +122,20 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, launch or direct)
 
 
+def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
+                 lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
+    # the forward's key: where its kernel did not fit, the torch backend made lse, so it makes
+    # the maps too (same scores, rows that sum to 1)
+    return _torch_when_out_of_resources(
+        "cross-attention maps", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        lambda: attn_weights_kernels.attn_weights(x0, patches, kt, gamma, beta, lse, eps, dot_dtype),
+        lambda: torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps))
+
+
 def _traced_primitives() -> Optional[types.SimpleNamespace]:
-    """The six primitives with every kernel launched through ``wrap_triton`` (see
-    ``kernels._launch.traced``); None where Triton is missing."""
+    """The six primitives of the fused ops with every kernel launched through ``wrap_triton``
+    (see ``kernels._launch.traced``); None where Triton is missing. ``attn_weights`` is not
+    among them: no compiled op calls it."""
     if triton is None:
         return None
     primitives = (attn_pool_fwd, attn_pool_bwd, layer_norm_fwd, layer_norm_bwd, cls_proj_fwd,

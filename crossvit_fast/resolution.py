@@ -1,0 +1,83 @@
+"""Input resolution: each branch's image size for an input size, and position embeddings
+resampled to another patch grid (a checkpoint trained at another size, or ``dynamic_img_size``).
+
+Each branch sees the image resized by its ``img_scale`` (timm: ``int(size * scale)``). The two
+patch sizes (12 and 16) tile those sizes together only at multiples of 120 pixels (240 → 240 and
+224), so at 224, 288, 384 or 448 timm's CrossVit builds position embeddings for a patch count
+its patch embedding does not produce, and fails in its forward. Here each branch's size is the
+scaled size rounded to the nearest whole number of patches per side: timm's own sizes wherever
+they tile (every pretrained configuration), and a size that works everywhere else.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size = Tuple[int, int]
+
+
+def branch_size(img_size: Size, scale: float, patch: int) -> Size:
+    """``img_size`` scaled by ``scale``, each side rounded to the nearest multiple of ``patch``."""
+    return tuple(int(math.floor(side * scale / patch + 0.5)) * patch for side in img_size)
+
+
+def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequence[int],
+                 what: str = "img_size") -> List[Size]:
+    """Each branch's image size for inputs of ``img_size``; a ValueError naming ``what`` and the
+    nearest valid size where a branch would get no patch along a side."""
+    if (len(img_size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                      and s > 0 for s in img_size)):
+        raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
+                         f"got {img_size!r}")
+    img_size = (int(img_size[0]), int(img_size[1]))
+    sizes = [branch_size(img_size, s, p) for s, p in zip(img_scale, patch_size)]
+    if all(min(size) > 0 for size in sizes):
+        return sizes
+    # the smallest side at which every branch gets at least one patch
+    smallest = max(math.ceil(p / (2 * s)) for s, p in zip(img_scale, patch_size))
+    while min(min(branch_size((smallest, smallest), s, p)) for s, p in zip(img_scale, patch_size)) == 0:
+        smallest += 1
+    nearest = tuple(max(side, smallest) for side in img_size)
+    raise ValueError(
+        f"{what} {tuple(img_size)} is too small: with patch sizes {tuple(patch_size)} at scales "
+        f"{tuple(round(s, 4) for s in img_scale)} a branch gets no whole patch along a side; "
+        f"the nearest valid size is {nearest}")
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: Size, old_grid: Optional[Size] = None) -> Tensor:
+    """``pos_embed`` ``[1, 1 + h·w, C]`` (the CLS token's row first) for a ``new_grid`` of patches:
+    the patch rows resampled as an image, bicubic and antialiased, in fp32, the CLS row kept; as
+    timm's ``resample_abs_pos_embed`` does for ViTs (``old_grid`` square where not given)."""
+    if old_grid is None:
+        side = math.isqrt(pos_embed.shape[1] - 1)
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    C = pos_embed.shape[-1]
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+def resample_checkpoint_pos_embeds(state: Dict[str, Tensor], grids: Sequence[Size],
+                                   widths: Sequence[int]) -> Dict[str, Tensor]:
+    """``state`` with each ``pos_embed_{i}`` of width ``widths[i]`` but another number of patch
+    tokens than ``grids[i]`` holds (a square grid: trained at another image size) resampled to
+    ``grids[i]``. Others are left alone, for the shape check to name."""
+    out = dict(state)
+    for i, (grid, width) in enumerate(zip(grids, widths)):
+        pos = out.get(f"pos_embed_{i}")
+        if (pos is None or pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != width
+                or pos.shape[1] == 1 + grid[0] * grid[1]):
+            continue
+        side = math.isqrt(pos.shape[1] - 1)
+        if side * side == pos.shape[1] - 1:
+            out[f"pos_embed_{i}"] = resample_pos_embed(pos, grid, (side, side))
+    return out

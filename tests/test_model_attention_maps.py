@@ -1,0 +1,213 @@
+"""Attention maps of the whole model: ``forward_attention_maps`` and timm's own recipes (a forward
+hook on ``attn_drop``, ``timm.utils.AttentionExtract(model, method="hook")``, ``fused_attn=False``
+for the branch self-attention) give timm's maps, on every backend."""
+import pytest
+import torch
+import torch.nn as nn
+
+import crossvit_fast
+from crossvit_fast import layers, ops
+from crossvit_fast.reference import naive_math
+
+from .conftest import backend_param
+from .numerics import rel_err
+from .test_model import small_model
+from .timm_import import import_timm
+
+TOL = 1e-5  # fp32, relative to the largest weight of the map
+
+
+@pytest.fixture(scope="module")
+def timm():
+    return import_timm()
+
+
+def pair(timm, name):
+    torch.manual_seed(0)
+    ref = timm.create_model(name).eval()
+    ours = crossvit_fast.create_model(name).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def extract(timm, model, x, **kwargs):
+    with torch.no_grad():
+        return timm.utils.AttentionExtract(model, method="hook", **kwargs)(x)
+
+
+def assert_same_maps(got, expected):
+    assert list(got) == list(expected)
+    for name, m in expected.items():
+        assert got[name].shape == m.shape, name
+        assert rel_err(got[name], m) < TOL, name
+
+
+def variant_on(name, backend):
+    """A (variant, backend) pytest param that skips, with the reason, where the backend cannot run."""
+    marks = backend_param(backend).marks
+    return pytest.param(name, backend, id=f"{name}-{backend}", marks=marks)
+
+
+# Triton (in the interpreter on CPU machines) on the smallest variant: a 240-pixel model there
+# takes ~10 s; the PyTorch backend also on a variant with the dagger stem and 4 heads.
+@pytest.mark.parametrize("name, backend", [
+    variant_on("crossvit_tiny_240", "torch"), variant_on("crossvit_tiny_240", "triton"),
+    variant_on("crossvit_9_dagger_240", "torch"),
+])
+def test_forward_attention_maps_equal_timms_hooked_maps(timm, name, backend):
+    ref, ours = pair(timm, name)
+    res = ref.pretrained_cfg["input_size"][-1]
+    x = torch.randn(1, 3, res, res)
+    expected = extract(timm, ref, x)
+    assert len(expected) == 6          # 3 multi-scale blocks x 2 directions
+    with torch.no_grad(), crossvit_fast.use_backend(backend):
+        logits, maps = ours.forward_attention_maps(x)
+        assert rel_err(logits, ref(x)) < TOL
+    assert_same_maps(maps, expected)
+    grids = [p.num_patches for p in ours.patch_embed]
+    assert maps["blocks.0.fusion.0.attn.attn_drop"].shape == (1, ours.blocks[0].fusion[0].attn.num_heads, 1, 1 + grids[1])
+    assert maps["blocks.0.fusion.1.attn.attn_drop"].shape[-1] == 1 + grids[0]
+
+
+def test_timms_recipes_capture_timms_maps_from_our_model(timm):
+    """AttentionExtract and a plain forward hook on attn_drop: the fused cross-attention steps
+    aside for the hooked module, so the hooks see timm's maps, and the logits stay timm's."""
+    ref, ours = pair(timm, "crossvit_9_240")
+    x = torch.randn(2, 3, 240, 240)
+    expected = extract(timm, ref, x)
+    assert_same_maps(extract(timm, ours, x), expected)
+
+    seen = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, out))
+               for n, m in ours.named_modules() if n.endswith("fusion.0.attn.attn_drop")]
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < TOL
+    for h in handles:
+        h.remove()
+    assert_same_maps(seen, {n: m for n, m in expected.items() if ".fusion.0." in n})
+
+
+def test_branch_self_attention_maps_follow_fused_attn_as_in_timm(timm):
+    ref, ours = pair(timm, "crossvit_tiny_240")
+    x = torch.randn(1, 3, 240, 240)
+    for model in (ref, ours):
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+    expected = extract(timm, ref, x)
+    assert len(expected) == 6 + 3 * (1 + 4)   # + every branch Block's self-attention
+    assert_same_maps(extract(timm, ours, x), expected)
+    for m in ours.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    with torch.no_grad():
+        _, maps = ours.forward_attention_maps(x, branches=True)
+    assert_same_maps(maps, expected)
+    with torch.no_grad():
+        _, maps = ours.forward_attention_maps(x)
+    assert len(maps) == 6
+
+
+def test_fused_attn_default_is_timms_setting(timm, monkeypatch):
+    assert layers.Attention(8, 2).fused_attn == timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(False)
+    try:
+        assert layers.Attention(8, 2).fused_attn is False
+    finally:
+        timm.layers.set_fused_attn(True)
+    monkeypatch.setitem(__import__("sys").modules, "timm.layers.config", None)
+    monkeypatch.setenv("TIMM_FUSED_ATTN", "0")
+    assert layers.Attention(8, 2).fused_attn is False
+
+
+@pytest.mark.parametrize("backend", [backend_param("torch"), backend_param("triton")])
+def test_fused_maps_equal_timms_math_in_float64(backend):
+    """The maps of the fused path against those timm's math records (naive_math), in float64,
+    and in fp32 against that float64 reference."""
+    model = small_model().double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        with naive_math():
+            logits_ref, expected = model.forward_attention_maps(x, branches=True)
+        with crossvit_fast.use_backend(backend):
+            logits, maps = model.forward_attention_maps(x, branches=True)
+            assert rel_err(logits, model(x)) < 1e-12
+            _, maps32 = model.float().forward_attention_maps(x.float(), branches=True)
+    assert len(expected) == 3 * 2 + 3 * (1 + 2) and list(maps) == list(expected)
+    for name, m in expected.items():
+        assert maps[name].dtype == torch.float64
+        assert rel_err(maps[name], m) < 1e-12, name
+        assert maps32[name].dtype == torch.float32
+        assert rel_err(maps32[name], m) < TOL, name
+        assert torch.allclose(m.sum(-1), torch.ones((), dtype=m.dtype))
+    assert rel_err(logits, logits_ref) < 1e-12
+
+
+def test_maps_in_training_with_attention_dropout_are_the_dropout_input():
+    """With dropout inside the attention timm's math runs; the maps are attn_drop's input."""
+    model = small_model(attn_drop_rate=0.5).train()
+    x = torch.randn(2, 3, 48, 48)
+    seen = {}
+    for n, m in model.named_modules():
+        if n.endswith("attn.attn_drop") and ".fusion." in n:
+            m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0]))
+    logits, maps = model.forward_attention_maps(x)
+    assert logits.requires_grad and list(maps) == list(seen)
+    for n, m in maps.items():
+        assert torch.equal(m, seen[n].detach()) and not m.requires_grad
+
+
+def test_no_maps_are_made_unless_asked(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("maps computed in a plain forward")
+    monkeypatch.setattr(ops, "cls_attention_maps", fail)
+    model = small_model().eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 48, 48))
+    for name in ("torch", "triton"):
+        if crossvit_fast.backends.unavailable_reason(name, "cpu") is None:
+            monkeypatch.setattr(crossvit_fast.backends.implementation(name), "attn_weights", fail)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 48, 48))
+
+
+def test_a_replaced_cross_attention_says_its_maps_are_missing():
+    class Other(nn.Module):
+        def forward(self, x):
+            return x[:, :1]
+    model = small_model().eval()
+    model.blocks[1].fusion[0].attn = Other()
+    with pytest.raises(RuntimeError, match="blocks.1.fusion.0"):
+        model.forward_attention_maps(torch.randn(1, 3, 48, 48))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_18_dagger_408"])
+def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
+    """On the GPU, the compiled Triton kernel and the CUDA kernel: fp32 (tf32 off) within 1e-5 of
+    timm's hooked maps in float64; under bf16 autocast within 4x timm's own bf16 error."""
+    reason = crossvit_fast.backends.unavailable_reason(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    ref, ours = pair(timm, name)
+    ref, ours = ref.cuda(), ours.cuda()
+    res = ref.pretrained_cfg["input_size"][-1]
+    x = torch.randn(4, 3, res, res, device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected = extract(timm, ref.double(), x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timm_bf16 = extract(timm, ref.float(), x)
+        with torch.no_grad(), crossvit_fast.use_backend(backend):
+            _, maps = ours.forward_attention_maps(x)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, maps_bf16 = ours.forward_attention_maps(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert list(maps) == list(expected) == list(maps_bf16)
+    for n, m in expected.items():
+        assert maps[n].dtype == torch.float32 and rel_err(maps[n], m) < TOL, n
+        assert rel_err(maps_bf16[n], m) <= 4 * max(rel_err(timm_bf16[n], m), 1e-3), n

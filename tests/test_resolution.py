@@ -1,0 +1,173 @@
+"""Any input resolution: models built at other sizes, checkpoints resampled to them,
+``dynamic_img_size``, and timm's resizing of other inputs (with one warning per model)."""
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossvit_fast
+from crossvit_fast import create_model
+from crossvit_fast.resolution import branch_sizes
+
+from .numerics import rel_err
+from .test_model import VARIANTS, small_model
+from .timm_import import import_timm
+
+NAME = "crossvit_tiny_240"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_240(tmp_path_factory):
+    """A crossvit_tiny_240 state dict saved to a file, and the model it came from."""
+    torch.manual_seed(0)
+    model = create_model(NAME).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "crossvit_tiny_240.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_pretrained_sizes_are_timms(name):
+    """Where timm's int(size * scale) tiles (every pretrained configuration) the sizes are timm's."""
+    with torch.device("meta"):
+        model = create_model(name)
+    timm_sizes = [tuple(int(s * scale) for s in model.img_size) for scale in model.img_scale]
+    assert model.img_size_scaled == timm_sizes
+    assert [p.grid_size for p in model.patch_embed] == [(h // p, w // p) for (h, w), p in
+                                                        zip(timm_sizes, model.patch_size)]
+
+
+@pytest.mark.parametrize("img_size, sizes", [
+    (224, [(228, 228), (208, 208)]), (288, [(288, 288), (272, 272)]),
+    (384, [(384, 384), (352, 352)]), (448, [(444, 444), (416, 416)]),
+    ((240, 320), [(240, 324), (224, 304)]),
+])
+def test_any_img_size_builds_and_runs(img_size, sizes):
+    """Each branch's size is img_size scaled by its img_scale, rounded to whole patches. (Shapes
+    on the meta device; real runs at 224, 240x320 and 384 in the checkpoint tests below.)"""
+    with torch.device("meta"):
+        model = create_model("crossvit_tiny_240", img_size=img_size).eval()
+        x = torch.randn(1, 3, *model.img_size)
+    assert model.img_size_scaled == sizes
+    assert [p.num_patches + 1 for p in model.patch_embed] == [model.pos_embed_0.shape[1], model.pos_embed_1.shape[1]]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")          # the model's own size: no resizing warning
+        assert model(x).shape == (1, 1000)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    grids = [(h // p, w // p) for (h, w), p in zip(sizes, model.patch_size)]
+    assert [tuple(f.shape[-2:]) for f in feats] == [grids[0]] * 3 + [grids[1]] * 3
+
+
+@pytest.mark.parametrize("img_size, nearest", [(5, (9, 9)), ((300, 4), (300, 9))])
+def test_too_small_sizes_name_the_nearest_valid_size(img_size, nearest):
+    with pytest.raises(ValueError, match="too small.*nearest valid size is " + re.escape(str(nearest))):
+        create_model(NAME, img_size=img_size)
+    model = create_model("crossvit_tiny_240")
+    assert branch_sizes(nearest, model.img_scale, model.patch_size)
+
+
+@pytest.mark.parametrize("bad", [0, -240, (240,), (240.0, 240), "240"])
+def test_bad_img_size_is_named(bad):
+    with pytest.raises(ValueError, match="img_size must be"):
+        create_model(NAME, img_size=bad)
+
+
+@pytest.mark.parametrize("img_size", [224, (240, 320)])
+def test_checkpoint_from_240_loads_as_timms_resampling_by_hand(checkpoint_240, img_size):
+    """Both branches' position embeddings resampled as timm's resample_abs_pos_embed does for
+    ViTs (bicubic on the patch grid, antialiased, the CLS row kept): the same logits."""
+    timm = import_timm()
+    source, path = checkpoint_240
+    model = create_model(NAME, img_size=img_size, checkpoint_path=path).eval()
+    by_hand = create_model(NAME, img_size=img_size).eval()
+    state = dict(source.state_dict())
+    for i, embed in enumerate(by_hand.patch_embed):
+        state[f"pos_embed_{i}"] = timm.layers.resample_abs_pos_embed(state[f"pos_embed_{i}"], list(embed.grid_size))
+    by_hand.load_state_dict(state, strict=True)
+    for key, value in by_hand.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = torch.randn(1, 3, *model.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), by_hand(x))
+
+
+def test_pretrained_file_at_another_size_is_resampled(checkpoint_240):
+    _, path = checkpoint_240
+    model = create_model(NAME, img_size=384, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert model.pos_embed_0.shape[1] == 1 + 32 * 32 and model.pos_embed_1.shape[1] == 1 + 22 * 22
+
+
+def smooth_image(seed, size=240):
+    gen = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(1, 3, 6, 6, generator=gen), size=(size, size), mode="bicubic",
+                         align_corners=False)
+
+
+def test_240_model_at_384_stays_close_on_an_upsampled_image(checkpoint_240):
+    """A sanity bound, with random weights (no trained ones here): on a smooth image upsampled
+    from 240 to 384, the 384 model (240 weights, resampled position embeddings) gives logits
+    within 15% of the 240 model's (measured: 2-4%), and three times closer to them than
+    the 240 model's logits of another image are (measured: 70-90% apart)."""
+    source, path = checkpoint_240
+    model = create_model(NAME, img_size=384, checkpoint_path=path).eval()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        for seed in range(2):
+            x = smooth_image(seed)
+            at_240 = source(x)
+            at_384 = model(F.interpolate(x, size=(384, 384), mode="bicubic", align_corners=False))
+            other = source(smooth_image(seed + 10))
+            assert rel(at_384, at_240) < 0.15
+            assert rel(at_384, at_240) < rel(other, at_240) / 3
+            assert at_384.argmax() == at_240.argmax()
+
+
+def test_dynamic_img_size_runs_each_input_at_its_own_size(checkpoint_240):
+    """A dynamic model with the 240 weights gives, for an input of another size, the logits of a
+    model built at that size from the same checkpoint (the same resampling, per call)."""
+    source, path = checkpoint_240
+    model = create_model(NAME, dynamic_img_size=True, checkpoint_path=path).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.randn(1, 3, 240, 240)
+        assert torch.equal(model(x), source(x))
+        x = torch.randn(1, 3, 240, 320)
+        fixed = create_model(NAME, img_size=(240, 320), checkpoint_path=path).eval()
+        assert rel_err(model(x), fixed(x)) < 1e-6
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape[-2:] for f in feats] == [f.shape[-2:] for f in fixed.forward_intermediates(x, intermediates_only=True)]
+    with pytest.raises(ValueError, match="input image size .* too small"):
+        model(torch.randn(1, 3, 240, 6))
+
+
+def test_dynamic_img_size_compiles_and_matches_eager():
+    torch.manual_seed(0)
+    model = small_model(dynamic_img_size=True).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for hw in ((48, 48), (72, 60)):
+            x = torch.randn(2, 3, *hw)
+            assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+def test_other_inputs_of_a_fixed_size_model_are_resized_with_one_warning():
+    model = small_model().eval()
+    x = torch.randn(1, 3, 64, 40)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="resized to the model's img_size 48x48"):
+            resized = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(model(x), resized)        # once per model (timm's resizing itself:
+                                                         # tests/test_timm_parity.py)
+    with pytest.warns(UserWarning, match="resized"):
+        small_model()(x)                                 # another model warns again
+
+
+def test_dynamic_img_size_is_a_factory_argument():
+    """As for timm's ViTs, create_model takes dynamic_img_size=True for every variant."""
+    with torch.device("meta"):
+        model = crossvit_fast.create_model("crossvit_tiny_240", dynamic_img_size=True)
+    assert model.dynamic_img_size and all(not p.strict_img_size for p in model.patch_embed)
