@@ -277,7 +277,10 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     z = x0.new_empty((B, H, C), dtype=acc)
     lse = x0.new_empty((B, H), dtype=acc)
     if S == 1:
-        out, m, l = z, lse, lse
+        # l is not read or written with one split: None, not lse again. A tensor passed twice is
+        # two kernel outputs to the compiler's functionalization (where it cannot tell which
+        # arguments a kernel writes, it clones each and keeps the last: lse would be l's clone)
+        out, m, l = z, lse, None
     else:
         out = x0.new_empty((B, S, H, C), dtype=acc)
         m, l = x0.new_empty((B, S, H), dtype=acc), x0.new_empty((B, S, H), dtype=acc)
