@@ -405,15 +405,17 @@ def test_compiled_training_step_with_the_kernel_launches_computes_eagers_gradien
 
 @triton_here
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("name", ["attn_pool", "attn_pool_split", "add_layer_norm", "layer_norm",
                                   "cls_proj"])
-def test_compiled_triton_ops_compute_what_the_custom_ops_compute(compilable_triton, name):
+def test_compiled_triton_ops_compute_what_the_custom_ops_compute(compilable_triton, name, dynamic):
     """Each triton_op compiled (its kernel launches recorded, then run) gives the PyTorch
     backend's outputs and gradients; ``attn_pool_split``: tokens split across programs and
-    combined (a second kernel)."""
+    combined (a second kernel). With dynamic shapes every size is symbolic while the body runs,
+    widths and heads included (as in opcheck's test_aot_dispatch_dynamic)."""
     custom_op, triton_op, args = _triton_op_cases()[name]
     want, want_grads = _outputs_and_grads(custom_op, args + ["torch"])
-    compiled = torch.compile(lambda *a: triton_op(*a), fullgraph=True,
+    compiled = torch.compile(lambda *a: triton_op(*a), fullgraph=True, dynamic=dynamic,
                              backend=_run_as_traced(compilable_triton))
     got, got_grads = _outputs_and_grads(compiled, args + ["triton"])
     for g, w in zip(got, want):
