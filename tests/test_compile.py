@@ -1,4 +1,9 @@
 """torch.compile(fullgraph=True) traces the fused ops (custom ops with fake impls): no graph break."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -169,6 +174,29 @@ def test_one_graph_without_breaks(mode):
                 compiled(x)
     assert len(recorder.graphs) == 1
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_the_second_compiled_step_of_a_fresh_process_does_not_recompile():
+    """In a fresh process the backend choice must already be made when dynamo first traces an
+    op: a trace that made it (``get_backend`` seeding it from the environment) guarded on it
+    being unset, and the whole model compiled again on the next step."""
+    code = "\n".join([
+        "import torch",
+        "from tests.test_model import small_model",
+        "graphs = []",
+        "def count(gm, example_inputs):",
+        "    graphs.append(gm)",
+        "    return gm.forward",
+        "compiled = torch.compile(small_model().train(), backend=count)",
+        "for _ in range(2):",
+        "    compiled(torch.randn(2, 3, 48, 48)).square().mean().backward()",
+        "print(len(graphs))",
+    ])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != backends.ENV_VAR})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1", out.stdout
 
 
 def test_no_recompiles_across_steps_modes_and_autocast():
