@@ -56,6 +56,9 @@ _FORWARD_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32,
 @functools.lru_cache(maxsize=None)
 def _blocks(C: int, H: int, backward: bool) -> Tuple[int, int, int, int]:
     """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads.
+    Callers pass plain ints: under the compiler with dynamic shapes the sizes are SymInts, which
+    do not hash, and the kernels' blocks need a fixed width and head count anyway (``int()``
+    specializes them).
 
     Whole rows in registers. The backward holds several tiles live: 8K-element tiles from
     BLOCK_C = 256 up (16 to 32 tokens), 32 tokens below.
@@ -272,12 +275,15 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
     x0, patches, kt = unit_last_stride(x0), unit_last_stride(patches), unit_last_stride(kt)
     gamma, beta = contiguous_as(gamma, acc), contiguous_as(beta, acc)
-    block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=False)
+    block_c, h_pad, block_n, num_warps = _blocks(int(C), int(H), backward=False)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     z = x0.new_empty((B, H, C), dtype=acc)
     lse = x0.new_empty((B, H), dtype=acc)
     if S == 1:
-        out, m, l = z, lse, lse
+        # l is not read or written with one split: None, not lse again. A tensor passed twice is
+        # two kernel outputs to the compiler's functionalization (where it cannot tell which
+        # arguments a kernel writes, it clones each and keeps the last: lse would be l's clone)
+        out, m, l = z, lse, None
     else:
         out = x0.new_empty((B, S, H, C), dtype=acc)
         m, l = x0.new_empty((B, S, H), dtype=acc), x0.new_empty((B, S, H), dtype=acc)
@@ -308,7 +314,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     x0, patches = unit_last_stride(x0), unit_last_stride(patches)
     kt, dz = unit_last_stride(kt), unit_last_stride(dz)
     gamma, beta, z, lse = (contiguous_as(t, acc) for t in (gamma, beta, z, lse))
-    block_c, h_pad, block_n, num_warps = _blocks(C, H, backward=True)
+    block_c, h_pad, block_n, num_warps = _blocks(int(C), int(H), backward=True)
     S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
     dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)
     dpatches = patches.new_empty((B, N, C))

@@ -22,7 +22,8 @@ from ._launch import acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, nu
 
 @functools.lru_cache(maxsize=None)   # called on every launch: cached per width
 def _blocks(C: int) -> Tuple[int, int, int]:
-    """``(BLOCK_C, ROWS, num_warps)``: about 4K elements per program."""
+    """``(BLOCK_C, ROWS, num_warps)``: about 4K elements per program. ``C`` a plain int: a
+    symbolic width (the compiler, dynamic shapes) does not hash; ``int()`` specializes it."""
     block_c = next_power_of_2(C)
     return block_c, max(1, min(16, 4096 // block_c)), (4 if block_c <= 1024 else 8)
 
@@ -103,7 +104,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     xr = _rows(x, C)
     res = None if residual is None else _rows(residual, C)
     weight, bias = contiguous_as(weight, acc), contiguous_as(bias, acc)
-    block_c, rows, num_warps = _blocks(C)
+    block_c, rows, num_warps = _blocks(int(C))
     y = x.new_empty((M, C), dtype=out_dtype or dtype)
     h = x if res is None else x.new_empty((M, C), dtype=dtype)
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
@@ -123,7 +124,7 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     dy, hr = _rows(dy, C), _rows(h, C)
     dh = None if dh is None else _rows(dh, C)
     weight, mean, rstd = (contiguous_as(t, acc) for t in (weight, mean, rstd))
-    block_c, rows, num_warps = _blocks(C)
+    block_c, rows, num_warps = _blocks(int(C))
     programs = max(1, min(cdiv(M, rows), 2 * num_sms(h.device)))
     dx = h.new_empty((M, C))
     dw, db = h.new_empty((programs, C), dtype=acc), h.new_empty((programs, C), dtype=acc)

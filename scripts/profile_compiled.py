@@ -97,6 +97,22 @@ def saved_for_backward(model, workload):
     return dict(tensors=count, MB=round(nbytes / 2 ** 20, 1))
 
 
+def dynamo_stats() -> dict:
+    """Graphs, graph breaks, recompiles (with the guards that failed) and CUDA-graph skips since
+    the last ``torch._dynamo.reset()``. Dynamo's counters have no "recompiles" entry (torch 2.11
+    and 2.13): recompiles are counted from its compiles per frame, their reasons from its record
+    of guard failures."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters, guard_failures
+    compiles = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})
+    return dict(graphs=counters["stats"]["unique_graphs"],
+                graph_breaks=dict(counters["graph_break"]),
+                recompiles=sum(n - 1 for n in compiles.values() if isinstance(n, int) and n > 1),
+                recompile_reasons=[reason[:200] for failures in guard_failures.values()
+                                   for reason in failures][:20],
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"])   # reasons: perf_hints log
+
+
 def profile_one(name, build, workload, mode, out):
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
@@ -116,11 +132,7 @@ def profile_one(name, build, workload, mode, out):
     stem = f"{name}-{workload}-{mode}"
     (out / f"{stem}.py").write_text("\n\n# ---- next graph ----\n\n".join(code))
     return dict(model=name, workload=workload, mode=mode, batch=BATCH[workload], compile_s=round(compile_s, 1),
-                wall_ms=round(wall, 2), gpu_ms=round(gpu, 2),
-                graphs=counters["stats"]["unique_graphs"],
-                graph_breaks=dict(counters["graph_break"]),
-                recompiles=dict(counters["recompiles"]),
-                cudagraph_skips=counters["inductor"]["cudagraph_skips"],   # reasons: perf_hints log
+                wall_ms=round(wall, 2), gpu_ms=round(gpu, 2), **dynamo_stats(),
                 triton_kernels_in_code=sum(c.count("_attn_pool_") for c in code),
                 opaque_op_calls=sum(c.count("torch.ops.crossvit_fast") for c in code),
                 saved_for_backward=saved_for_backward(model, workload), top_kernels=top)

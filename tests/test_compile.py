@@ -1,4 +1,9 @@
 """torch.compile(fullgraph=True) traces the fused ops (custom ops with fake impls): no graph break."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,6 +176,29 @@ def test_one_graph_without_breaks(mode):
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
+def test_the_second_compiled_step_of_a_fresh_process_does_not_recompile():
+    """In a fresh process the backend choice must already be made when dynamo first traces an
+    op: a trace that made it (``get_backend`` seeding it from the environment) guarded on it
+    being unset, and the whole model compiled again on the next step."""
+    code = "\n".join([
+        "import torch",
+        "from tests.test_model import small_model",
+        "graphs = []",
+        "def count(gm, example_inputs):",
+        "    graphs.append(gm)",
+        "    return gm.forward",
+        "compiled = torch.compile(small_model().train(), backend=count)",
+        "for _ in range(2):",
+        "    compiled(torch.randn(2, 3, 48, 48)).square().mean().backward()",
+        "print(len(graphs))",
+    ])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != backends.ENV_VAR})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1", out.stdout
+
+
 def test_no_recompiles_across_steps_modes_and_autocast():
     """Each of train/eval × autocast off/on compiles once; going back and forth between them, and
     more steps in each, compile nothing new. A new batch size compiles one dynamic-shape graph
@@ -225,10 +253,13 @@ def _triton_op_cases():
     x0, patches, kt, gamma, beta, wk_bias = _float64_leaves((B, C), (B, N, C), (B, H, C), (C,), (C,), (C,))
     rows, residual, w, b = _float64_leaves((M, C), (M, C), (C,), (C,))
     weight, bias = _float64_leaves((Cout, C), (Cout,))
+    long_patches, = _float64_leaves((B, 300, C))     # several token splits (B is small)
     ops_ = torch.ops.crossvit_fast
     return {
         "attn_pool": (ops_.attn_pool, ops_.attn_pool_triton,
                       [x0, patches, kt, gamma, beta, wk_bias, 1e-6, None]),
+        "attn_pool_split": (ops_.attn_pool, ops_.attn_pool_triton,
+                            [x0, long_patches, kt, gamma, beta, wk_bias, 1e-6, None]),
         "add_layer_norm": (ops_.layer_norm, ops_.layer_norm_triton,
                            [rows, residual, w, b, 1e-6, None]),
         "layer_norm": (ops_.layer_norm, ops_.layer_norm_triton, [rows, None, w, b, 1e-6, None]),
@@ -257,20 +288,51 @@ def test_triton_ops_compute_what_the_custom_ops_compute(name):
 def compilable_triton(monkeypatch):
     """The kernels as a GPU machine holds them (Triton's JITFunction, which the compiler can
     record, in place of the CPU interpreter's InterpretedFunction), and the backend saying so.
-    Graphs can then be traced here, not run: the kernels cannot execute without a GPU."""
+    Graphs can then be traced here; :func:`_run_as_traced` runs them. Yields the swaps made,
+    ``(module, name, JITFunction, InterpretedFunction)``."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     from crossvit_fast.backends import triton_backend
     from crossvit_fast.kernels import attn_pool, cls_proj, layer_norm
+    swaps = []
     for module in (attn_pool, cls_proj, layer_norm):
         for name, fn in list(vars(module).items()):
             if isinstance(fn, InterpretedFunction):     # kernels and the helpers they call
-                monkeypatch.setattr(module, name, JITFunction(fn.fn))
+                swaps.append((module, name, JITFunction(fn.fn), fn))
+                monkeypatch.setattr(module, name, swaps[-1][2])
     monkeypatch.setattr(triton_backend, "recordable", lambda: True)
     torch._dynamo.reset()
-    yield
+    yield swaps
     torch._dynamo.reset()
+
+
+def _run_as_traced(swaps):
+    """A torch.compile backend that runs AOTAutograd's forward and backward graphs as traced
+    (functionalized kernel launches, no inductor), each launch made by the kernel that
+    ``compilable_triton`` swapped out: Triton's interpreter runs them on the CPU. Here the
+    compiler's analysis of which arguments a kernel writes always fails (no GPU driver), so
+    functionalization takes every tensor argument as written: the strictest reading."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    interpreted = {jit.fn.__name__: fn for _, _, jit, fn in swaps}
+
+    def compiler(gm, example_inputs):
+        for idx, kernel in list(kernel_side_table.id_to_kernel.items()):
+            if getattr(kernel, "fn", None) is not None and kernel.fn.__name__ in interpreted:
+                kernel_side_table.id_to_kernel[idx] = interpreted[kernel.fn.__name__]
+
+        def run(*args):
+            for module, name, _, fn in swaps:      # the helpers the kernels call, interpreted
+                setattr(module, name, fn)
+            try:
+                return gm(*args)
+            finally:
+                for module, name, jit, _ in swaps:
+                    setattr(module, name, jit)
+        return make_boxed_func(run)
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
 
 
 class _Traced(Exception):
@@ -340,6 +402,54 @@ def test_compiled_layer_norm_launches_the_triton_kernels(compilable_triton):
     kernels, custom_ops = _kernels_and_ops(_joint_graph(step, x, residual))
     assert not custom_ops, custom_ops
     assert kernels == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}
+
+
+@triton_here
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_training_step_with_the_kernel_launches_computes_eagers_gradients(
+        compilable_triton, fused_cls_projection):
+    """The graphs that hold the kernel launches, run (float64), give eager's outputs and
+    gradients: what the compiler records of each triton_op body is right under
+    functionalization (e.g. no tensor passed to a kernel twice, which it would take as two
+    outputs)."""
+    model = small_model().train().double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, device=DEVICE)
+    model.to(DEVICE)
+
+    def step(run):
+        model.zero_grad()
+        out = run(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    with crossvit_fast.use_backend("torch"):
+        want, want_grads = step(model)
+    with crossvit_fast.use_backend("triton"):
+        got, got_grads = step(torch.compile(model, fullgraph=True,
+                                            backend=_run_as_traced(compilable_triton)))
+    assert rel_err(got, want) < 1e-10
+    for name, g in want_grads.items():
+        assert rel_err(got_grads[name], g) < 1e-10, name
+
+
+@triton_here
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name", ["attn_pool", "attn_pool_split", "add_layer_norm", "layer_norm",
+                                  "cls_proj"])
+def test_compiled_triton_ops_compute_what_the_custom_ops_compute(compilable_triton, name, dynamic):
+    """Each triton_op compiled (its kernel launches recorded, then run) gives the PyTorch
+    backend's outputs and gradients; ``attn_pool_split``: tokens split across programs and
+    combined (a second kernel). With dynamic shapes every size is symbolic while the body runs,
+    widths and heads included (as in opcheck's test_aot_dispatch_dynamic)."""
+    custom_op, triton_op, args = _triton_op_cases()[name]
+    want, want_grads = _outputs_and_grads(custom_op, args + ["torch"])
+    compiled = torch.compile(lambda *a: triton_op(*a), fullgraph=True, dynamic=dynamic,
+                             backend=_run_as_traced(compilable_triton))
+    got, got_grads = _outputs_and_grads(compiled, args + ["triton"])
+    for g, w in zip(got, want):
+        assert g.numel() == 0 or rel_err(g, w) < 1e-10
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None) and (g is None or rel_err(g, w) < 1e-10)
 
 
 # ---- on a GPU: inductor's own code launches the kernels; CUDA-graph trees capture them ---------

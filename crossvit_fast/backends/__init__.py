@@ -34,8 +34,9 @@ def check_name(name: str, what: str) -> str:
     return name.lower()
 
 
-# Seeded from the environment variable when a backend is first chosen, not at import, so that a
-# bad value leaves ``import crossvit_fast`` (and ``crossvit-fast info``, which reports it) working.
+# Seeded from the environment variable at import (see the end of this file) where it holds a valid
+# name; a bad value leaves it unset, so that ``import crossvit_fast`` (and ``crossvit-fast info``,
+# which reports it) works and the first choice of a backend raises.
 _requested: Optional[str] = None
 
 
@@ -132,3 +133,11 @@ def status() -> dict:
     """For each concrete backend and each device here: ``None`` if usable, else the reason."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {name: {d: unavailable_reason(name, d) for d in devices} for name in CONCRETE_BACKENDS}
+
+
+# Seeded now, not by the first op: torch.compile would trace that seeding, guard on
+# ``_requested is None`` and compile the whole model again on the next call.
+try:
+    _requested = _env_backend()
+except ValueError:
+    pass

@@ -79,11 +79,17 @@ def _torch_when_out_of_resources(what: str, key: tuple, kernel_call, torch_call)
         return torch_call()
 
 
+def _fit_key(x0: Tensor, kt: Tensor, dot_dtype: Optional[torch.dtype]) -> tuple:
+    """What decides whether the cross-attention kernels fit: width, heads and dtypes. Plain
+    ints: under the compiler with dynamic shapes the sizes are SymInts, which do not hash."""
+    return int(x0.shape[-1]), int(kt.shape[1]), x0.dtype, dot_dtype
+
+
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        "cross-attention forward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        "cross-attention forward", _fit_key(x0, kt, dot_dtype),
         lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype,
                                         launch=launch or direct),
         lambda: torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps))
@@ -94,7 +100,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
                   dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _torch_when_out_of_resources(
-        "cross-attention backward", (x0.shape[-1], kt.shape[1], x0.dtype, dot_dtype),
+        "cross-attention backward", _fit_key(x0, kt, dot_dtype),
         lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype,
                                         launch=launch or direct),
         lambda: torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps))
