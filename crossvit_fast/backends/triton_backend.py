@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import torch_backend
 
@@ -39,6 +40,8 @@ else:
 # recomputes with Triton's products the scores of a forward that ran in torch, or the reverse
 # (the two differ by the dot dtype's rounding under autocast).
 _does_not_fit: set = set()
+# The keys whose kernels were tried once on a real sample for torch.compile (see _probe_fit).
+_probed: set = set()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -85,9 +88,36 @@ def _fit_key(x0: Tensor, kt: Tensor, dot_dtype: Optional[torch.dtype]) -> tuple:
     return int(x0.shape[-1]), int(kt.shape[1]), x0.dtype, dot_dtype
 
 
+def _may_run_out_of_resources(device: torch.device) -> bool:
+    """A GPU's shared memory and registers can be too few for a kernel; the interpreter's never."""
+    return device.type == "cuda"
+
+
+def _probe_fit(key: tuple, device: torch.device) -> None:
+    """Under ``torch.compile`` a launch is only recorded: inductor compiles the kernel after the
+    trace, where an ``OutOfResources`` can no longer fall back, and the compile would fail. So,
+    once per key, the eager kernels run forward and backward on one real sample of that width
+    (the fit depends on width, heads and dtypes, not on batch or tokens), outside the tracing
+    modes: a kernel that does not fit puts the key in ``_does_not_fit``, and the trace then
+    takes the PyTorch backend."""
+    if key in _probed or key in _does_not_fit or not _may_run_out_of_resources(device):
+        return
+    C, H, dtype, dot_dtype = key
+    with _disable_current_modes(), torch.no_grad():
+        x0 = torch.randn(1, C, dtype=dtype, device=device)
+        patches = torch.randn(1, 1, C, dtype=dtype, device=device)
+        kt, dz = torch.randn(1, H, C, device=device), torch.randn(1, H, C, device=device)
+        gamma, beta = torch.ones(C, device=device), torch.zeros(C, device=device)
+        z, lse = attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6, dot_dtype)
+        attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, 1e-6, dot_dtype)
+    _probed.add(key)
+
+
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor]:
+    if launch is not None:      # recorded for the compiler: it must fit when inductor compiles it
+        _probe_fit(_fit_key(x0, kt, dot_dtype), x0.device)
     return _torch_when_out_of_resources(
         "cross-attention forward", _fit_key(x0, kt, dot_dtype),
         lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype,
@@ -99,6 +129,8 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float,
                   dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if launch is not None:      # recorded for the compiler: it must fit when inductor compiles it
+        _probe_fit(_fit_key(x0, kt, dot_dtype), x0.device)
     return _torch_when_out_of_resources(
         "cross-attention backward", _fit_key(x0, kt, dot_dtype),
         lambda: attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype,

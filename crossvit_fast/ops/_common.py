@@ -156,17 +156,21 @@ def traced_triton() -> ModuleType:
 @torch.compiler.assume_constant_result   # run once while tracing, not traced into
 def _compiler_sees_triton(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` runs the Triton kernels on ``device`` and the compiler can record
-    their launches (Triton compiles them; its CPU interpreter's cannot be recorded)."""
+    their launches (Triton compiles them; its CPU interpreter's cannot be recorded), for
+    ``torch.compile``: ``torch.export`` keeps op calls, and the backend-neutral one is kept
+    there, not one tied to Triton. (Asked here, run once for real: dynamo 2.11 folds
+    ``is_exporting()`` to True in every trace.)"""
     from ..backends import triton_backend
-    return backend_impl(backend, device) is triton_backend and triton_backend.recordable()
+    return (not torch.compiler.is_exporting() and backend_impl(backend, device) is triton_backend
+            and triton_backend.recordable())
 
 
 def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str,
            device: torch.device, triton_op: Optional[Callable] = None) -> Callable:
     """What a public op calls for ``backend`` on ``device``: while ``torch.compile``/``torch.export``
     traces, ``triton_op`` (the op's Triton form, see :func:`compiler_triton_op`) where the
-    backend is Triton and the compiler can record its kernels, else the custom op; outside a
-    trace, the eager Function, or, with gradients off (inference), the forward itself (no
+    backend is Triton and the compiler can record its kernels (not for ``torch.export``), else
+    the custom op; outside a trace, the eager Function, or, with gradients off (inference), the forward itself (no
     autograd bookkeeping).
 
     Under ``torch.jit.trace`` the Triton and CUDA backends also take the custom op: the trace
