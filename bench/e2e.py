@@ -51,7 +51,9 @@ from .common import (StudyResults, Stopped, environment_lines, fmt, markdown_tab
                      parse_list, pick_device, stop_on_sigterm)
 
 RUN_MODES = ("", "+graphs", "+compile", "+compile-ro")
-IMPLS = tuple(f"{side}{mode}" for side in ("fast", "timm") for mode in RUN_MODES)
+# peers side by side (fast, timm, fast+graphs, timm+graphs, ...): in tables, and in the order
+# compiled rows run, so that a time limit cuts whole pairs
+IMPLS = tuple(f"{side}{mode}" for mode in RUN_MODES for side in ("fast", "timm"))
 # Compiled or eager implementations of every row; +graphs (a CUDA-graph replay) is for inference.
 MAIN_IMPLS = ("fast", "fast+compile", "timm", "timm+compile")
 EAGER_IMPLS = ("fast", "timm")

@@ -76,12 +76,14 @@ step tune && phase tune "${TUNE_S:-180}" python3 scripts/tune_attn_pool.py sweep
 step model_profile && phase model_profile "${MODEL_PROFILE_S:-90}" python3 scripts/profile_model.py
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
 # time, inductor's code (into results/compiled/)
+# (each of its 8 rows compiles a model: limit it with PROFILE_COMPILED_ARGS="--workloads train --modes default")
 step profile_compiled && phase profile_compiled "${PROFILE_COMPILED_S:-240}" python3 scripts/profile_compiled.py \
   --out "$WORK/results/compiled" ${PROFILE_COMPILED_ARGS:-}
 # host time per eager call of each fused op against timm's ATen ops (batch 1)
 step host && phase host_cost "${HOST_S:-60}" python3 scripts/host_cost.py --out "$WORK/results"
 # issue 11's end-to-end rows, each against timm run the same way (compiled, graphed)
-step race && phase bench_race "${RACE_S:-300}" python3 -m bench.e2e --preset compile-race --out "$WORK/results"
+# (its six compilations take about 350 s on an H100: give it the rest of a 600 s call)
+step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset compile-race --out "$WORK/results"
 KERNELS_S=${KERNELS_S:-90}
 E2E_S=$((DEADLINE_S - SECONDS - 15 - $(step kernels && echo "$KERNELS_S" || echo 0)))
 step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \

@@ -369,6 +369,7 @@ def test_distributed_checkpoint_resumes_fsdp2_model_and_optimizer(fsdp_run):
 
 
 @pytest.mark.parametrize("kind", ["crossvit_fast", "timm"])
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")   # what we do here
 def test_distributed_checkpoint_loads_into_one_process(fsdp_run, kind):
     """The same checkpoint read by one process without a process group into a plain
     crossvit_fast model or timm's CrossVit (``strict=True``): the FSDP2 model's logits."""

@@ -377,6 +377,7 @@ def image_case(draw, mistake: Optional[str]):
 
 @MODEL_CASES
 @given(image_case(None), st.sampled_from([None, torch.bfloat16]), st.booleans())
+@pytest.mark.filterwarnings("ignore:CrossViT. input images of:UserWarning")   # the rescaled sizes
 def test_model_matches_naive(drawn, autocast, with_grad):
     """Logits (and, with gradients, the image's gradient) as the naive model gives them, with
     the same dtype and autocast setting."""
