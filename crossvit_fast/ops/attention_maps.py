@@ -10,11 +10,11 @@ they are for looking at, and attention-rollout style analyses of a trained model
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (acc_dtype, as_dtype, autocast_dtype, backend_impl, check_float_tensor,
-                      check_same_device, check_vector, requested_backend, without_autocast)
+from ._common import (acc_dtype, as_dtype, backend_impl, check_same_device, check_vector,
+                      requested_backend, without_autocast)
+from .cross_attention import absorbed_keys, autocast_dot_dtype, checked_cls_rows
 
 OP = "cls_attention_maps"
 
@@ -26,12 +26,9 @@ def _maps(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor, w
     """``[B, H, 1 + N]`` in the accumulation dtype. The query and ``kt = scale · Wk_hᵀ q_h``
     are the cross-attention op's, so the scores are those its token pass softmaxes."""
     acc = acc_dtype(x0)
-    B, C = x0.shape
-    gamma, beta, x0_acc = as_dtype(norm_weight, acc), as_dtype(norm_bias, acc), as_dtype(x0, acc)
-    q = F.linear(F.layer_norm(x0_acc, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
-                 as_dtype(wq_bias, acc))
-    kt = torch.einsum("bhd,hdc->bhc", q.view(B, num_heads, C // num_heads),
-                      as_dtype(wk_weight, acc).view(num_heads, C // num_heads, C)) * scale
+    gamma, beta = as_dtype(norm_weight, acc), as_dtype(norm_bias, acc)
+    kt = absorbed_keys(as_dtype(x0, acc), gamma, beta, wq_weight, wq_bias, wk_weight, num_heads,
+                       scale, eps)
     impl = backend_impl(backend, x0.device)
     _, lse = impl.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype)
     return impl.attn_weights(x0, patches, kt, gamma, beta, lse, eps, dot_dtype)
@@ -50,23 +47,8 @@ def cls_attention_maps(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_b
     do not enter). Under autocast the scores use the autocast dtype's products as the
     cross-attention op's token pass does, so the maps are that pass's softmax.
     """
-    for name, t in (("cls", cls), ("patches", patches), ("wq_weight", wq_weight),
-                    ("wk_weight", wk_weight)):
-        check_float_tensor(name, t, OP)
-    if cls.dim() not in (2, 3) or (cls.dim() == 3 and cls.shape[1] != 1):
-        raise ValueError(f"{OP}: cls must be [B, 1, C] or [B, C], got shape {tuple(cls.shape)}")
-    x0 = cls.reshape(cls.shape[0], cls.shape[-1])
-    B, C = x0.shape
-    if patches.dim() != 3 or patches.shape[0] != B or patches.shape[2] != C:
-        raise ValueError(f"{OP}: patches must be [B, N, C] = [{B}, N, {C}] to match cls, "
-                         f"got shape {tuple(patches.shape)}")
-    if patches.dtype != x0.dtype:
-        raise TypeError(f"{OP}: patches dtype {patches.dtype} must match cls dtype {x0.dtype}")
-    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
-        raise ValueError(f"{OP}: num_heads must be a positive divisor of C={C}, got {num_heads}")
-    for name, w in (("wq_weight", wq_weight), ("wk_weight", wk_weight)):
-        if tuple(w.shape) != (C, C):
-            raise ValueError(f"{OP}: {name} must be [{C}, {C}], got {tuple(w.shape)}")
+    x0 = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight, wk_weight=wk_weight)
+    C = x0.shape[1]
     check_vector(OP, "norm_weight", norm_weight, C)
     check_vector(OP, "norm_bias", norm_bias, C)
     check_vector(OP, "wq_bias", wq_bias, C, optional=True)
@@ -74,8 +56,7 @@ def cls_attention_maps(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_b
                       wq_weight=wq_weight, wq_bias=wq_bias, wk_weight=wk_weight)
     if patches.stride(-1) != 1:
         patches = patches.contiguous()
-    # the cross-attention op's dot dtype (its _autocast_dot_dtype): the same scores as its pass
-    dot_dtype = autocast_dtype(x0.device.type) if x0.dtype == torch.float32 else None
+    dot_dtype = autocast_dot_dtype(x0)   # the cross-attention op's: the same scores as its pass
     with torch.no_grad():
         maps = _maps(x0.detach(), patches.detach(), norm_weight, norm_bias, wq_weight, wq_bias,
                      wk_weight, num_heads, float(scale), float(eps), dot_dtype,

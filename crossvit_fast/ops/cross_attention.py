@@ -183,6 +183,18 @@ def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: 
     return o.transpose(0, 1).reshape(B, C)
 
 
+def absorbed_keys(x0: Tensor, gamma: Tensor, beta: Tensor, wq_weight: Tensor,
+                  wq_bias: Optional[Tensor], wk_weight: Tensor, num_heads: int, scale: float,
+                  eps: float) -> Tensor:
+    """``kt = scale · Wk_hᵀ q_h`` as ``[B, H, C]`` (a view), ``q`` the query of ``LN(x0)``: the
+    query pushed through each head's key projection (design.md §2), in ``x0``'s dtype."""
+    acc, C = x0.dtype, x0.shape[1]
+    q = F.linear(F.layer_norm(x0, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
+                 as_dtype(wq_bias, acc))
+    kt = torch.bmm(_heads_first(q, num_heads), _heads(wk_weight, num_heads, acc)) * scale
+    return kt.transpose(0, 1)
+
+
 @without_autocast
 def _cross_attention(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                      wq_weight: Tensor, wq_bias: Optional[Tensor], wk_weight: Tensor,
@@ -192,15 +204,12 @@ def _cross_attention(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias
                      dot_dtype: Optional[torch.dtype], backend: str) -> Tensor:
     """The updated CLS rows ``[B, C]`` (``x0``'s dtype); the products in the accumulation dtype."""
     acc = acc_dtype(x0)
-    C = x0.shape[1]
     # one cast of each of x0, γ and β for all its uses, so that its gradients add up in fp32
     gamma, beta, x0_acc = as_dtype(norm_weight, acc), as_dtype(norm_bias, acc), as_dtype(x0, acc)
-    q = F.linear(F.layer_norm(x0_acc, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
-                 as_dtype(wq_bias, acc))
-    kt = torch.bmm(_heads_first(q, num_heads), _heads(wk_weight, num_heads, acc)) * scale
+    kt = absorbed_keys(x0_acc, gamma, beta, wq_weight, wq_bias, wk_weight, num_heads, scale, eps)
     z, _ = choose(_attn_pool, _attn_pool_eager, _pool_forward, backend, x0.device,
                   _attn_pool_triton)(
-        x0_acc, patches, kt.transpose(0, 1), gamma, beta, wk_bias, eps, dot_dtype, backend)
+        x0_acc, patches, kt, gamma, beta, wk_bias, eps, dot_dtype, backend)
     y = F.linear(_values(z, wv_weight, wv_bias, num_heads), as_dtype(proj_weight, acc),
                  as_dtype(proj_bias, acc))
     if add_residual:
@@ -208,7 +217,7 @@ def _cross_attention(x0: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias
     return as_dtype(y, x0.dtype)
 
 
-def _autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
+def autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
     """The autocast dtype when fp32 tokens meet the op under autocast, else None.
 
     timm's cross-attention runs its K/V products in that dtype under autocast, so the token
@@ -216,6 +225,30 @@ def _autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
     accumulation stay fp32). Outside autocast, fp32 stays fp32.
     """
     return autocast_dtype(x0.device.type) if x0.dtype == torch.float32 else None
+
+
+def checked_cls_rows(op: str, cls: Tensor, patches: Tensor, num_heads: int, **weights: Tensor
+                     ) -> Tensor:
+    """``cls`` as ``[B, C]`` rows, once ``cls``, ``patches``, ``num_heads`` and the ``[C, C]``
+    projection ``weights`` (by name) are checked to fit together; a clear error naming ``op``
+    and the argument otherwise."""
+    for name, t in (("cls", cls), ("patches", patches), *weights.items()):
+        check_float_tensor(name, t, op)
+    if cls.dim() not in (2, 3) or (cls.dim() == 3 and cls.shape[1] != 1):
+        raise ValueError(f"{op}: cls must be [B, 1, C] or [B, C], got shape {tuple(cls.shape)}")
+    x0 = cls.reshape(cls.shape[0], cls.shape[-1])
+    B, C = x0.shape
+    if patches.dim() != 3 or patches.shape[0] != B or patches.shape[2] != C:
+        raise ValueError(f"{op}: patches must be [B, N, C] = [{B}, N, {C}] to match cls, "
+                         f"got shape {tuple(patches.shape)}")
+    if patches.dtype != x0.dtype:
+        raise TypeError(f"{op}: patches dtype {patches.dtype} must match cls dtype {x0.dtype}")
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
+        raise ValueError(f"{op}: num_heads must be a positive divisor of C={C}, got {num_heads}")
+    for name, w in weights.items():
+        if tuple(w.shape) != (C, C):
+            raise ValueError(f"{op}: {name} must be [{C}, {C}], got {tuple(w.shape)}")
+    return x0
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -239,24 +272,9 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     Returns:
         the updated CLS token, shaped like ``cls``.
     """
-    for name, t in (("cls", cls), ("patches", patches), ("wq_weight", wq_weight),
-                    ("wk_weight", wk_weight), ("wv_weight", wv_weight), ("proj_weight", proj_weight)):
-        check_float_tensor(name, t, OP)
-    if cls.dim() not in (2, 3) or (cls.dim() == 3 and cls.shape[1] != 1):
-        raise ValueError(f"{OP}: cls must be [B, 1, C] or [B, C], got shape {tuple(cls.shape)}")
-    x0 = cls.reshape(cls.shape[0], cls.shape[-1])
-    B, C = x0.shape
-    if patches.dim() != 3 or patches.shape[0] != B or patches.shape[2] != C:
-        raise ValueError(f"{OP}: patches must be [B, N, C] = [{B}, N, {C}] to match cls, "
-                         f"got shape {tuple(patches.shape)}")
-    if patches.dtype != x0.dtype:
-        raise TypeError(f"{OP}: patches dtype {patches.dtype} must match cls dtype {x0.dtype}")
-    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
-        raise ValueError(f"{OP}: num_heads must be a positive divisor of C={C}, got {num_heads}")
-    for name, w in (("wq_weight", wq_weight), ("wk_weight", wk_weight), ("wv_weight", wv_weight),
-                    ("proj_weight", proj_weight)):
-        if tuple(w.shape) != (C, C):
-            raise ValueError(f"{OP}: {name} must be [{C}, {C}], got {tuple(w.shape)}")
+    x0 = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight, wk_weight=wk_weight,
+                          wv_weight=wv_weight, proj_weight=proj_weight)
+    C = x0.shape[1]
     check_vector(OP, "norm_weight", norm_weight, C)
     check_vector(OP, "norm_bias", norm_bias, C)
     for name, v in (("wq_bias", wq_bias), ("wk_bias", wk_bias), ("wv_bias", wv_bias),
@@ -271,5 +289,5 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     y = _cross_attention(
         x0, patches, norm_weight, norm_bias, wq_weight, wq_bias, wk_weight, wk_bias, wv_weight,
         wv_bias, proj_weight, proj_bias, num_heads, float(scale), float(eps), bool(add_residual),
-        _autocast_dot_dtype(x0), requested_backend(backend))
+        autocast_dot_dtype(x0), requested_backend(backend))
     return y.view(cls.shape)
