@@ -102,3 +102,13 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         train_ddp.main(["--help"])
     assert exit_.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data", ["missing", "file"])
+def test_data_that_is_not_a_directory_is_a_usage_error(tmp_path, capsys, data):
+    """``--data`` naming nothing or a file: one line naming the argument and exit code 2."""
+    (tmp_path / "file").touch()
+    with pytest.raises(SystemExit) as exit_:
+        train_ddp.main(["--data", str(tmp_path / data), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--data" in err and "Traceback" not in err

@@ -32,6 +32,16 @@ import crossvit_fast
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def directory(text: str) -> Path:
+    """``--data``'s type: an existing directory (else one line and exit code 2, not a traceback
+    from the first listing of it)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory" if path.exists()
+                                         else f"{text!r} does not exist")
+    return path
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m crossvit_fast.examples.train_ddp",
@@ -40,7 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model-kwargs", default="{}", type=json.loads,
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
-    parser.add_argument("--data", type=Path, help="ImageFolder-style directory; synthetic images if not given")
+    parser.add_argument("--data", type=directory, help="ImageFolder-style directory; synthetic images if not given")
     parser.add_argument("--synthetic-size", type=int, default=1024, help="number of synthetic images")
     parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
