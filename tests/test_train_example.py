@@ -2,9 +2,12 @@
 a tiny model, stopped and resumed mid-epoch, against an uninterrupted run and one process on
 the whole batch; an ImageFolder directory; the checkpoint loads with ``create_model``."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,13 +28,47 @@ ARGS = ["--model-kwargs", json.dumps(MODEL_KWARGS), "--synthetic-size", "12", "-
 TIMEOUT_S = 120
 
 
+def run_killing_the_group(cmd, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` in a process group of its own, all of which is killed on timeout:
+    killing torchrun alone (what ``subprocess.run``'s timeout does) leaves its workers running,
+    blocked in a collective."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def torchrun(*args: str) -> None:
     """The example on 2 CPU processes; fails the test with the output on error or timeout."""
     torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node", "2", "-m", "crossvit_fast.examples.train_ddp"]
-    done = subprocess.run([*torchrun_cmd, *ARGS, "--batch-size", "2", *args], capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    done = run_killing_the_group([*torchrun_cmd, *ARGS, "--batch-size", "2", *args], TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
+    """A launcher whose child outlives it (as torchrun's workers would, blocked in a
+    collective): on timeout the child is killed too."""
+    pid_file = tmp_path / "child.pid"
+    launcher = ("import subprocess, sys, time; "
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_killing_the_group([sys.executable, "-c", launcher], timeout=3)
+    child = int(pid_file.read_text())
+    for _ in range(50):                   # SIGKILL is delivered asynchronously; reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the launcher's child outlived the timeout")
 
 
 def weights(path) -> dict:
