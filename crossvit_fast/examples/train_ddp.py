@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import crossvit_fast
+from crossvit_fast.cli import non_negative_int, positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -51,19 +52,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
     parser.add_argument("--data", type=directory, help="ImageFolder-style directory; synthetic images if not given")
-    parser.add_argument("--synthetic-size", type=int, default=1024, help="number of synthetic images")
-    parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (a resumed run continues to it)")
+    parser.add_argument("--synthetic-size", type=positive_int, default=1024, help="number of synthetic images")
+    parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the synthetic data")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process and step")
+    parser.add_argument("--steps", type=non_negative_int, default=100, help="optimizer steps in all (a resumed run continues to it)")
     parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute the blocks in the backward")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes per rank")
     parser.add_argument("--checkpoint", type=Path, default=Path("train_ddp_checkpoint.pt"))
-    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (and at the end)")
+    parser.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints (and at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
