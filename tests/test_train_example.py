@@ -152,12 +152,13 @@ def test_data_that_is_not_a_directory_is_a_usage_error(tmp_path, capsys, data):
 
 
 @pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--save-every", "0"], ["--workers", "-1"],
-                                  ["--num-classes", "0"], ["--synthetic-size", "0"], ["--steps", "-1"]],
+                                  ["--num-classes", "0"], ["--synthetic-size", "0"], ["--steps", "-1"],
+                                  ["--model", "nope"]],
                          ids=" ".join)
-def test_a_bad_number_is_a_usage_error(capsys, argv):
-    """One line naming the argument and exit code 2 (was a ZeroDivisionError, or a torch or
-    DataLoader error, from inside the training loop)."""
+def test_a_bad_argument_is_a_usage_error(capsys, argv):
+    """One line naming the argument and exit code 2 (was a ZeroDivisionError, or a torch,
+    DataLoader or create_model error, from inside the training loop)."""
     with pytest.raises(SystemExit) as exit_:
         train_ddp.parse_args(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"argument {argv[0]}: expected" in err
+    assert exit_.value.code == 2 and f"argument {argv[0]}: " in err and "Traceback" not in err

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import crossvit_fast
-from crossvit_fast.cli import non_negative_int, positive_int
+from crossvit_fast.cli import model_name, non_negative_int, positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -47,7 +47,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m crossvit_fast.examples.train_ddp",
         description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
-    parser.add_argument("--model", default="crossvit_tiny_240", help="variant name (crossvit_fast.list_models())")
+    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name, help="variant name (crossvit_fast.list_models())")
     parser.add_argument("--model-kwargs", default="{}", type=json.loads,
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
