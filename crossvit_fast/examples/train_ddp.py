@@ -47,7 +47,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m crossvit_fast.examples.train_ddp",
         description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
-    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name, help="variant name (crossvit_fast.list_models())")
+    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name,
+                        help="variant name (crossvit_fast.list_models())")
     parser.add_argument("--model-kwargs", default="{}", type=json.loads,
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
@@ -55,7 +56,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-size", type=positive_int, default=1024, help="number of synthetic images")
     parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the synthetic data")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process and step")
-    parser.add_argument("--steps", type=non_negative_int, default=100, help="optimizer steps in all (a resumed run continues to it)")
+    parser.add_argument("--steps", type=non_negative_int, default=100,
+                        help="optimizer steps in all (a resumed run continues to it)")
     parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
