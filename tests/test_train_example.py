@@ -75,16 +75,26 @@ def weights(path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
+# Stochastic depth on in the resumed runs: a resume must draw the masks the uninterrupted run drew.
+WITH_DROP_PATH = ["--model-kwargs", json.dumps(dict(MODEL_KWARGS, drop_path_rate=0.3))]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Checkpoints of a 2-process run stopped after 2 steps and resumed to 5, and of one run
-    straight to 5."""
+    """Checkpoints of a 2-process run with stochastic depth stopped after 2 steps and resumed
+    to 5, of one such run straight to 5, and of one without it (``plain.pt``)."""
     tmp = tmp_path_factory.mktemp("train_ddp")
-    torchrun("--steps", "2", "--checkpoint", str(tmp / "resumed.pt"))
+    torchrun("--steps", "2", "--checkpoint", str(tmp / "resumed.pt"), *WITH_DROP_PATH)
     shutil.copy(tmp / "resumed.pt", tmp / "after2.pt")
-    torchrun("--steps", "5", "--resume", "--checkpoint", str(tmp / "resumed.pt"))
-    torchrun("--steps", "5", "--checkpoint", str(tmp / "straight.pt"))
+    torchrun("--steps", "5", "--resume", "--checkpoint", str(tmp / "resumed.pt"), *WITH_DROP_PATH)
+    torchrun("--steps", "5", "--checkpoint", str(tmp / "straight.pt"), *WITH_DROP_PATH)
+    torchrun("--steps", "5", "--checkpoint", str(tmp / "plain.pt"))
     return tmp
+
+
+def test_each_process_and_step_draws_its_own_masks():
+    seeds = {train_ddp.step_seed(0, rank, step) for rank in range(4) for step in range(100)}
+    assert len(seeds) == 400 and train_ddp.step_seed(0, 1, 7) == train_ddp.step_seed(0, 1, 7)
 
 
 def test_resumed_run_is_the_uninterrupted_run(runs):
@@ -103,7 +113,7 @@ def test_two_processes_train_as_one_on_the_whole_batch(runs, tmp_path, monkeypat
     ~1e-5 of the update already (measured worst: 2.2e-5)."""
     monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", LIBRARY_FUSED_NORM_MIN_ELEMENTS)
     train_ddp.main([*ARGS, "--batch-size", "4", "--steps", "5", "--checkpoint", str(tmp_path / "one.pt")])
-    one, two = weights(tmp_path / "one.pt"), weights(runs / "straight.pt")
+    one, two = weights(tmp_path / "one.pt"), weights(runs / "plain.pt")
     torch.manual_seed(0)                                     # the example's --seed
     init = crossvit_fast.create_model("crossvit_tiny_240", num_classes=10, **MODEL_KWARGS)
     for name, p0 in init.state_dict().items():

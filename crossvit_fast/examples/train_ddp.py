@@ -206,6 +206,12 @@ def save_checkpoint(path: Path, model, optimizer, step: int, args: argparse.Name
 
 # ---- training ----------------------------------------------------------------------------------
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one process's random draws (dropout, stochastic depth) in one step: other
+    masks on every process, as timm's train.py seeds ``seed + rank``, and the same ones again
+    when a run resumes at that step, with no generator state in the checkpoint."""
+    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2 ** 63
+
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     model = crossvit_fast.create_model(args.model, pretrained=args.pretrained,
@@ -233,6 +239,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         for images, labels in loader:
+            torch.manual_seed(step_seed(args.seed, rank, step))
             loss = train_step(forward, optimizer, images.to(device), labels.to(device), args.amp)
             step += 1
             progress.update()
