@@ -225,6 +225,12 @@ def _writable(path: str) -> Path:
 
 
 def attention(args) -> int:
+    try:   # checked first: the picture is drawn last, after the model has run
+        import matplotlib  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError as err:
+        raise CommandError(f"the attention command needs matplotlib and Pillow ({err.name} is not "
+                           f"installed): pip install 'crossvit-fast[viz]'") from err
     from .attention_viz import draw_attention   # matplotlib: only this command needs it
     width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
                                    heads=args.heads, device=_device(args.device),

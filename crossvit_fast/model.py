@@ -44,7 +44,24 @@ def _recompute_as_in_forward():
     record another graph (checkpoint raises) or round differently."""
     choices = (backends.get_backend(), layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION,
                reference.naive_enabled())
-    return contextlib.nullcontext(), _fused_choices(*choices)
+    return contextlib.nullcontext(), _Reenterable(partial(_fused_choices, *choices))
+
+
+class _Reenterable:
+    """A context manager entered anew from ``make()`` each time: the checkpoint enters its
+    recompute context once per backward, and a second backward (``retain_graph=True``) enters
+    it again, which a generator's context manager cannot."""
+
+    def __init__(self, make):
+        self._make, self._entered = make, []
+
+    def __enter__(self):
+        context = self._make()
+        self._entered.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._entered.pop().__exit__(*exc_info)
 
 
 def checkpoint_module(module: nn.Module, x: Tensor) -> Tensor:

@@ -78,6 +78,6 @@ def resample_checkpoint_pos_embeds(state: Dict[str, Tensor], grids: Sequence[Siz
                 or pos.shape[1] == 1 + grid[0] * grid[1]):
             continue
         side = math.isqrt(pos.shape[1] - 1)
-        if side * side == pos.shape[1] - 1:
+        if side > 0 and side * side == pos.shape[1] - 1:   # no patch rows: nothing to resample
             out[f"pos_embed_{i}"] = resample_pos_embed(pos, grid, (side, side))
     return out

@@ -110,6 +110,9 @@ def _write_bad_checkpoint(kind: str, path, source) -> None:
     elif kind == "wrong shape":
         state["head.0.bias"] = torch.zeros(3)
         torch.save(state, path)
+    elif kind == "no patch positions":
+        state["pos_embed_0"] = state["pos_embed_0"][:, :1]
+        torch.save(state, path)
     elif kind != "missing":
         raise AssertionError(kind)
 
@@ -132,6 +135,7 @@ BAD_CHECKPOINTS = [
     ("sparse tensor", "w.pth", "copy_() between dense and sparse Tensors is not implemented"),
     ("missing key", "w.pth", "does not fit this model: missing keys: head.0.bias"),
     ("wrong shape", "w.pth", "head.0.bias (checkpoint (3,), model (1000,))"),
+    ("no patch positions", "w.pth", "pos_embed_0 (checkpoint (1, 1, 128), model (1, 401, 128))"),
 ]
 
 

@@ -110,6 +110,22 @@ def test_recompute_makes_the_forwards_choices_outside_its_context(monkeypatch):
     assert layers.FUSED_NORM_MIN_ELEMENTS == 0
 
 
+def test_second_backward_with_retained_graph_recomputes_again():
+    """``backward(retain_graph=True)`` then ``backward()``: the checkpoint recomputes each block
+    again in the second backward (entering the forward's choices again), and the gradients
+    accumulate to twice the plain run's."""
+    model, images, labels = model_and_batch(**DROPOUT)
+    want_loss, want_grads = train_step(model, images, labels)
+    model.set_grad_checkpointing(True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert_same_step((loss.detach(), {name: p.grad / 2 for name, p in model.named_parameters()}),
+                     (want_loss, want_grads), FP32_REL_TOL)
+
+
 def checkpoint_regions_traced(model, images):
     """How many checkpointed regions torch.compile captures in ``model(images)``."""
     targets = []

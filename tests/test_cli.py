@@ -324,3 +324,15 @@ def test_attention_per_head(tmp_path):
                  "--out", str(tmp_path / "heads.png"), "--heads"]) == 0
     # one row per block and direction (6), the image and one map per head (3)
     assert Image.open(tmp_path / "heads.png").size == (1200, 1890)
+
+
+@pytest.mark.parametrize("missing", ["matplotlib", "PIL"])
+def test_attention_without_matplotlib_or_pillow_is_one_line(capsys, monkeypatch, tmp_path, missing):
+    """The [viz] extra not installed: one line saying what to install, before the model runs."""
+    monkeypatch.setitem(sys.modules, missing, None)   # import fails as if not installed
+    from crossvit_fast import variants
+    monkeypatch.setattr(variants, "create_model", None)   # the model must not be built
+    code, out, err = run_main(capsys, "attention", str(tmp_path / "img.png"), "--out", str(tmp_path / "x.png"),
+                              "--device", "cpu")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, f"({missing} is not installed): pip install 'crossvit-fast[viz]'")

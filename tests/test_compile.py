@@ -107,6 +107,24 @@ def test_torch_export_matches_eager():
         assert rel_err(exported.module()(x), model(x)) < 1e-6
 
 
+def test_a_saved_export_loads_in_a_new_process_after_importing_the_ops(tmp_path):
+    """README's recipe: the exported program calls crossvit_fast::attn_pool, which ``import
+    crossvit_fast`` alone does not register (its names load on first use); ``import
+    crossvit_fast.ops`` does, and the program loads and runs in a new process."""
+    model = small_model().eval()
+    x = torch.randn(2, 3, 48, 48)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "want.pt")
+    code = (f"import torch, crossvit_fast.ops\nd = {str(tmp_path)!r}\n"
+            "got = torch.export.load(d + '/model.pt2').module()(torch.load(d + '/x.pt'))\n"
+            "print((got - torch.load(d + '/want.pt')).abs().max().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_jit_trace_on_the_torch_backend_is_aten_only_and_saves(grad, tmp_path):
     """On the PyTorch backend the trace (with torch.jit.trace's own consistency check) holds

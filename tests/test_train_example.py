@@ -2,9 +2,12 @@
 a tiny model, stopped and resumed mid-epoch, against an uninterrupted run and one process on
 the whole batch; an ImageFolder directory; the checkpoint loads with ``create_model``."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,29 +28,73 @@ ARGS = ["--model-kwargs", json.dumps(MODEL_KWARGS), "--synthetic-size", "12", "-
 TIMEOUT_S = 120
 
 
+def run_killing_the_group(cmd, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` in a process group of its own, all of which is killed on timeout:
+    killing torchrun alone (what ``subprocess.run``'s timeout does) leaves its workers running,
+    blocked in a collective."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def torchrun(*args: str) -> None:
     """The example on 2 CPU processes; fails the test with the output on error or timeout."""
     torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node", "2", "-m", "crossvit_fast.examples.train_ddp"]
-    done = subprocess.run([*torchrun_cmd, *ARGS, "--batch-size", "2", *args], capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    done = run_killing_the_group([*torchrun_cmd, *ARGS, "--batch-size", "2", *args], TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
+    """A launcher whose child outlives it (as torchrun's workers would, blocked in a
+    collective): on timeout the child is killed too."""
+    pid_file = tmp_path / "child.pid"
+    launcher = ("import subprocess, sys, time; "
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_killing_the_group([sys.executable, "-c", launcher], timeout=3)
+    child = int(pid_file.read_text())
+    for _ in range(50):                   # SIGKILL is delivered asynchronously; reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the launcher's child outlived the timeout")
 
 
 def weights(path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
+# Stochastic depth on in the resumed runs: a resume must draw the masks the uninterrupted run drew.
+WITH_DROP_PATH = ["--model-kwargs", json.dumps(dict(MODEL_KWARGS, drop_path_rate=0.3))]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Checkpoints of a 2-process run stopped after 2 steps and resumed to 5, and of one run
-    straight to 5."""
+    """Checkpoints of a 2-process run with stochastic depth stopped after 2 steps and resumed
+    to 5, of one such run straight to 5, and of one without it (``plain.pt``)."""
     tmp = tmp_path_factory.mktemp("train_ddp")
-    torchrun("--steps", "2", "--checkpoint", str(tmp / "resumed.pt"))
+    torchrun("--steps", "2", "--checkpoint", str(tmp / "resumed.pt"), *WITH_DROP_PATH)
     shutil.copy(tmp / "resumed.pt", tmp / "after2.pt")
-    torchrun("--steps", "5", "--resume", "--checkpoint", str(tmp / "resumed.pt"))
-    torchrun("--steps", "5", "--checkpoint", str(tmp / "straight.pt"))
+    torchrun("--steps", "5", "--resume", "--checkpoint", str(tmp / "resumed.pt"), *WITH_DROP_PATH)
+    torchrun("--steps", "5", "--checkpoint", str(tmp / "straight.pt"), *WITH_DROP_PATH)
+    torchrun("--steps", "5", "--checkpoint", str(tmp / "plain.pt"))
     return tmp
+
+
+def test_each_process_and_step_draws_its_own_masks():
+    seeds = {train_ddp.step_seed(0, rank, step) for rank in range(4) for step in range(100)}
+    assert len(seeds) == 400 and train_ddp.step_seed(0, 1, 7) == train_ddp.step_seed(0, 1, 7)
 
 
 def test_resumed_run_is_the_uninterrupted_run(runs):
@@ -66,7 +113,7 @@ def test_two_processes_train_as_one_on_the_whole_batch(runs, tmp_path, monkeypat
     ~1e-5 of the update already (measured worst: 2.2e-5)."""
     monkeypatch.setattr(layers, "FUSED_NORM_MIN_ELEMENTS", LIBRARY_FUSED_NORM_MIN_ELEMENTS)
     train_ddp.main([*ARGS, "--batch-size", "4", "--steps", "5", "--checkpoint", str(tmp_path / "one.pt")])
-    one, two = weights(tmp_path / "one.pt"), weights(runs / "straight.pt")
+    one, two = weights(tmp_path / "one.pt"), weights(runs / "plain.pt")
     torch.manual_seed(0)                                     # the example's --seed
     init = crossvit_fast.create_model("crossvit_tiny_240", num_classes=10, **MODEL_KWARGS)
     for name, p0 in init.state_dict().items():
@@ -102,3 +149,26 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         train_ddp.main(["--help"])
     assert exit_.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data", ["missing", "file"])
+def test_data_that_is_not_a_directory_is_a_usage_error(tmp_path, capsys, data):
+    """``--data`` naming nothing or a file: one line naming the argument and exit code 2."""
+    (tmp_path / "file").touch()
+    with pytest.raises(SystemExit) as exit_:
+        train_ddp.main(["--data", str(tmp_path / data), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--data" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--save-every", "0"], ["--workers", "-1"],
+                                  ["--num-classes", "0"], ["--synthetic-size", "0"], ["--steps", "-1"],
+                                  ["--model", "nope"]],
+                         ids=" ".join)
+def test_a_bad_argument_is_a_usage_error(capsys, argv):
+    """One line naming the argument and exit code 2 (was a ZeroDivisionError, or a torch,
+    DataLoader or create_model error, from inside the training loop)."""
+    with pytest.raises(SystemExit) as exit_:
+        train_ddp.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {argv[0]}: " in err and "Traceback" not in err

@@ -28,32 +28,45 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import crossvit_fast
+from crossvit_fast.cli import model_name, non_negative_int, positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def directory(text: str) -> Path:
+    """``--data``'s type: an existing directory (else one line and exit code 2, not a traceback
+    from the first listing of it)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory" if path.exists()
+                                         else f"{text!r} does not exist")
+    return path
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m crossvit_fast.examples.train_ddp",
         description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
-    parser.add_argument("--model", default="crossvit_tiny_240", help="variant name (crossvit_fast.list_models())")
+    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name,
+                        help="variant name (crossvit_fast.list_models())")
     parser.add_argument("--model-kwargs", default="{}", type=json.loads,
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
-    parser.add_argument("--data", type=Path, help="ImageFolder-style directory; synthetic images if not given")
-    parser.add_argument("--synthetic-size", type=int, default=1024, help="number of synthetic images")
-    parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (a resumed run continues to it)")
+    parser.add_argument("--data", type=directory, help="ImageFolder-style directory; synthetic images if not given")
+    parser.add_argument("--synthetic-size", type=positive_int, default=1024, help="number of synthetic images")
+    parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the synthetic data")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process and step")
+    parser.add_argument("--steps", type=non_negative_int, default=100,
+                        help="optimizer steps in all (a resumed run continues to it)")
     parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute the blocks in the backward")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes per rank")
     parser.add_argument("--checkpoint", type=Path, default=Path("train_ddp_checkpoint.pt"))
-    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (and at the end)")
+    parser.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints (and at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,6 +206,12 @@ def save_checkpoint(path: Path, model, optimizer, step: int, args: argparse.Name
 
 # ---- training ----------------------------------------------------------------------------------
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one process's random draws (dropout, stochastic depth) in one step: other
+    masks on every process, as timm's train.py seeds ``seed + rank``, and the same ones again
+    when a run resumes at that step, with no generator state in the checkpoint."""
+    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2 ** 63
+
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     model = crossvit_fast.create_model(args.model, pretrained=args.pretrained,
@@ -220,6 +239,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         for images, labels in loader:
+            torch.manual_seed(step_seed(args.seed, rank, step))
             loss = train_step(forward, optimizer, images.to(device), labels.to(device), args.amp)
             step += 1
             progress.update()
