@@ -225,7 +225,14 @@ def _writable(path: str) -> Path:
 
 
 def attention(args) -> int:
-    from .attention_viz import draw_attention   # matplotlib: only this command needs it
+    from .attention_viz import draw_attention, output_format   # needs matplotlib, only here
+    try:   # --out checked before the model runs, as bench's --json
+        output_format(args.out)
+    except ImportError as err:
+        raise CommandError(f"the attention command needs matplotlib ({err}): "
+                           f"pip install 'crossvit-fast[viz]'") from err
+    except ValueError as err:
+        raise CommandError(str(err)) from err
     width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
                                    heads=args.heads, device=_device(args.device),
                                    dtype=DTYPES[args.dtype])
