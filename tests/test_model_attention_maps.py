@@ -211,3 +211,24 @@ def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
     for n, m in expected.items():
         assert maps[n].dtype == torch.float32 and rel_err(maps[n], m) < TOL, n
         assert rel_err(maps_bf16[n], m) <= 4 * max(rel_err(timm_bf16[n], m), 1e-3), n
+
+
+def test_branch_maps_with_gradient_checkpointing_backpropagate():
+    """With branches=True the branch attentions form their matrix instead of calling SDPA; the
+    checkpoints' recompute in the backward (outside forward_attention_maps) must take that path
+    too (it took SDPA: CheckpointError, recomputed tensors of other metadata), and record nothing."""
+    torch.manual_seed(0)
+    model = small_model(attn_drop_rate=0.1, drop_path_rate=0.1).train()
+    x = torch.randn(2, 3, 48, 48)
+    torch.manual_seed(1)
+    logits_ref, _ = model.forward_attention_maps(x, branches=True)
+    logits_ref.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    logits, maps = model.forward_attention_maps(x, branches=True)
+    logits.sum().backward()
+    assert len(maps) == 3 * 2 + 3 * (1 + 2) and torch.equal(logits, logits_ref)
+    for p, g in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
