@@ -31,14 +31,14 @@ def _fused_choices(backend: str, norm_min_elements: int, fused_cls_projection: b
     threshold, fused CLS projection, naive math, the branch attentions' matrix path of
     ``forward_attention_maps(branches=True)``, recording nothing); the previous ones come back
     after it."""
-    saved = layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION, layers._record_branch_maps
+    saved = layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION
     layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = norm_min_elements, fused_cls_projection
-    layers._record_branch_maps = branch_maps
     try:
-        with backends.use_backend(backend), reference.naive_math(naive):
+        with (backends.use_backend(backend), reference.naive_math(naive),
+              layers.branch_attention_path(branch_maps)):
             yield
     finally:
-        layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION, layers._record_branch_maps = saved
+        layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = saved
 
 
 def _recompute_as_in_forward():
@@ -48,7 +48,7 @@ def _recompute_as_in_forward():
     branch maps). Another choice there would record another graph (checkpoint raises) or round
     differently (or, SDPA's dropout against attn_drop's, draw other random numbers)."""
     choices = (backends.get_backend(), layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION,
-               reference.naive_enabled(), layers._record_branch_maps)
+               reference.naive_enabled(), layers._recording()[1])
     return contextlib.nullcontext(), _fused_choices(*choices)
 
 
