@@ -20,20 +20,28 @@ TITLE_INCHES = 0.9
 DPI = 100
 
 
-def load_image(path: str, model) -> Tuple[Tensor, np.ndarray]:
+def read_image(path: str):  # -> PIL.Image.Image
+    """The image at ``path`` as an RGB Pillow image, decoded (an unreadable file fails here,
+    before any model is built)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def load_image(path, model) -> Tuple[Tensor, np.ndarray]:
     """``(batch [1, C, H, W] normalized as the model expects, RGB image [H, W, 3] in [0, 1])``:
-    the image resized (bicubic, shorter side to ``size / crop_pct``) and centre-cropped to the
-    model's ``img_size``, as timm's evaluation transform does."""
+    the image (a path, or one :func:`read_image` read) resized (bicubic, shorter side to
+    ``size / crop_pct``) and centre-cropped to the model's ``img_size``, as timm's evaluation
+    transform does."""
     from PIL import Image
     cfg = model.pretrained_cfg
     height, width = model.img_size
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        scale = max(height, width) / cfg.get("crop_pct", 1.0) / min(img.size)
-        img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
-                         Image.BICUBIC)
-        left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
-        rgb = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+    img = read_image(path) if isinstance(path, (str, Path)) else path
+    scale = max(height, width) / cfg.get("crop_pct", 1.0) / min(img.size)
+    img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
+                     Image.BICUBIC)
+    left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
+    rgb = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
     mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
     batch = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
     return batch, rgb
@@ -69,6 +77,23 @@ def _class_name(index: int) -> str:
         return f"{index} {ImageNetInfo().index_to_description(index)}"
     except Exception:  # noqa: BLE001 - timm absent or unimportable here: the index will do
         return f"class {index}"
+
+
+def output_format(out: str) -> str:
+    """The image format ``out`` is written in: its extension's, PNG where it has none (so the file
+    is ``out`` itself; matplotlib would append ``.png``). A ValueError naming ``--out`` where
+    ``out`` is a folder or matplotlib cannot write its extension; an ImportError without
+    matplotlib."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out}: is a folder; expected a file path")
+    suffix = Path(out).suffix
+    fmt = suffix[1:].lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"--out {out}: matplotlib cannot write '{suffix}' files; expected a path "
+                         f"ending in one of {', '.join('.' + f for f in sorted(formats))}")
+    return fmt
 
 
 def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: bool = False,
@@ -116,7 +141,7 @@ def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: 
         heading += "\ntop-5: " + ", ".join(f"{_class_name(i)} ({p:.3f})" for i, p in classes)
     fig.suptitle(heading, fontsize=9)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    fig.savefig(out, dpi=DPI, format=output_format(out))
     plt.close(fig)
     return round(size[0] * DPI), round(size[1] * DPI)
 
@@ -129,10 +154,12 @@ def draw_attention(image: str, model_name: str, out: str, checkpoint: Optional[s
     ``out``; returns the PNG's ``(width, height)``."""
     from . import backends
     from .variants import create_model
+    output_format(out)
+    picture = read_image(image)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = create_model(model_name, checkpoint_path=checkpoint).eval().to(device, dtype)
-    batch, rgb = load_image(image, model)
+    batch, rgb = load_image(picture, model)
     with torch.no_grad():
         logits, maps = model.forward_attention_maps(batch.to(device, dtype))
     weights = f"weights {Path(checkpoint).name}" if checkpoint else "random weights (seed 0, no --checkpoint)"

@@ -231,7 +231,11 @@ def attention(args) -> int:
     except ImportError as err:
         raise CommandError(f"the attention command needs matplotlib and Pillow ({err.name} is not "
                            f"installed): pip install 'crossvit-fast[viz]'") from err
-    from .attention_viz import draw_attention   # matplotlib: only this command needs it
+    from .attention_viz import draw_attention, output_format   # needs matplotlib, only here
+    try:   # --out checked before the model runs, as bench's --json
+        output_format(args.out)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
     width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
                                    heads=args.heads, device=_device(args.device),
                                    dtype=DTYPES[args.dtype])

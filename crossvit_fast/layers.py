@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
@@ -53,32 +54,69 @@ def always_fuse_norms() -> Iterator[None]:
         FUSED_NORM_MIN_ELEMENTS = saved
 
 
-# While CrossViT.forward_attention_maps runs: each attention module's ``attn_drop`` → the
-# softmax weights it receives (the CLS cross-attentions always; the branch self-attentions
-# when _record_branch_maps is set). None otherwise: no module records, nothing costs.
-_attention_maps: Optional[Dict[nn.Module, Tensor]] = None
-_record_branch_maps = False
+# While CrossViT.forward_attention_maps runs, per thread (threading.get_ident()): the dict of
+# each attention module's ``attn_drop`` → the softmax weights it receives (the CLS
+# cross-attentions always; the branch self-attentions where ``branches``), and ``branches``, the
+# branch attentions' matrix path (also set, with no dict, for the checkpoints' recompute). Per
+# thread: another thread's plain forward must not record into it, pay for it, or leave SDPA.
+# None while no thread records: a plain forward reads one global (torch.compile guards it).
+# Replaced, never changed in place, under the lock: a reader sees a whole mapping.
+_recordings: Optional[Dict[int, Tuple[Optional[Dict[nn.Module, Tensor]], bool]]] = None
+_recordings_lock = threading.Lock()
+
+
+def _recording() -> Tuple[Optional[Dict[nn.Module, Tensor]], bool]:
+    """``(maps dict or None, branch matrix path)`` of this thread's recording."""
+    recordings = _recordings
+    if recordings is None:
+        return None, False
+    return recordings.get(threading.get_ident(), (None, False))
+
+
+def _set_recording(state: Optional[Tuple[Optional[Dict[nn.Module, Tensor]], bool]]):
+    """Sets this thread's recording to ``state`` (None: none); returns the one it replaces."""
+    global _recordings
+    ident = threading.get_ident()
+    with _recordings_lock:
+        recordings = dict(_recordings or {})
+        saved = recordings.pop(ident, None)
+        if state is not None:
+            recordings[ident] = state
+        _recordings = recordings or None
+    return saved
 
 
 @contextlib.contextmanager
 def recording_attention_maps(branches: bool = False) -> Iterator[Dict[nn.Module, Tensor]]:
-    """Inside the block, every CLS cross-attention (and with ``branches`` every branch
-    self-attention) records the softmax weights its ``attn_drop`` receives, detached, into the
-    yielded dict under that ``attn_drop`` module."""
-    global _attention_maps, _record_branch_maps
-    saved = _attention_maps, _record_branch_maps
-    _attention_maps, _record_branch_maps = {}, branches
+    """Inside the block, in this thread, every CLS cross-attention (and with ``branches`` every
+    branch self-attention) records the softmax weights its ``attn_drop`` receives, detached,
+    into the yielded dict under that ``attn_drop`` module."""
+    maps: Dict[nn.Module, Tensor] = {}
+    saved = _set_recording((maps, branches))
     try:
-        yield _attention_maps
+        yield maps
     finally:
-        _attention_maps, _record_branch_maps = saved
+        _set_recording(saved)
+
+
+@contextlib.contextmanager
+def branch_attention_path(branches: bool) -> Iterator[None]:
+    """Inside the block, in this thread, the branch attentions take the path a recording with
+    ``branches`` takes (the attention matrix, where True), recording nothing: for the
+    checkpoints' recompute of a forward that recorded."""
+    saved = _set_recording((None, branches) if branches else None)
+    try:
+        yield
+    finally:
+        _set_recording(saved)
 
 
 def _recording_attn_drop(attn_drop: nn.Module, record: bool):
-    """``attn_drop`` itself, or where ``record``, a callable that records its input first."""
-    if not record or _attention_maps is None:
+    """``attn_drop`` itself, or where ``record`` and this thread records, a callable that
+    records its input first."""
+    maps = _recording()[0] if record else None
+    if maps is None:
         return attn_drop
-    maps = _attention_maps
 
     def record_then_drop(a: Tensor) -> Tensor:
         maps[attn_drop] = a.detach()
@@ -312,11 +350,12 @@ class Attention(nn.Module):
         # where timm's permute(2, 0, 3, 1, 4).unbind(0) stacks them and copies once more.
         q, k, v = (t.transpose(1, 2) for t in
                    self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2))
-        if self.fused_attn and not _record_branch_maps:
+        branch_maps = _recording()[1]
+        if self.fused_attn and not branch_maps:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:  # timm's non-fused path, recording the maps for forward_attention_maps
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = _recording_attn_drop(self.attn_drop, _record_branch_maps)(attn) @ v
+            x = _recording_attn_drop(self.attn_drop, branch_maps)(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -475,8 +514,9 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
             return cls + self.drop_path(self.attn(self.norm1(tokens)))
         stochastic_depth = self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0
         attn = self.attn
-        if _attention_maps is not None:
-            _attention_maps[attn.attn_drop] = ops.cls_attention_maps(
+        maps = _recording()[0]
+        if maps is not None:
+            maps[attn.attn_drop] = ops.cls_attention_maps(
                 cls, patches, self.norm1.weight, self.norm1.bias, attn.wq.weight, attn.wq.bias,
                 attn.wk.weight, attn.num_heads, attn.scale, self.norm1.eps)
         out = ops.cls_cross_attention(

@@ -25,13 +25,17 @@ from .resolution import branch_sizes, resample_pos_embed
 
 
 @contextlib.contextmanager
-def _fused_choices(backend: str, norm_min_elements: int, fused_cls_projection: bool, naive: bool):
+def _fused_choices(backend: str, norm_min_elements: int, fused_cls_projection: bool, naive: bool,
+                   branch_maps: bool = False):
     """Inside the block, the fused ops run with the given choices (backend, block-norm size
-    threshold, fused CLS projection, naive math); the previous ones come back after it."""
+    threshold, fused CLS projection, naive math, the branch attentions' matrix path of
+    ``forward_attention_maps(branches=True)``, recording nothing); the previous ones come back
+    after it."""
     saved = layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION
     layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = norm_min_elements, fused_cls_projection
     try:
-        with backends.use_backend(backend), reference.naive_math(naive):
+        with (backends.use_backend(backend), reference.naive_math(naive),
+              layers.branch_attention_path(branch_maps)):
             yield
     finally:
         layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION = saved
@@ -40,10 +44,11 @@ def _fused_choices(backend: str, norm_min_elements: int, fused_cls_projection: b
 def _recompute_as_in_forward():
     """``context_fn`` of the block checkpoints: the recompute in the backward makes the forward's
     fused-op choices, also where ``backward()`` runs outside the context that set them (a
-    ``use_backend`` or ``naive_math`` block, a patched threshold). Another choice there would
-    record another graph (checkpoint raises) or round differently."""
+    ``use_backend`` or ``naive_math`` block, a patched threshold, ``forward_attention_maps``'s
+    branch maps). Another choice there would record another graph (checkpoint raises) or round
+    differently (or, SDPA's dropout against attn_drop's, draw other random numbers)."""
     choices = (backends.get_backend(), layers.FUSED_NORM_MIN_ELEMENTS, layers.FUSED_CLS_PROJECTION,
-               reference.naive_enabled())
+               reference.naive_enabled(), layers._recording()[1])
     return contextlib.nullcontext(), _Reenterable(partial(_fused_choices, *choices))
 
 

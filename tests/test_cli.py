@@ -336,3 +336,49 @@ def test_attention_without_matplotlib_or_pillow_is_one_line(capsys, monkeypatch,
                               "--device", "cpu")
     assert code == 1 and out == ""
     assert_one_line_error(err, f"({missing} is not installed): pip install 'crossvit-fast[viz]'")
+
+
+@pytest.mark.parametrize("case", ["missing", "not_an_image", "folder"])
+def test_attention_with_a_bad_image_is_one_line(tmp_path, capsys, monkeypatch, case):
+    """Read before the model is built (a large model takes a while to build for nothing)."""
+    image = {"missing": tmp_path / "nope.png", "not_an_image": tmp_path / "notes.png", "folder": tmp_path}[case]
+    if case == "not_an_image":
+        image.write_text("not an image")
+    monkeypatch.setattr("crossvit_fast.variants.create_model",
+                        lambda *a, **k: pytest.fail("the model was built before the image was read"))
+    code, _, err = run_main(capsys, "attention", str(image), "--model", MODEL, "--device", "cpu",
+                            "--out", str(tmp_path / "maps.png"))
+    assert code == 1
+    assert_one_line_error(err, "crossvit-fast attention: error:", str(image))
+    assert not (tmp_path / "maps.png").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("maps.xyz", "--out {out}: matplotlib cannot write '.xyz' files"),
+    (".", "--out {out}: is a folder; expected a file path"),
+])
+def test_attention_with_a_bad_out_is_one_line_before_the_model_runs(tmp_path, capsys, monkeypatch,
+                                                                     out, message):
+    """An --out matplotlib cannot write (was: its ValueError's traceback, after the model ran) or
+    a folder (was: 'wrote FOLDER' while matplotlib wrote FOLDER.png beside it)."""
+    out = str(tmp_path / out)
+    image = synthetic_image(tmp_path / "img.png", seed=0)
+    monkeypatch.setattr("crossvit_fast.variants.create_model",
+                        lambda *a, **k: pytest.fail("the model ran before --out was checked"))
+    code, _, err = run_main(capsys, "attention", str(image), "--model", MODEL, "--device", "cpu", "--out", out)
+    assert code == 1
+    assert_one_line_error(err, message.format(out=out))
+    assert not Path(out + ".png").exists()
+
+
+def test_attention_picture_goes_to_exactly_the_out_path(tmp_path):
+    """An --out without an extension gets a PNG at that path (matplotlib would append '.png',
+    and the command would report a file it did not write)."""
+    from PIL import Image
+
+    from crossvit_fast.attention_viz import render
+    out = tmp_path / "maps"
+    grids = [[torch.rand(2, 3, 3), torch.rand(2, 4, 4)]]
+    assert render(torch.rand(24, 24, 3).numpy(), grids, str(out)) == Image.open(out).size
+    assert Image.open(out).format == "PNG" and not (tmp_path / "maps.png").exists()
+

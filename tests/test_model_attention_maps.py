@@ -211,3 +211,58 @@ def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
     for n, m in expected.items():
         assert maps[n].dtype == torch.float32 and rel_err(maps[n], m) < TOL, n
         assert rel_err(maps_bf16[n], m) <= 4 * max(rel_err(timm_bf16[n], m), 1e-3), n
+
+
+def test_branch_maps_with_gradient_checkpointing_backpropagate():
+    """With branches=True the branch attentions form their matrix instead of calling SDPA; the
+    checkpoints' recompute in the backward (outside forward_attention_maps) must take that path
+    too (it took SDPA: CheckpointError, recomputed tensors of other metadata), and record nothing."""
+    torch.manual_seed(0)
+    model = small_model(attn_drop_rate=0.1, drop_path_rate=0.1).train()
+    x = torch.randn(2, 3, 48, 48)
+    torch.manual_seed(1)
+    logits_ref, _ = model.forward_attention_maps(x, branches=True)
+    logits_ref.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    logits, maps = model.forward_attention_maps(x, branches=True)
+    logits.sum().backward()
+    assert len(maps) == 3 * 2 + 3 * (1 + 2) and torch.equal(logits, logits_ref)
+    for p, g in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_recording_in_one_thread_leaves_other_threads_forwards_alone(monkeypatch):
+    """The recording belongs to the thread that asked for the maps. A plain forward in another
+    thread (a server answering requests beside a visualization) computed maps into that thread's
+    dict, took the branch attentions off SDPA, and, when the recording ended between its check
+    and its write, failed ('NoneType' object does not support item assignment)."""
+    import threading
+
+    import torch.nn.functional as F
+    model = small_model().eval()
+    x = torch.randn(1, 3, 48, 48)
+    made, sdpa = [], []
+    real_maps, real_sdpa = ops.cls_attention_maps, F.scaled_dot_product_attention
+    monkeypatch.setattr(ops, "cls_attention_maps", lambda *a, **k: made.append(1) or real_maps(*a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa.append(1) or real_sdpa(*a, **k))
+    outcome = []
+
+    def plain_forward():
+        try:
+            with torch.no_grad():
+                outcome.append(model(x))
+        except Exception as err:  # noqa: BLE001 - reported below
+            outcome.append(err)
+    with layers.recording_attention_maps(branches=True) as maps:
+        other = threading.Thread(target=plain_forward)
+        other.start()
+        other.join()
+    assert isinstance(outcome[0], torch.Tensor), outcome[0]
+    assert maps == {} and made == [], "the other thread's forward recorded maps"
+    assert len(sdpa) == 3 * (1 + 2), "the other thread's branch attentions left SDPA"
+    with torch.no_grad():   # and this thread's recording still works
+        _, own = model.forward_attention_maps(x, branches=True)
+    assert len(own) == 3 * 2 + 3 * (1 + 2)
