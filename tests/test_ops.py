@@ -6,7 +6,7 @@ from crossvit_fast import backends, ops, reference
 from crossvit_fast.backends import BackendUnavailableError
 
 from .conftest import ALL_BACKENDS, DEVICE
-from .numerics import assert_rel_close, rel_err, tolerance, torch_lowp_error
+from .numerics import FP32_REL_TOL, assert_rel_close, rel_err, tolerance, torch_lowp_error
 
 # (B, N, C, H, qkv_bias): odd N, B == 1, N == 0, C not a multiple of 16, head dims 32/64 and others.
 CROSS_SHAPES = [(2, 13, 96, 3, True), (1, 7, 40, 2, False), (3, 0, 24, 2, True), (2, 9, 128, 2, True),
@@ -83,6 +83,26 @@ def test_cross_attention_op_each_backend(backend, dtype, shape):
             continue
         # parameters stay fp32 here; gradients through low-precision activations get the dtype's bar
         assert_rel_close(g, e, max(tol, tolerance(dtype, [])), f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_cross_attention_reads_cls_rows_of_any_layout(backend):
+    """A CLS token ``[B, C]`` stored column-major (its last dim strided), fp32: every backend
+    gives the float64 reference's output and gradients (the CUDA kernels read unit-stride rows:
+    its backend makes them; its binding refused such a token before)."""
+    B, N, C, H = 3, 5, 24, 2
+    cls, patches, params, cfg = cross_inputs(B, N, C, H, True)
+    c_ref, p_ref, w_ref = leaves(cls, patches, params)
+    y_ref = reference.cls_cross_attention(c_ref, p_ref, **w_ref, **cfg).reshape(B, C)
+    dy = torch.randn_like(y_ref)
+    low = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    column_major = cls.reshape(B, C).float().t().contiguous().t()
+    assert column_major.stride(-1) != 1
+    c, p, w = leaves(column_major, patches.float(), low)
+    y = ops.cls_cross_attention(c, p, **w, **cfg, backend=backend)
+    assert_rel_close(y, y_ref, FP32_REL_TOL, f"{backend} y")
+    for g, e in zip(grads_of(y, dy.float(), c, p, w), grads_of(y_ref, dy, c_ref, p_ref, w_ref)):
+        assert_rel_close(g.reshape(e.shape), e, FP32_REL_TOL, f"{backend} gradient")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -35,8 +35,9 @@ def _ops():
 
 
 def _rows(t: Tensor) -> Tensor:
-    """``t`` with unit stride along its last dim, as the kernels read it. Gradients often arrive
-    as broadcast views (the backward of ``.sum()`` has stride 0): those are copied."""
+    """``t`` with unit stride along its last dim, as the kernels read it: a CLS token stored
+    column-major, or a gradient arriving as a broadcast view (the backward of ``.sum()`` has
+    stride 0), is copied."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -45,7 +46,7 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     """See :func:`.torch_backend.attn_pool_fwd`; computes in fp32 whatever ``dot_dtype``."""
     if x0.dtype == torch.float64:
         return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
-    return _ops().attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
+    return _ops().attn_pool_fwd(_rows(x0), patches, kt, gamma, beta, eps)
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
@@ -55,7 +56,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     """See :func:`.torch_backend.attn_pool_bwd`."""
     if x0.dtype == torch.float64:
         return torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
-    return _ops().attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
+    return _ops().attn_pool_bwd(dz, _rows(x0), patches, kt, gamma, beta, z, lse, eps)
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
@@ -104,4 +105,4 @@ def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: T
     """See :func:`.torch_backend.attn_weights`; computes in fp32 whatever ``dot_dtype``."""
     if x0.dtype == torch.float64:
         return torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps)
-    return _ops().attn_weights(x0, patches, kt, gamma, beta, lse, eps)
+    return _ops().attn_weights(_rows(x0), patches, kt, gamma, beta, lse, eps)
