@@ -1,4 +1,5 @@
-"""Run every fused op of one backend once, forward and backward, at a few small shapes.
+"""Run every fused op of one backend once, forward and backward (the attention maps forward
+only), at a few small shapes.
 
 A small, quick workload for ``compute-sanitizer`` (memcheck, racecheck) on a GPU machine:
 
@@ -30,14 +31,17 @@ def run(backend: str, dtype: torch.dtype, B: int, N: int, C: int, H: int) -> Non
     y, h = ops.add_layer_norm(y, cls, nw, nb, backend=backend)
     z = ops.cls_projection(y, nw, nb, params[0][: C // 2], nb[: C // 2], backend=backend)
     t = ops.layer_norm(tokens, nw, nb, backend=backend)
+    maps = ops.cls_attention_maps(cls, tokens[:, 1:], nw, nb, params[0], None, params[1], H,
+                                  (C // H) ** -0.5, backend=backend)
     (z.float().sum() + h.float().sum() + t.float().sum()).backward()
     torch.cuda.synchronize()
+    assert torch.isfinite(maps).all(), "non-finite attention map"
     grads = [tokens.grad, cls.grad, nw.grad, nb.grad, *(p.grad for p in params)]
     assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", required=True, choices=["triton", "cuda", "torch"])
     args = parser.parse_args()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
