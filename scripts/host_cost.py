@@ -14,13 +14,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from crossvit_fast import backends, layers, reference
-from crossvit_fast.benchmarking import environment
+from crossvit_fast.benchmarking import back_to_back_time, environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.common import device_slug, markdown_table  # noqa: E402
@@ -41,20 +40,9 @@ def modules(device):
     return [(name, m.to(device), x) for name, m, x in out]
 
 
-def per_call_us(fn, device, calls=50, rounds=5):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+def per_call_us(fn, device):
+    """Median µs per call over 5 rounds of 50 calls back to back, one synchronize a round."""
+    return statistics.median(back_to_back_time(fn, device, steps=50, rounds=5, warmup=5)) * 1e6
 
 
 def measure(name, module, inputs, device):

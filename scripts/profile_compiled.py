@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import crossvit_fast
+from crossvit_fast.benchmarking import back_to_back_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.e2e import load_timm  # noqa: E402
@@ -54,18 +55,6 @@ def step_fn(model, workload):
         loss.backward()
         opt.step()
     return train if workload == "train" else infer
-
-
-def back_to_back_ms(step, steps=10, rounds=3):
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(times)
 
 
 def kernels(step, top=12):
@@ -127,7 +116,7 @@ def profile_one(name, build, workload, mode, out):
     compile_s = time.perf_counter() - start
     for _ in range(3):
         step()
-    wall = back_to_back_ms(step)
+    wall = statistics.median(back_to_back_time(step, "cuda", steps=10, rounds=3, warmup=0)) * 1e3
     gpu, top = kernels(step)
     stem = f"{name}-{workload}-{mode}"
     (out / f"{stem}.py").write_text("\n\n# ---- next graph ----\n\n".join(code))

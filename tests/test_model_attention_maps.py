@@ -12,6 +12,7 @@ from crossvit_fast.reference import naive_math
 from .conftest import backend_param
 from .numerics import rel_err
 from .test_model import small_model
+from .test_timm_parity import no_tf32, pair
 from .timm_import import import_timm
 
 TOL = 1e-5  # fp32, relative to the largest weight of the map
@@ -20,14 +21,6 @@ TOL = 1e-5  # fp32, relative to the largest weight of the map
 @pytest.fixture(scope="module")
 def timm():
     return import_timm()
-
-
-def pair(timm, name):
-    torch.manual_seed(0)
-    ref = timm.create_model(name).eval()
-    ours = crossvit_fast.create_model(name).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
 
 
 def extract(timm, model, x, **kwargs):
@@ -195,9 +188,7 @@ def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
     ref, ours = ref.cuda(), ours.cuda()
     res = ref.pretrained_cfg["input_size"][-1]
     x = torch.randn(4, 3, res, res, device="cuda")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with no_tf32():
         expected = extract(timm, ref.double(), x.double())
         with torch.autocast("cuda", dtype=torch.bfloat16):
             timm_bf16 = extract(timm, ref.float(), x)
@@ -205,8 +196,6 @@ def test_gpu_maps_equal_timms_hooked_maps(timm, name, backend):
             _, maps = ours.forward_attention_maps(x)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, maps_bf16 = ours.forward_attention_maps(x)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert list(maps) == list(expected) == list(maps_bf16)
     for n, m in expected.items():
         assert maps[n].dtype == torch.float32 and rel_err(maps[n], m) < TOL, n
