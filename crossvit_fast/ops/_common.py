@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -147,7 +147,7 @@ def compiler_triton_op(name: str, body: Callable):
     return None if triton_op is None else triton_op(name, body, mutates_args=())
 
 
-def traced_triton() -> ModuleType:
+def traced_triton() -> SimpleNamespace:
     """The Triton backend's primitives with their launches recorded (``triton_backend.TRACED``)."""
     from ..backends import triton_backend
     return triton_backend.TRACED
@@ -170,8 +170,8 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
     """What a public op calls for ``backend`` on ``device``: while ``torch.compile``/``torch.export``
     traces, ``triton_op`` (the op's Triton form, see :func:`compiler_triton_op`) where the
     backend is Triton and the compiler can record its kernels (not for ``torch.export``), else
-    the custom op; outside a trace, the eager Function, or, with gradients off (inference), the forward itself (no
-    autograd bookkeeping).
+    the custom op; outside a trace, the eager Function, or, with gradients off (inference), the
+    forward itself (no autograd bookkeeping).
 
     Under ``torch.jit.trace`` the Triton and CUDA backends also take the custom op: the trace
     records one op call, where their kernel launches could not be recorded. The PyTorch backend
