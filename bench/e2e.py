@@ -281,6 +281,37 @@ class Runner:
                     flop_fraction=tflops / self.peaks["matmul"][spec.dtype]["TFLOPs"])
 
 
+def warm_compile_cache(settings: Settings, timm, shard: int, shards: int) -> None:
+    """Compile every ``shards``-th compiled row (from ``shard``) and run its first step, timing
+    nothing and writing no results. Run as ``shards`` processes side by side before a timed run,
+    it fills inductor's on-disk caches (FX graph, AOTAutograd, Triton), so that the timed run's
+    compilations are cache hits and cost dynamo's tracing alone (scripts/gpu_check.sh, ``warm``)."""
+    compiled = [spec for spec in settings.specs if spec.compiled]
+    for spec in compiled[shard::shards]:
+        torch._dynamo.reset()
+        base = build_model(spec, timm).to(settings.device)
+        step = step_function(wrap_model(base, spec, settings), spec, settings.device, base)
+        start = time.perf_counter()
+        step()
+        if settings.device.type == "cuda":
+            torch.cuda.synchronize(settings.device)
+        print(f"warmed {spec} in {time.perf_counter() - start:.1f} s", flush=True)
+        del base, step
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"K/N"`` → (K, N) with 0 <= K < N."""
+    try:
+        shard, shards = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/6), got {text!r}") from None
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N in K/N, got {text!r}")
+    return shard, shards
+
+
 def key(row: dict) -> tuple:
     return row["variant"], row["mode"], row["dtype"], row["batch"]
 
@@ -431,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-budget-s", type=float, default=None,
                         help="seconds of compilation after which compiled rows are left out "
                              "(default 100 on CUDA, none elsewhere; negative: none)")
+    parser.add_argument("--warm-compile", type=parse_shard, default=None, metavar="K/N",
+                        help="only compile the compiled rows K, K+N, K+2N, ... and run their first step, "
+                             "to fill inductor's caches for a later timed run (N processes side by side)")
     parser.add_argument("--out", default=None,
                         help="results folder (default bench/results; a temporary folder with --smoke)")
     return parser
@@ -442,6 +476,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = settings_from(args)
     stop_on_sigterm()
     timm, timm_reason = load_timm()
+    if args.warm_compile is not None:
+        warm_compile_cache(settings, timm, *args.warm_compile)
+        return 0
     timing = dict(warmup=max(settings.warmup, 3), iters=max(settings.iters, 5))
     run_peaks = dict(matmul={name: peaks.matmul_peak(settings.device, settings.matmul_n, parse_dtype(name), **timing)
                              for name in dict.fromkeys(s.dtype for s in settings.specs)})
