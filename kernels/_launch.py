@@ -3,6 +3,12 @@
 Plain Python on purpose: every fused op pays these on each call, and ``triton.cdiv`` /
 ``triton.next_power_of_2`` cost microseconds each through Triton's function wrapper (measured
 on the CPU machine: about 5 µs per call of a block-size helper built on them).
+
+Every kernel takes the LayerNorm ``eps`` as a ``tl.constexpr``: inductor types the Python floats
+it passes to user-defined kernels as fp64 (``_use_fp64_for_unbacked_floats``), which turned the
+statistics, and through them the softmax state, fp64 under ``torch.compile`` and failed the token
+pass's compilation on a GPU (torch 2.11, Triton 3.6: mixed fp32/fp64 types). A constexpr is folded
+in at fp32.
 """
 from __future__ import annotations
 

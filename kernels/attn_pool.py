@@ -133,7 +133,7 @@ def _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr, b, heads, cols, H, C
 
 @triton.jit(do_not_specialize=["T", "chunk"])
 def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
-                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps,
+                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps: tl.constexpr,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr,
                           FINAL: tl.constexpr):
@@ -179,7 +179,7 @@ def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, l
 def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr, lse_ptr,
                           dx0_ptr, dp_ptr, dkt_ptr, dgamma_ptr, dbeta_ptr,
                           T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
-                          s_dx0b, s_dpb, s_dpn, eps,
+                          s_dx0b, s_dpb, s_dpn, eps: tl.constexpr,
                           H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr):
     """Grid ``(B, splits)``. Writes ``dx`` of this split's tokens and the split's partial

@@ -22,7 +22,7 @@ from .attn_pool import _blocks, _head_params, _normalize, _scores, _tl_dtypes, _
 
 @triton.jit(do_not_specialize=["T"])
 def _attn_weights_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, lse_ptr, a_ptr,
-                         T, C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps,
+                         T, C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps: tl.constexpr,
                          H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                          ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr):
     """Grid ``(B, cdiv(T, BLOCK_N))``: ``a[b, h, t] = exp(s[b, h, t] − lse[b, h])`` for the

@@ -45,7 +45,7 @@ def _gelu(u):
 
 @triton.jit(do_not_specialize=["M"])
 def _cls_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-                         M, Cin, Cout, s_x, eps,
+                         M, Cin, Cout, s_x, eps: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_CIN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
     """Grid ``(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))``; ``W`` is ``[Cout, Cin]`` contiguous."""

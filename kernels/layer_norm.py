@@ -35,7 +35,7 @@ def _rows(t: Tensor, C: int) -> Tensor:
 
 @triton.jit(do_not_specialize=["M"])
 def _layer_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
-                           M, C, s_x, s_r, eps,
+                           M, C, s_x, s_r, eps: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RES: tl.constexpr,
                            ACC: tl.constexpr):
     """Grid ``cdiv(M, ROWS)``. ``y`` and ``h`` are contiguous ``[M, C]``."""

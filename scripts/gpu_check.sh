@@ -57,10 +57,11 @@ phase() {  # phase NAME SECONDS COMMAND...: run under a time limit into logs/NAM
 cat "$WORK/logs/environment.log"
 phase install 60 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 step ext && phase build_ext 180 python3 -m crossvit_fast.cli build-ext
-WARM_N=6   # the compile-race preset's compiled rows: one process each
+RACE_PRESET=${RACE_PRESET:-compile-race}
+WARM_N=${WARM_N:-6}   # the race preset's compiled rows (compile-race 6, compile-quick 4): one process each
 if step warm; then
   for k in $(seq 0 $((WARM_N - 1))); do
-    timeout -k 10 "${WARM_S:-280}" python3 -m bench.e2e --preset compile-race --warm-compile "$k/$WARM_N" \
+    timeout -k 10 "${WARM_S:-280}" python3 -m bench.e2e --preset "$RACE_PRESET" --warm-compile "$k/$WARM_N" \
       > "$WORK/logs/warm_$k.log" 2>&1 &
   done
 fi
@@ -103,7 +104,7 @@ if step warm; then   # the warming processes are the shell's only background job
 fi
 # issue 11's end-to-end rows, each against timm run the same way (compiled, graphed)
 # (its six compilations take about 350 s on an H100 without warm caches)
-step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset compile-race --out "$WORK/results"
+step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset "$RACE_PRESET" --out "$WORK/results"
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
 # time, inductor's code (into results/compiled/)
 # (each of its 8 rows compiles a model: limit it with PROFILE_COMPILED_ARGS="--workloads train --modes default")
@@ -116,7 +117,9 @@ step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e
 step kernels && phase bench_kernels "$KERNELS_S" python3 -m bench.kernels --dtypes bf16 \
   ${KERNELS_ARGS:-} --out "$WORK/results"
 cp "$WORK"/results/e2e*.md "$OUT"/ 2>/dev/null
-rm -f "$OUT"/inductor-cache.tgz.part-*
-tar -cz -C "$CACHE_DIR" . | split -b 15M - "$OUT/inductor-cache.tgz.part-"
-echo "caches packed: $(du -ch "$OUT"/inductor-cache.tgz.part-* | tail -n 1)"
+if [ "${PACK_CACHE:-1}" = 1 ]; then
+  rm -f "$OUT"/inductor-cache.tgz.part-*
+  tar -cz -C "$CACHE_DIR" . | split -b 15M - "$OUT/inductor-cache.tgz.part-"
+  echo "caches packed: $(du -ch "$OUT"/inductor-cache.tgz.part-* | tail -n 1)"
+fi
 cat "$WORK/logs/summary.log"

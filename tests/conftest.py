@@ -16,9 +16,10 @@ from crossvit_fast import backends, layers  # noqa: E402  (after TRITON_INTERPRE
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def backend_param(name: str):
-    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run."""
-    reason = backends.unavailable_reason(name, DEVICE)
+def backend_param(name: str, device: str = DEVICE):
+    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run on
+    ``device`` (a test on CPU tensors passes "cpu": on a GPU machine Triton has no interpreter)."""
+    reason = backends.unavailable_reason(name, device)
     return pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
 
 

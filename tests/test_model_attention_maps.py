@@ -36,8 +36,9 @@ def assert_same_maps(got, expected):
 
 
 def variant_on(name, backend):
-    """A (variant, backend) pytest param that skips, with the reason, where the backend cannot run."""
-    marks = backend_param(backend).marks
+    """A (variant, backend) pytest param that skips, with the reason, where the backend cannot run
+    on CPU tensors."""
+    marks = backend_param(backend, "cpu").marks
     return pytest.param(name, backend, id=f"{name}-{backend}", marks=marks)
 
 
@@ -113,7 +114,7 @@ def test_fused_attn_default_is_timms_setting(timm, monkeypatch):
     assert layers.Attention(8, 2).fused_attn is False
 
 
-@pytest.mark.parametrize("backend", [backend_param("torch"), backend_param("triton")])
+@pytest.mark.parametrize("backend", [backend_param("torch", "cpu"), backend_param("triton", "cpu")])
 def test_fused_maps_equal_timms_math_in_float64(backend):
     """The maps of the fused path against those timm's math records (naive_math), in float64,
     and in fp32 against that float64 reference."""
