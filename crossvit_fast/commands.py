@@ -26,11 +26,28 @@ class CommandError(Exception):
     """A failure the user can act on, found by a command; its message is the one line shown."""
 
 
+# The commands that run no model: ``info`` reports a bad ``CROSSVIT_FAST_BACKEND`` (it is there to
+# say what is wrong), ``build-ext`` builds the extension whatever the variable says. Every other
+# command, present or added later, checks the variable before it does any work.
+NO_MODEL_COMMANDS = ("info", "build-ext")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit code."""
     handlers = {"info": info, "check": check, "bench": bench, "build-ext": build_ext,
                 "attention": attention}
+    if args.command not in NO_MODEL_COMMANDS:
+        _check_backend_variable()
     return handlers[args.command](args)
+
+
+def _check_backend_variable() -> None:
+    """A CommandError (one line, exit code 1) where ``CROSSVIT_FAST_BACKEND`` holds no backend
+    name; its message names the variable, the value and the accepted names."""
+    try:
+        backends.get_backend()
+    except ValueError as err:
+        raise CommandError(str(err)) from err
 
 
 def expected_failure(err: Exception) -> Optional[str]:
@@ -236,9 +253,10 @@ def attention(args) -> int:
         output_format(args.out)
     except ValueError as err:
         raise CommandError(str(err)) from err
+    device = _device(args.device)
+    _fused_backend(device)   # a backend the variable asks for that cannot run here: before the model
     width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
-                                   heads=args.heads, device=_device(args.device),
-                                   dtype=DTYPES[args.dtype])
+                                   heads=args.heads, device=device, dtype=DTYPES[args.dtype])
     print(f"wrote {args.out} ({width}x{height} pixels)")
     return 0
 

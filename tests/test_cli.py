@@ -133,6 +133,54 @@ def test_a_bad_backend_variable_is_one_line_for_bench_and_shown_by_info(capsys, 
     assert_one_line_error(err, "crossvit-fast bench: error: CROSSVIT_FAST_BACKEND: unknown backend 'fastest'")
 
 
+# The least each command needs to parse; the image need not exist: the variable is checked first.
+MODEL_COMMAND_ARGS = {
+    "check": ["--model", MODEL, "--device", "cpu", "--batch", "1"],
+    "bench": ["--model", MODEL, "--device", "cpu", "--batch-sizes", "1"],
+    "attention": ["no-such-image.png", "--out", "maps.png", "--device", "cpu"],
+}
+
+
+def test_every_model_command_is_listed_here():
+    """A command added later is checked for the variable too: list its arguments above."""
+    subparsers = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert set(subparsers.choices) == set(MODEL_COMMAND_ARGS) | set(commands.NO_MODEL_COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(MODEL_COMMAND_ARGS))
+def test_a_bad_backend_variable_stops_every_model_command_before_any_work(capsys, monkeypatch, tmp_path,
+                                                                         command):
+    """One line naming the variable, its value and the accepted names, exit code 1, before the
+    model is built (was: check ran and exited 0 without a word; attention printed a traceback)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    monkeypatch.setattr(backends, "_requested", None)   # as in a fresh process
+    def no_work(*args, **kwargs):
+        pytest.fail("the command did work before checking CROSSVIT_FAST_BACKEND")
+    monkeypatch.setattr(commands, "create_model", no_work)
+    monkeypatch.setattr("crossvit_fast.variants.create_model", no_work)
+    code, out, err = run_main(capsys, command, *MODEL_COMMAND_ARGS[command])
+    assert code == 1 and out == ""
+    assert_one_line_error(err, f"crossvit-fast {command}: error: CROSSVIT_FAST_BACKEND: unknown backend "
+                               f"'nonsense'; expected one of auto, triton, cuda, torch")
+    assert not (tmp_path / "maps.png").exists()
+
+
+def test_attention_checks_the_variables_backend_on_the_device_before_the_model(capsys, monkeypatch, tmp_path):
+    """A valid name that cannot run on the device: one line naming the variable, before the
+    model is built (was: the same line, after the model was built)."""
+    monkeypatch.setattr(backends, "_requested", "cuda")
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device: "needs a CUDA device (test)" if name == "cuda" else None)
+    monkeypatch.setattr("crossvit_fast.variants.create_model",
+                        lambda *a, **k: pytest.fail("the model was built before the backend was checked"))
+    image = synthetic_image(tmp_path / "img.png", seed=0)
+    code, _, err = run_main(capsys, "attention", str(image), "--out", str(tmp_path / "maps.png"),
+                            "--device", "cpu")
+    assert code == 1
+    assert_one_line_error(err, "CROSSVIT_FAST_BACKEND=cuda: backend 'cuda' cannot run on cpu: needs a CUDA device (test)")
+
+
 def test_out_of_memory_is_one_line(capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
