@@ -68,7 +68,8 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     computes in fp32 regardless.
     """
     kt, gamma, beta = (_acc_of(t, x0) for t in (kt, gamma, beta))
-    xhat0, xhat = (normalize(t, eps)[0] * gamma + beta for t in (x0.unsqueeze(1), patches))
+    # the width from γ: a traced input's shape would not be a constant to ONNX
+    xhat0, xhat = (F.layer_norm(_acc(t), gamma.shape, gamma, beta, eps) for t in (x0.unsqueeze(1), patches))
     s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
     s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
     lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
@@ -125,7 +126,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     acc = _acc(h).dtype
     # fp16/bf16 rows go up to fp32 first: ATen's CUDA kernel wants weights of the input's dtype,
     # and rounding the fp32 affine parameters down would add an error timm does not have.
-    y, mean, rstd = torch.native_layer_norm(_acc(h), (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
+    y, mean, rstd = torch.native_layer_norm(_acc(h), weight.shape, weight.to(acc), bias.to(acc), eps)
     return y.to(out_dtype or h.dtype), h, mean.squeeze(-1), rstd.squeeze(-1)
 
 
@@ -161,7 +162,7 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     Returns ``(y [M, Cout] T, mean [M], rstd [M])``.
     """
     acc = _acc(x)
-    u, mean, rstd = torch.native_layer_norm(acc, (x.shape[-1],), ln_weight.to(acc.dtype),
+    u, mean, rstd = torch.native_layer_norm(acc, ln_weight.shape, ln_weight.to(acc.dtype),
                                             ln_bias.to(acc.dtype), eps)
     y = F.linear(F.gelu(u), weight.to(acc.dtype), bias.to(acc.dtype))
     return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)

@@ -177,8 +177,14 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
     records one op call, where their kernel launches could not be recorded. The PyTorch backend
     runs the forward itself, with or without gradients (its ATen ops are differentiable as
     they are), so that its trace is ATen ops alone, which a process without crossvit_fast
-    (libtorch, ONNX export) can load; the eager Function would be an unsaveable Python op.
+    (libtorch) can load; the eager Function would be an unsaveable Python op.
+
+    Under ONNX export (either exporter) every backend runs the PyTorch backend's forward: ONNX
+    has no crossvit_fast op, and that forward is the same absorbed math in ATen ops (the token
+    pass without K or V), which both exporters translate. The forwards take the backend last.
     """
+    if torch.onnx.is_in_onnx_export():
+        return functools.partial(_on_backend, forward, "torch")
     if torch.compiler.is_compiling():
         if triton_op is not None and _compiler_sees_triton(backend, device):
             return triton_op
@@ -186,6 +192,11 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
     if torch.jit.is_tracing():
         return forward if backend_impl(backend, device) is torch_backend else custom_op
     return eager if torch.is_grad_enabled() else forward
+
+
+def _on_backend(forward: Callable, backend: str, *args):
+    """``forward`` with its last argument, the backend, replaced by ``backend``."""
+    return forward(*args[:-1], backend)
 
 
 def cast_like(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:

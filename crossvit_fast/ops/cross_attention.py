@@ -188,8 +188,9 @@ def absorbed_keys(x0: Tensor, gamma: Tensor, beta: Tensor, wq_weight: Tensor,
                   eps: float) -> Tensor:
     """``kt = scale · Wk_hᵀ q_h`` as ``[B, H, C]`` (a view), ``q`` the query of ``LN(x0)``: the
     query pushed through each head's key projection (design.md §2), in ``x0``'s dtype."""
-    acc, C = x0.dtype, x0.shape[1]
-    q = F.linear(F.layer_norm(x0, (C,), gamma, beta, eps), as_dtype(wq_weight, acc),
+    acc = x0.dtype
+    # the width from the parameter: a traced input's shape would not be a constant to ONNX
+    q = F.linear(F.layer_norm(x0, gamma.shape, gamma, beta, eps), as_dtype(wq_weight, acc),
                  as_dtype(wq_bias, acc))
     kt = torch.bmm(_heads_first(q, num_heads), _heads(wk_weight, num_heads, acc)) * scale
     return kt.transpose(0, 1)

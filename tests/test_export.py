@@ -1,0 +1,113 @@
+"""Deployment as timm deploys: ONNX with torch's default exporter (dynamo) and the TorchScript one,
+run by onnxruntime, and torch.export → AOTInductor.
+
+Under ONNX export every backend's ops run the PyTorch backend's math in ATen ops (ONNX knows no
+crossvit_fast op): the same absorbed cross-attention, so the exported graph still forms no K or V
+over the tokens.
+"""
+import pytest
+import torch
+
+import crossvit_fast
+
+from .conftest import backend_param
+from .numerics import FP32_REL_TOL, rel_err
+from .test_model import small_model
+from .timm_import import import_timm
+
+onnx = pytest.importorskip("onnx", reason="pip install -e '.[test]' brings onnx")
+ort = pytest.importorskip("onnxruntime", reason="pip install -e '.[test]' brings onnxruntime")
+pytest.importorskip("onnxscript", reason="torch's default ONNX exporter needs onnxscript")
+
+from .onnx_graph import product_macs  # noqa: E402  (needs onnx)
+
+EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
+
+
+def export_onnx(model, x, path, dynamo: bool) -> None:
+    """``torch.onnx.export`` as a user calls it, with the batch axis dynamic."""
+    if dynamo:
+        torch.onnx.export(model, (x,), path, dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("name", crossvit_fast.list_models())
+def test_onnx_export_runs_in_onnxruntime_and_matches(name, dynamo, tmp_path):
+    """Every variant, with either exporter: onnxruntime's logits at a batch size other than the
+    exported one are the PyTorch model's within fp32's error."""
+    torch.manual_seed(0)
+    model = crossvit_fast.create_model(name).eval()
+    res = model.pretrained_cfg["input_size"][-1]
+    export_onnx(model, torch.randn(2, 3, res, res), tmp_path / "model.onnx", dynamo)
+    x = torch.randn(3, 3, res, res)
+    with torch.no_grad():
+        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model(x)) < FP32_REL_TOL
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("backend", [backend_param("torch", "cpu"), backend_param("triton", "cpu")])
+def test_onnx_export_on_any_backend(backend, dynamo, tmp_path):
+    """The selected backend does not matter: the export is the PyTorch backend's ATen math."""
+    model = small_model().eval()
+    with crossvit_fast.use_backend(backend):
+        export_onnx(model, torch.randn(2, 3, 48, 48), tmp_path / "model.onnx", dynamo)
+    x = torch.randn(5, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model(x)) < FP32_REL_TOL
+
+
+def key_value_macs(model) -> int:
+    """MACs of the K and V projections over the tokens that timm's cross-attention makes at batch
+    1: per multi-scale block and direction, 2 (N + 1) C² for the other branch's N patches."""
+    tokens = [p.num_patches for p in model.patch_embed]
+    macs = 0
+    for _ in model.blocks:
+        for d in range(len(tokens)):
+            other = (d + 1) % len(tokens)
+            macs += 2 * (tokens[other] + 1) * model.embed_dim[other] ** 2
+    return macs
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_onnx_graph_forms_no_keys_or_values_over_the_tokens(dynamo, tmp_path):
+    """The exported graph does fewer multiply-accumulates than timm's own export (default
+    exporter) by at least 90% of what timm's K and V projections over the tokens cost."""
+    timm = import_timm()
+    x = torch.randn(1, 3, 240, 240)
+    ours, ref = crossvit_fast.create_model("crossvit_tiny_240").eval(), timm.create_model("crossvit_tiny_240").eval()
+    torch.onnx.export(ours, (x,), tmp_path / "ours.onnx", dynamo=dynamo)
+    torch.onnx.export(ref, (x,), tmp_path / "timm.onnx", dynamo=True)
+    saved = product_macs(onnx.load(tmp_path / "timm.onnx")) - product_macs(onnx.load(tmp_path / "ours.onnx"))
+    assert saved >= 0.9 * key_value_macs(ours), (saved, key_value_macs(ours))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torch_export_compiles_with_aotinductor_and_matches(tmp_path):
+    """torch.export → aoti_compile_and_package → aoti_load_package (README's recipe), with a
+    dynamic batch: the package's logits are the model's. The exported program keeps the
+    crossvit_fast::attn_pool op, which the package calls back (import crossvit_fast.ops first
+    in a new process)."""
+    torch.manual_seed(0)
+    model = small_model().eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 48, 48),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < FP32_REL_TOL
