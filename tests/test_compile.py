@@ -11,7 +11,7 @@ import crossvit_fast
 from crossvit_fast import backends, layers
 
 from .conftest import DEVICE
-from .numerics import rel_err
+from .numerics import FP32_PAIR_TOL, rel_err
 from .test_model import small_model
 
 
@@ -80,8 +80,8 @@ def test_compiled_model_leaves_block_norms_to_inductor(fused_cls_projection):
     assert any("cls_proj" in t for t in traced) == fused_cls_projection, traced
 
 
-@pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
-                    reason="the Triton backend cannot run here")
+@pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None,
+                    reason="the Triton backend cannot run CPU tensors here")
 def test_jit_trace_records_the_fused_ops_and_replays_on_new_inputs(fused_cls_projection):
     """torch.jit.trace records each Triton op as one custom-op call (its launches could not be
     recorded), so the trace replays correctly, with gradients, on other inputs."""
@@ -90,7 +90,7 @@ def test_jit_trace_records_the_fused_ops_and_replays_on_new_inputs(fused_cls_pro
         traced = torch.jit.trace(model, torch.randn(2, 3, 48, 48), check_trace=False)
     assert "crossvit_fast::attn_pool" in str(traced.inlined_graph)
     x = torch.randn(2, 3, 48, 48)
-    assert rel_err(traced(x), model(x)) < 1e-6
+    assert rel_err(traced(x), model(x)) < FP32_PAIR_TOL
     traced(x).square().sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -104,7 +104,7 @@ def test_torch_export_matches_eager():
     exported = torch.export.export(model, (torch.randn(2, 3, 48, 48),))
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        assert rel_err(exported.module()(x), model(x)) < 1e-6
+        assert rel_err(exported.module()(x), model(x)) < FP32_PAIR_TOL
 
 
 def test_a_saved_export_loads_in_a_new_process_after_importing_the_ops(tmp_path):
@@ -137,7 +137,7 @@ def test_jit_trace_on_the_torch_backend_is_aten_only_and_saves(grad, tmp_path):
     assert "crossvit_fast::" not in str(traced.inlined_graph)
     torch.jit.save(traced, tmp_path / "model.pt")
     loaded = torch.jit.load(tmp_path / "model.pt")
-    assert rel_err(loaded(x), model(x)) < 1e-6
+    assert rel_err(loaded(x), model(x)) < FP32_PAIR_TOL
     params = dict(model.named_parameters())
     loss = lambda out: out.square().sum()  # noqa: E731
     got = torch.autograd.grad(loss(traced(x)), list(params.values()), allow_unused=True)
@@ -190,8 +190,10 @@ def test_one_graph_without_breaks(mode):
         else:
             with torch.no_grad():
                 compiled(x)
-    assert len(recorder.graphs) == 1
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert len(recorder.graphs) == 1 and not breaks, (
+        f"torch {torch.__version__} splits the {mode} model into {len(recorder.graphs)} graphs; "
+        f"graph breaks: {breaks}")
 
 
 def test_the_second_compiled_step_of_a_fresh_process_does_not_recompile():
