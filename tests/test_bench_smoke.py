@@ -2,13 +2,14 @@
 
 Run in-process (``main(argv)``) to share one torch import; about 30 s on two cores.
 """
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import common, e2e, kernels
+from bench import common, e2e, kernels, onnx_runtime
 from crossvit_fast.benchmarking import kernel_time, time_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -88,6 +89,29 @@ def test_e2e_smoke(tmp_path):
         if row["impl"] == "fast":
             assert row["vs_fast"] == 1.0
         assert (row["vs_timm"] is not None) == timm_ok
+
+
+def test_onnx_runtime_smoke(tmp_path):
+    """Both exports of crossvit_tiny_240 run in onnxruntime and are timed side by side."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert onnx_runtime.main(["--smoke", "--out", str(tmp_path)]) == 0
+    payload = load(tmp_path, "onnxruntime")
+    assert [(r["side"], r["batch"]) for r in payload["rows"]] == [("timm", 1), ("fast", 1)]
+    for row in payload["rows"]:
+        assert 0 < row["median_s"] < 60 and row["export_s"] > 0 and row["onnx_mb"] > 1
+    (md,) = tmp_path.glob("onnxruntime-smoke-*.md")
+    assert "| crossvit_tiny_240 | 1 |" in md.read_text()
+
+
+def test_warm_compile_takes_one_shard_of_the_compiled_rows():
+    """--warm-compile K/N: the K-th of every N compiled rows; a bad K/N is an argument error."""
+    assert e2e.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "x", "1/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            e2e.parse_shard(bad)
+    compiled = [s for s in e2e.PRESETS["compile-race"]() if s.compiled]
+    assert len(compiled) == 6 and len([s for s in e2e.PRESETS["compile-quick"]() if s.compiled]) == 4
 
 
 def test_e2e_compile_budget_leaves_compiled_rows_out(tmp_path):
