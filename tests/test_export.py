@@ -5,6 +5,9 @@ Under ONNX export every backend's ops run the PyTorch backend's math in ATen ops
 crossvit_fast op): the same absorbed cross-attention, so the exported graph still forms no K or V
 over the tokens.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -110,4 +113,13 @@ def test_torch_export_compiles_with_aotinductor_and_matches(tmp_path):
     compiled = torch._inductor.aoti_load_package(path)
     x = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
-        assert rel_err(compiled(x), model(x)) < FP32_REL_TOL
+        want = model(x)
+        assert rel_err(compiled(x), want) < FP32_REL_TOL
+    # README's recipe in a new process: import crossvit_fast.ops, then load the package
+    torch.save((x, want), tmp_path / "io.pt")
+    code = (f"import torch, crossvit_fast.ops\nd = {str(tmp_path)!r}\nx, want = torch.load(d + '/io.pt')\n"
+            f"got = torch._inductor.aoti_load_package({path!r})(x)\n"
+            "print(((got - want).abs().max() / want.abs().max()).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < FP32_REL_TOL
