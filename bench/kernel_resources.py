@@ -1,0 +1,275 @@
+"""Shared memory, registers, spills and programs per SM of every Triton kernel, compiled for NVIDIA
+GPUs without one, at the launch parameters the model really passes.
+
+The kernels' launch wrappers run on meta tensors (nothing is computed) with each launch recorded
+instead of made: the kernel, its grid, its arguments. Each distinct launch is then compiled with
+``triton.compile`` for sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (RTX 40xx, L4) and sm_90 (H100,
+H200), typed as inductor types a compiled model's launches (Python floats as fp64, pointers
+16-byte aligned), and the bundled ``ptxas -v`` reports registers and spills. A configuration
+*fits* where its shared memory is within the GPU's per-block limit.
+
+Needs Triton's compiler, not its interpreter: run it in a process without ``TRITON_INTERPRET``.
+
+    python -m bench.kernel_resources                         # all 11 variants, batch 1 and 256
+    python -m bench.kernel_resources --variants crossvit_18_240 --modes bf16 --targets 90
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+# (name, SMs of the representative part, shared memory a block may opt into, bytes)
+TARGETS: Dict[int, Tuple[str, int, int]] = {
+    80: ("A100", 108, 166912),
+    86: ("RTX 3090 / A10", 82, 101376),
+    89: ("RTX 4090 / L4", 128, 101376),
+    90: ("H100 / H200", 132, 232448),
+}
+# dtype modes: (token dtype, dot dtype of the token pass, LayerNorm residual dtype, output dtype)
+MODES = {
+    "fp32": (torch.float32, None, torch.float32, None),
+    "bf16": (torch.bfloat16, None, torch.bfloat16, None),
+    "autocast": (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+}
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded launch: what decides its compilation (``key``) and its grid."""
+    op: str
+    kernel: str
+    key: tuple
+    programs: int
+
+
+class _Recorder:
+    """Stands in for a kernel in its module: ``kernel[grid](*args, **kwargs)`` records."""
+
+    def __init__(self, kernel, sink: list):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.sink.append((self.kernel, grid, args, kwargs))
+        return record
+
+
+def _kernel_modules():
+    from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
+    return attn_pool, attn_weights, cls_proj, layer_norm
+
+
+@contextlib.contextmanager
+def recording(sms: int) -> Iterator[list]:
+    """Every Triton kernel of crossvit_fast.kernels replaced by a recorder, and the SM count the
+    grid heuristics read set to ``sms``; yields the list the launches go to."""
+    from triton.runtime.jit import JITFunction
+    sink: list = []
+    saved = []
+    for module in _kernel_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                saved.append((module, name, value))
+        if hasattr(module, "num_sms"):
+            saved.append((module, "num_sms", module.num_sms))
+    try:
+        for module, name, value in saved:
+            setattr(module, name, (lambda device, n=sms: n) if name == "num_sms" else _Recorder(value, sink))
+        yield sink
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, callable]]:
+    """``(op, call)`` for each fused-op launch wrapper the model calls at ``batch`` in ``mode``,
+    on meta tensors: the token pass forward, backward and maps of each fusion direction, the
+    block LayerNorm (with residual) forward and backward and the CLS projections of each branch."""
+    from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
+    from crossvit_fast.variants import MODEL_ARGS
+    from crossvit_fast import create_model
+    with torch.device("meta"):
+        model = create_model(variant)
+    widths = list(model.embed_dim)
+    heads = list(MODEL_ARGS[variant]["num_heads"])
+    tokens = [p.num_patches for p in model.patch_embed]
+    dtype, dot, res_dtype, out_dtype = MODES[mode]
+    acc = torch.float32
+    meta = dict(device="meta")
+    for d in range(2):
+        C, H, N = widths[1 - d], heads[1 - d], tokens[1 - d]
+        x0, p = torch.empty(batch, C, dtype=dtype, **meta), torch.empty(batch, N, C, dtype=dtype, **meta)
+        kt, g = torch.empty(batch, H, C, dtype=acc, **meta), torch.empty(C, dtype=acc, **meta)
+        z, lse = torch.empty(batch, H, C, dtype=acc, **meta), torch.empty(batch, H, dtype=acc, **meta)
+        yield f"token pass fwd C{C} H{H}", lambda: attn_pool.attn_pool_fwd(x0, p, kt, g, g, 1e-6, dot)
+        yield f"token pass bwd C{C} H{H}", lambda: attn_pool.attn_pool_bwd(z, x0, p, kt, g, g, z, lse, 1e-6, dot)
+        yield f"maps C{C} H{H}", lambda: attn_weights.attn_weights(x0, p, kt, g, g, lse, 1e-6, dot)
+        Cin = widths[d]
+        x, w = torch.empty(batch, Cin, dtype=dtype, **meta), torch.empty(C, Cin, dtype=acc, **meta)
+        lw, b = torch.empty(Cin, dtype=acc, **meta), torch.empty(C, dtype=acc, **meta)
+        stat = torch.empty(batch, dtype=acc, **meta)
+        dy = torch.empty(batch, C, dtype=dtype, **meta)
+        yield f"CLS projection fwd {Cin}->{C}", lambda: cls_proj.cls_proj_fwd(x, lw, lw, w, b, 1e-6)
+        yield f"CLS projection bwd {Cin}->{C}", lambda: cls_proj.cls_proj_bwd(dy, x, lw, lw, w, stat, stat)
+    for i in range(2):
+        C, M = widths[i], batch * (tokens[i] + 1)
+        x, r = torch.empty(M, C, dtype=torch.float32 if mode == "autocast" else dtype, **meta), \
+            torch.empty(M, C, dtype=res_dtype, **meta)
+        w, stat = torch.empty(C, dtype=acc, **meta), torch.empty(M, dtype=acc, **meta)
+        h = torch.empty(M, C, dtype=torch.promote_types(x.dtype, r.dtype), **meta)
+        dy = torch.empty(M, C, dtype=out_dtype or h.dtype, **meta)
+        yield f"add+LayerNorm fwd C{C}", lambda: layer_norm.layer_norm_fwd(x, r, w, w, 1e-6, out_dtype)
+        yield f"add+LayerNorm bwd C{C}", lambda: layer_norm.layer_norm_bwd(dy, h, h, w, stat, stat)
+
+
+def _signature(kernel, args, kwargs) -> Tuple[dict, dict, dict, dict]:
+    """Triton's (signature, constexprs, attrs) for a launch, typed as inductor types it, and the
+    launch options."""
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(kernel.arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k not in options})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = bound[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0 and not param.do_not_specialize and value != 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp64"   # inductor's typing of a Python float
+        else:
+            raise TypeError(f"{kernel.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs, attrs, options
+
+
+def record_launches(variant: str, batch: int, mode: str, sms: int) -> List[Tuple[str, object, tuple, int]]:
+    """``(op, kernel, (signature, constexprs, attrs, options), programs)`` of every launch."""
+    out = []
+    for op, call in model_calls(variant, batch, mode):
+        with recording(sms) as sink:
+            call()
+        for kernel, grid, args, kwargs in sink:
+            programs = 1
+            for g in grid:
+                programs *= int(g)
+            out.append((op, kernel, _signature(kernel, args, kwargs), programs))
+    return out
+
+
+_PTXAS_LINE = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_for(kernel, typed, cc: int) -> dict:
+    """Compile one launch for compute capability ``cc``: shared bytes, registers, spill bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    signature, constexprs, attrs, options = typed
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", cc, 32), options=options)
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    ptx = Path(os.environ.get("TMPDIR", "/tmp")) / f"crossvit-fast-{os.getpid()}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    try:
+        log = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        ptx.unlink(missing_ok=True)
+    registers = int(_PTXAS_LINE.search(log).group(1))
+    spills = _SPILL.search(log)
+    return dict(shared=compiled.metadata.shared, registers=registers,
+                spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else 0)
+
+
+def _freeze(typed) -> tuple:
+    signature, constexprs, attrs, options = typed
+    return (tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+            tuple((k, str(v)) for k, v in attrs.items()), tuple(options.items()))
+
+
+def table(variants: List[str], batches: List[int], modes: List[str], targets: List[int]) -> List[dict]:
+    """One row per (variant, batch, mode, op's kernel, target); each distinct compilation once."""
+    compiled: Dict[tuple, dict] = {}
+    rows = []
+    for variant, batch, mode, cc in itertools.product(variants, batches, modes, targets):
+        name, sms, smem = TARGETS[cc]
+        for op, kernel, typed, programs in record_launches(variant, batch, mode, sms):
+            key = (kernel.__name__, _freeze(typed), cc)
+            if key not in compiled:
+                compiled[key] = compile_for(kernel, typed, cc)
+            res = compiled[key]
+            rows.append(dict(variant=variant, batch=batch, mode=mode, op=op, kernel=kernel.__name__,
+                             target=f"sm_{cc}", gpu=name, programs=programs,
+                             programs_per_sm=programs / sms, fits=res["shared"] <= smem,
+                             shared_limit=smem, **res))
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    bad = [r for r in rows if not r["fits"]]
+    spilling = [r for r in rows if r["spill_bytes"]]
+    head = ["variant", "batch", "mode", "op", "kernel", "target", "shared KB", "regs", "spill B",
+            "programs/SM", "fits"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(x) for x in (
+            r["variant"], r["batch"], r["mode"], r["op"], r["kernel"], r["target"],
+            f"{r['shared'] / 1024:.1f}", r["registers"], r["spill_bytes"], f"{r['programs_per_sm']:.2f}",
+            "yes" if r["fits"] else f"**no** (limit {r['shared_limit'] / 1024:.0f} KB)")) + " |")
+    return "\n".join([
+        "# Triton kernels compiled for sm_80, sm_86, sm_89 and sm_90 (no GPU)", "",
+        f"{len(rows)} configurations: {len(bad)} need more shared memory than the GPU grants, "
+        f"{len(spilling)} spill registers. Programs per SM at the representative part's SM count "
+        "(A100 108, RTX 3090 82, RTX 4090 128, H100 132).", "", *lines])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from crossvit_fast.variants import list_models
+    parser = argparse.ArgumentParser(prog="python -m bench.kernel_resources", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="all", help="comma-separated, or all (default)")
+    parser.add_argument("--batches", default="1,256")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"from {','.join(MODES)}")
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities")
+    parser.add_argument("--out", default=None, help="folder for kernel-resources.{json,md} (default: print only)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("bench.kernel_resources compiles the kernels: unset TRITON_INTERPRET")
+    variants = list_models() if args.variants == "all" else args.variants.split(",")
+    rows = table(variants, [int(b) for b in args.batches.split(",")], args.modes.split(","),
+                 [int(t) for t in args.targets.split(",")])
+    text = markdown(rows)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernel-resources.json").write_text(json.dumps(rows, indent=1))
+        (out / "kernel-resources.md").write_text(text + "\n")
+    print(text.split("\n")[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
