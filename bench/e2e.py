@@ -108,6 +108,9 @@ PRESETS: Dict[str, Callable[[], List[Spec]]] = {
         expand(["crossvit_18_240"], ["train"], ["bf16"], [128], MAIN_IMPLS)
         + expand(["crossvit_18_240"], ["infer"], ["bf16"], [256], IMPLS)
         + expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1], ("fast+graphs", "timm+graphs"))),
+    # issue 18's sweep: every variant's bf16 inference at 64, eager and compiled on both sides
+    # (22 compilations: warm them in parallel first, scripts/gpu_check.sh's warm step)
+    "variants-64": lambda: expand(list_models(), ["infer"], ["bf16"], [64], MAIN_IMPLS),
     # the default-mode compiled rows of compile-race alone (four compilations): a short GPU call
     "compile-quick": lambda: (
         expand(["crossvit_18_240"], ["train"], ["bf16"], [128], ("fast+compile", "timm+compile"))
@@ -412,7 +415,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     compile_options = {"backend": args.compile_backend or ("aot_eager" if smoke else "inductor")}
     if args.compile_mode:
         compile_options["mode"] = args.compile_mode
-    default_budget = 400.0 if args.preset in ("compile-race", "compile-quick") else 100.0
+    default_budget = 400.0 if args.preset in ("compile-race", "compile-quick", "variants-64") else 100.0
     budget = args.compile_budget_s if args.compile_budget_s is not None else (default_budget if gpu else None)
     return Settings(
         device=device, specs=sorted(specs, key=lambda s: s.compiled),  # eager first; stable otherwise
@@ -444,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "+compile), and an eager sweep of all 11 variants at bf16 batch 64; "
                              "compile-race: crossvit_18_240 bf16 training at 128 (eager, +compile) and "
                              "inference at 256 (every impl), crossvit_tiny_240 fp32 batch 1 (+graphs), "
-                             "compile budget 400 s; compile-quick: compile-race's four default-mode compiled rows "
+                             "compile budget 400 s; compile-quick: compile-race's four default-mode compiled rows; "
+                             "variants-64: all 11 variants' bf16 inference at 64, eager and compiled "
                              "(replaces --variants/--modes/--dtypes/--batch-sizes/--impls)")
     parser.add_argument("--device", default=None, help="auto (CUDA if present; CPU with --smoke), cpu, cuda, cuda:N")
     parser.add_argument("--variants", default=None,
