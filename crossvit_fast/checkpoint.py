@@ -191,13 +191,22 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
         raise CheckpointError(f"checkpoint {path}: {' '.join(str(err).split())}") from err
 
 
+# How long the one request that asks the Hub whether it can be reached waits (seconds), unless
+# HF_HUB_ETAG_TIMEOUT says otherwise. huggingface_hub's own download, where that request fails,
+# retries five times with backoff (about 23 s, a warning each time) before it gives up.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
 def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) -> str:
     """Local path of timm's published ``model.safetensors`` for variant ``name``.
 
-    The local Hugging Face cache is tried first (no network); then the Hub itself.
+    The local Hugging Face cache is tried first (no network); then the Hub itself, after one
+    request without retries (:data:`HUB_PROBE_TIMEOUT_S`) has found that it answers: offline, or
+    with ``HF_HUB_OFFLINE=1``, a :class:`CheckpointError` comes at once, not after
+    huggingface_hub's retries.
     """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise RuntimeError("pretrained=True needs huggingface_hub; pip install huggingface_hub, "
                            "or pass checkpoint_path=") from err
@@ -207,9 +216,19 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) ->
     except Exception:  # not cached: ask the Hub
         pass
     try:
+        get_hf_file_metadata(hf_hub_url(repo, "model.safetensors"), timeout=_hub_probe_timeout())
         return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
     except Exception as err:
+        detail = " ".join(str(err).split()).rstrip(".")
         raise CheckpointError(
             f"could not fetch pretrained weights for {name} from the Hugging Face Hub ({repo}): "
-            f"{type(err).__name__}: {err}. Without network access, download model.safetensors "
-            f"from https://huggingface.co/{repo} on another machine and pass checkpoint_path=") from err
+            f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
+            f"model.safetensors from https://huggingface.co/{repo} on another machine and pass "
+            f"checkpoint_path=") from err
+
+
+def _hub_probe_timeout() -> float:
+    try:
+        return float(os.environ["HF_HUB_ETAG_TIMEOUT"])
+    except (KeyError, ValueError):
+        return HUB_PROBE_TIMEOUT_S

@@ -1,4 +1,8 @@
 """Checkpoint loading: file formats, wrappers, key styles, errors, and pretrained via the Hub cache."""
+import logging
+import socket
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -215,11 +219,57 @@ def test_pretrained_from_a_local_hub_cache(source, tmp_path):
     assert torch.equal(model.blocks[0].projs[0][2].weight, source.blocks[0].projs[0][2].weight)
 
 
+NO_WEIGHTS = "could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*checkpoint_path="
+FAST_S = 5.0   # huggingface_hub's own retries took about 23 s
+
+
 def test_pretrained_without_network_or_cache_says_what_to_do(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(CheckpointError, match="could not fetch pretrained weights for crossvit_9_240.*checkpoint_path"):
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=NO_WEIGHTS + "$") as err:
         create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < FAST_S and "HF_HUB_OFFLINE" in str(err.value)
+
+
+@pytest.fixture
+def silent_server():
+    """The address of a socket that takes connections and never answers (a network that drops
+    packets, or a stuck proxy)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()
+    server.close()
+
+
+@pytest.mark.parametrize("network", ["unresolvable", "silent"])
+def test_pretrained_offline_fails_fast_and_quietly(tmp_path, monkeypatch, capfd, caplog, network, request):
+    """No network to the Hub: the same one-line CheckpointError in well under 5 s, with nothing
+    printed (was: about 23 s of huggingface_hub's retries, six resolver errors on stderr). Host
+    names resolve to nothing (no DNS), or to a server that never answers (the probe's timeout)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    if network == "unresolvable":
+        def getaddrinfo(host, *args, **kwargs):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    else:
+        address = request.getfixturevalue("silent_server")
+        def getaddrinfo(host, port, *args, **kwargs):
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    capfd.readouterr()
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=NO_WEIGHTS + "$") as err:
+        if network == "unresolvable":
+            create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
+        else:   # the probe waits its timeout (3 s): timed without building the model (up to 2 s here)
+            crossvit_fast.checkpoint.pretrained_path(NAME, cache_dir=str(tmp_path))
+    seconds = time.perf_counter() - start
+    assert seconds < FAST_S, f"took {seconds:.1f} s"
+    assert "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_load_checkpoint_is_exported(source, tmp_path):
