@@ -96,15 +96,16 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
 
 # ---- the parser ----------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (argparse's own start with the usage)."""
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse's own start with the usage); the
+    training example's parser is one too."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="crossvit-fast", description="CrossViT with fused kernels: check it against "
+    parser = OneLineErrorParser(prog="crossvit-fast", description="CrossViT with fused kernels: check it against "
                      "the naive model, measure it, inspect the setup.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -3,6 +3,7 @@ a tiny model, stopped and resumed mid-epoch, against an uninterrupted run and on
 the whole batch; an ImageFolder directory; the checkpoint loads with ``create_model``."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,65 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         train_ddp.main(["--help"])
     assert exit_.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_help_shows_every_default(capsys):
+    """Each option's entry in --help ends with its default; the checkpoint's says it is a file
+    in the working directory."""
+    with pytest.raises(SystemExit):
+        train_ddp.main(["--help"])
+    options = capsys.readouterr().out.partition("options:")[2]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options) if entry.strip()]
+    assert len(entries) == len(train_ddp.build_parser()._actions)
+    for entry in entries:
+        if not entry.startswith("-h, --help"):
+            assert re.search(r"\(default: [^)]+\)$", entry), entry
+    checkpoint = next(e for e in entries if e.startswith("--checkpoint"))
+    assert "(default: train_ddp_checkpoint.pt, in the working directory)" in checkpoint
+    assert "(default: off)" in next(e for e in entries if e.startswith("--resume"))
+
+
+def test_device_cuda_without_cuda_is_one_line(capsys, monkeypatch):
+    """Exit code 2 and one line naming --device and that CUDA is not available (was a 28-line
+    traceback from the model's first move to the GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit) as exit_:
+            train_ddp.main(["--device", device, "--steps", "1"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_.value.code == 2 and len(lines) == 1, lines
+        assert f"argument --device: '{device}': CUDA is not available here" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_as_a_user_runs_it():
+    done = subprocess.run([sys.executable, "-m", "crossvit_fast.examples.train_ddp", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "--device" in lines[0], done.stderr
+    assert "CUDA is not available" in lines[0] and done.stdout == ""
+
+
+def test_says_where_it_writes_the_checkpoint_and_how_to_load_it(tmp_path, monkeypatch, capsys):
+    """By default the checkpoint goes to the working directory: the run says so at the start, and
+    when it saves prints the create_model call that loads its weights (the example's class count
+    and --model-kwargs), which does."""
+    monkeypatch.chdir(tmp_path)
+    train_ddp.main([*ARGS, "--batch-size", "2", "--steps", "3", "--save-every", "2", "--num-classes", "7"])
+    path = tmp_path / "train_ddp_checkpoint.pt"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"train_ddp: writing the checkpoint to {path} every 2 steps and at step 3 "
+                        f"(--checkpoint to change)")
+    assert len(lines) == 2 and lines[1].startswith(f"train_ddp: saved step 3 to {path} (")
+    call = lines[1].partition("its weights load with ")[2]
+    assert call.startswith(f"crossvit_fast.create_model('crossvit_tiny_240', checkpoint_path={str(path)!r}, "
+                           f"num_classes=7, ")
+    model = eval(call, {"crossvit_fast": crossvit_fast})
+    assert model.num_classes == 7
+    for name, value in weights(path).items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # as README documents it: create_model(name, checkpoint_path=PATH, num_classes=K) and the kwargs
+    crossvit_fast.create_model("crossvit_tiny_240", checkpoint_path=str(path), num_classes=7, **MODEL_KWARGS)
 
 
 @pytest.mark.parametrize("data", ["missing", "file"])

@@ -7,10 +7,13 @@
 Synthetic images by default, or an ImageFolder-style directory (one subdirectory of images
 per class) with ``--data``. Each process takes its shard of every global batch
 (``DistributedSampler``); gradients are averaged by DDP (NCCL on GPUs, gloo on the CPU).
-Every ``--save-every`` steps rank 0 writes ``--checkpoint`` (model, optimizer, step), and
+Every ``--save-every`` steps and at the end rank 0 writes ``--checkpoint`` (model, optimizer,
+step; by default ``train_ddp_checkpoint.pt`` in the working directory, said at the start), and
 ``--resume`` continues from it where it stopped, mid-epoch included. The model weights in it load
-with ``crossvit_fast.create_model(name, checkpoint_path=...)``. Run without torchrun, it trains
-in one process. An example, not a training recipe: no augmentation, schedule or EMA (timm's
+with ``crossvit_fast.create_model(name, checkpoint_path=..., num_classes=K)``, K being the
+example's class count (``--num-classes``, or the class directories of ``--data``), and with the
+same ``--model-kwargs``: the example prints that call when it saves. Run without torchrun, it
+trains in one process. An example, not a training recipe: no augmentation, schedule or EMA (timm's
 train.py has those, and takes this model too).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import crossvit_fast
-from crossvit_fast.cli import model_name, non_negative_int, positive_int
+from crossvit_fast.cli import OneLineErrorParser, model_name, non_negative_int, positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -43,34 +46,80 @@ def directory(text: str) -> Path:
     return path
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m crossvit_fast.examples.train_ddp",
+def training_device(text: str) -> str:
+    """``--device``'s type: a device torch knows, CUDA only where it is available (else one line
+    and exit code 2, not a traceback from the first tensor moved there)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA device found" if torch.version.cuda else "this torch is a build without CUDA"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__}: "
+                                             f"{why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an index below {torch.cuda.device_count()} "
+                                             f"(the number of CUDA devices here)")
+    return text
+
+
+DEFAULT_CHECKPOINT = Path("train_ddp_checkpoint.pt")
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default: ``off`` for a flag; an option without one (None)
+    says in its help what happens then, as do those that give their default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "(default:" in help_ or action.default is None or action.default is argparse.SUPPRESS:
+            return help_
+        if isinstance(action.default, bool) and action.nargs == 0:   # store_true / store_false
+            return f"{help_} (default: {'on' if action.default else 'off'})"
+        return f"{help_} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="python -m crossvit_fast.examples.train_ddp", formatter_class=_DefaultsFormatter,
         description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
-    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name,
+    parser.add_argument("--model", default="crossvit_tiny_240", type=model_name, metavar="NAME",
                         help="variant name (crossvit_fast.list_models())")
-    parser.add_argument("--model-kwargs", default="{}", type=json.loads,
+    parser.add_argument("--model-kwargs", default="{}", type=json.loads, metavar="JSON",
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
-    parser.add_argument("--data", type=directory, help="ImageFolder-style directory; synthetic images if not given")
+    parser.add_argument("--data", type=directory, metavar="DIR",
+                        help="ImageFolder-style directory (default: synthetic images)")
     parser.add_argument("--synthetic-size", type=positive_int, default=1024, help="number of synthetic images")
     parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the synthetic data")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process and step")
     parser.add_argument("--steps", type=non_negative_int, default=100,
                         help="optimizer steps in all (a resumed run continues to it)")
-    parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--opt", choices=("adamw", "sgd"), default="adamw", help="optimizer")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05,
+                        help="AdamW/SGD weight decay (none on biases, norms, CLS tokens, position embeddings)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute the blocks in the backward")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes per rank")
-    parser.add_argument("--checkpoint", type=Path, default=Path("train_ddp_checkpoint.pt"))
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, metavar="PATH",
+                        help=f"file rank 0 writes (model, optimizer, step: about 80 MB for crossvit_tiny_240 "
+                             f"with AdamW) every "
+                             f"--save-every steps and at the end (default: {DEFAULT_CHECKPOINT}, in the "
+                             f"working directory)")
     parser.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints (and at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and random draws")
+    parser.add_argument("--device", type=training_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK) "
+                             "(default: cuda where CUDA is available, else cpu)")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 # ---- processes ---------------------------------------------------------------------------------
@@ -204,6 +253,38 @@ def save_checkpoint(path: Path, model, optimizer, step: int, args: argparse.Name
     os.replace(tmp, path)
 
 
+def say(line: str) -> None:
+    print(f"train_ddp: {line}", flush=True)
+
+
+def start_message(args: argparse.Namespace, step: int) -> str:
+    """Where the checkpoint goes (the default is a file in the working directory)."""
+    path = args.checkpoint.resolve()
+    if step >= args.steps:
+        return f"{path} is at step {step} already (--steps {args.steps}): nothing to train"
+    start = f"resuming from {path} at step {step}; " if step else ""
+    every = "every step" if args.save_every == 1 else f"every {args.save_every} steps and at step {args.steps}"
+    return f"{start}writing the checkpoint to {path} {every} (--checkpoint to change)"
+
+
+def load_call(args: argparse.Namespace) -> str:
+    """The ``crossvit_fast.create_model`` call that loads the checkpoint's weights: the example's
+    class count and ``--model-kwargs`` (the head and the architecture it trained)."""
+    kwargs = dict(num_classes=num_classes(args), **args.model_kwargs)
+    named = {k: v for k, v in kwargs.items() if k.isidentifier()}
+    others = {k: v for k, v in kwargs.items() if k not in named}
+    parts = [repr(args.model), f"checkpoint_path={str(args.checkpoint.resolve())!r}"]
+    parts += [f"{k}={v!r}" for k, v in named.items()] + ([f"**{others!r}"] if others else [])
+    return f"crossvit_fast.create_model({', '.join(parts)})"
+
+
+def saved_message(args: argparse.Namespace, step: int) -> str:
+    path = args.checkpoint.resolve()
+    size = path.stat().st_size / 1e6
+    return (f"saved step {step} to {path} ({size:.1f} MB: model, optimizer, step); its weights load "
+            f"with {load_call(args)}")
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -221,6 +302,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     step = 0
     if args.resume and args.checkpoint.exists():
         step = resume_from(args.checkpoint, model, optimizer, device)
+    if rank == 0:
+        say(start_message(args, step))
     # every rank starts from rank 0's weights (DDP broadcasts them)
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if world > 1 else model)
@@ -232,6 +315,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} images make no batch of {args.batch_size} per process on {world}")
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    saved = None
     while step < args.steps:
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -246,9 +330,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             progress.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             if rank == 0 and (step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(args.checkpoint, model, optimizer, step, args)
+                saved = step
             if step == args.steps:
                 break
     progress.close()
+    if rank == 0 and saved is not None:
+        say(saved_message(args, saved))
 
 
 def train_step(forward, optimizer, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
