@@ -3,21 +3,31 @@
 For every multi-scale block, the fusion's CLS attention (:meth:`CrossViT.forward_attention_maps`)
 over the other branch's patch grid, drawn as a heat map over the image: branch 0's CLS (small
 patches) over branch 1's grid, and branch 1's CLS over branch 0's grid; the mean over heads, or
-with ``--heads`` every head. With the ImageNet head the top-5 classes are listed. Needs
-matplotlib (``pip install crossvit-fast[viz]``).
+with ``--heads`` every head. The heading says how the image was resized and centre-cropped
+(the picture shows the crop the model saw) and lists the top-5 classes, by their ImageNet names
+where the head has 1000 classes and timm's class list is installed. Needs matplotlib
+(``pip install crossvit-fast[viz]``).
 """
 from __future__ import annotations
 
+import csv
+import functools
+import importlib.util
+import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 PANEL_INCHES = 3.0
-TITLE_INCHES = 0.9
 DPI = 100
+HEADING_POINTS = 9
+TOP_PAD_INCHES = 0.1        # above the heading
+PANEL_TITLE_INCHES = 0.45   # between the heading and the first row: its two-line panel titles
+BOTTOM_INCHES = 0.1
+SIDE_INCHES = 0.2           # the heading's margin on each side
 
 
 def read_image(path: str):  # -> PIL.Image.Image
@@ -28,23 +38,46 @@ def read_image(path: str):  # -> PIL.Image.Image
         return img.convert("RGB")
 
 
-def load_image(path, model) -> Tuple[Tensor, np.ndarray]:
-    """``(batch [1, C, H, W] normalized as the model expects, RGB image [H, W, 3] in [0, 1])``:
-    the image (a path, or one :func:`read_image` read) resized (bicubic, shorter side to
-    ``size / crop_pct``) and centre-cropped to the model's ``img_size``, as timm's evaluation
-    transform does."""
+class Preprocessed(NamedTuple):
+    batch: Tensor        # [1, C, H, W], normalized as the model expects
+    rgb: np.ndarray      # [H, W, 3] in [0, 1]: the crop the model sees
+    note: str            # how the image became that crop, for the picture's heading
+
+
+def load_image(path, model, name: Optional[str] = None) -> Preprocessed:
+    """The image (a path, or one :func:`read_image` read; ``name`` for the note) resized
+    (bicubic, shorter side to ``size / crop_pct``) and centre-cropped to the model's ``img_size``,
+    as timm's evaluation transform does; with a note saying so (the original size, the resized
+    one, the crop, and how much of the image's width and height the crop keeps)."""
     from PIL import Image
     cfg = model.pretrained_cfg
     height, width = model.img_size
     img = read_image(path) if isinstance(path, (str, Path)) else path
-    scale = max(height, width) / cfg.get("crop_pct", 1.0) / min(img.size)
+    original = img.size
+    crop_pct = cfg.get("crop_pct", 1.0)
+    scale = max(height, width) / crop_pct / min(img.size)
     img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
                      Image.BICUBIC)
     left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
     rgb = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
     mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
     batch = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
-    return batch, rgb
+    if name is None:
+        name = Path(path).name if isinstance(path, (str, Path)) else "the image"
+    return Preprocessed(batch, rgb, crop_note(name, original, img.size, (width, height), crop_pct))
+
+
+def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], crop: Tuple[int, int],
+              crop_pct: float) -> str:
+    """One line: how an image of ``original`` (width, height) became the model's ``crop``."""
+    size = lambda wh: f"{wh[0]}x{wh[1]}"  # noqa: E731
+    if tuple(resized) == tuple(crop):
+        return f"{name} ({size(original)}) resized to {size(crop)}: all of it shown"
+    kept_w, kept_h = crop[0] / resized[0], crop[1] / resized[1]
+    kept = " and ".join(f"{k:.0%} of its {what}" for k, what in ((kept_w, "width"), (kept_h, "height"))
+                        if round(k * 100) < 100) or "all of it"
+    return (f"{name} ({size(original)}) resized to {size(resized)} and centre-cropped to {size(crop)} as "
+            f"timm evaluates (crop_pct {crop_pct:g}): the model sees, and this shows, the middle {kept}")
 
 
 def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
@@ -70,13 +103,46 @@ def top5(logits: Tensor) -> List[Tuple[int, float]]:
     return [(int(i), float(v)) for i, v in zip(indices, values)]
 
 
-def _class_name(index: int) -> str:
-    """The ImageNet class name where timm can tell it (its class list), else the index."""
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> Optional[Tuple[str, ...]]:
+    """The 1000 ImageNet-1k class names in the order of the ImageNet head (each synset's first
+    lemma: ``tench``, ``goldfish``...), from the class list timm ships; None without timm.
+
+    Read from timm's data files without importing timm (which needs torchvision); where their
+    layout changes, through ``timm.data.ImageNetInfo``."""
     try:
-        from timm.data import ImageNetInfo
-        return f"{index} {ImageNetInfo().index_to_description(index)}"
-    except Exception:  # noqa: BLE001 - timm absent or unimportable here: the index will do
-        return f"class {index}"
+        spec = importlib.util.find_spec("timm")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    info = Path(list(spec.submodule_search_locations)[0]) / "data" / "_info"
+    try:
+        synsets = (info / "imagenet_synsets.txt").read_text(encoding="utf-8").split()
+        with open(info / "imagenet_synset_to_lemma.txt", encoding="utf-8", newline="") as f:
+            lemmas = dict(row[:2] for row in csv.reader(f, delimiter="\t") if len(row) >= 2)
+        names = tuple(lemmas[s].split(",")[0].strip() for s in synsets)
+    except (OSError, KeyError):
+        try:
+            from timm.data import ImageNetInfo
+            names = tuple(d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions())
+        except Exception:  # noqa: BLE001 - timm unimportable here (e.g. no torchvision): numbers
+            return None
+    return names if len(names) == 1000 else None
+
+
+def class_label(index: int, names: Optional[Sequence[str]]) -> str:
+    return names[index] if names is not None and 0 <= index < len(names) else f"class {index}"
+
+
+def heading_lines(title: str, note: str = "", classes: Optional[List[Tuple[int, float]]] = None,
+                  names: Optional[Sequence[str]] = None) -> List[str]:
+    """The picture's heading, one paragraph a line: the title, the crop note, the top-5 classes
+    (by name where ``names`` is given, else by number)."""
+    lines = [line for line in (title, note) if line]
+    if classes:
+        lines.append("top-5: " + ", ".join(f"{class_label(i, names)} ({p:.3f})" for i, p in classes))
+    return lines
 
 
 def output_format(out: str) -> str:
@@ -97,14 +163,33 @@ def output_format(out: str) -> str:
 
 
 def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: bool = False,
-           title: str = "", classes: Optional[List[Tuple[int, float]]] = None) -> Tuple[int, int]:
+           title: str = "", classes: Optional[List[Tuple[int, float]]] = None, note: str = "",
+           class_names: Optional[Sequence[str]] = None) -> Tuple[int, int]:
     """Draw the image and the heat maps to ``out`` (PNG); returns its ``(width, height)`` in pixels.
 
     One row per multi-scale block: the image, then each direction's head-mean map; with
     ``heads`` one row per block and direction: the image, then one map per head. A heat map is
     drawn over the image in grey, so its colours come from the attention alone, scaled from its
-    smallest weight (dark) to its largest (bright).
+    smallest weight (dark) to its largest (bright). Above the rows, the heading
+    (:func:`heading_lines`: ``title``, ``note``, the top-5 ``classes``), wrapped to the width;
+    a PNG keeps it, a paragraph a line, as its ``Description`` text too.
     """
+    import matplotlib.pyplot as plt
+    heading = heading_lines(title, note, classes, class_names)
+    fig, _ = figure(rgb, grids, heads, heading)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fmt = output_format(out)
+    metadata = {"Title": title, "Description": "\n".join(heading)} if fmt == "png" else None
+    fig.savefig(out, dpi=DPI, format=fmt, metadata=metadata)
+    width, height = fig.get_size_inches()
+    plt.close(fig)
+    return round(width * DPI), round(height * DPI)
+
+
+def figure(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], heads: bool, heading: Sequence[str]):
+    """``(matplotlib figure, heading lines)`` of :func:`render`: the figure's height is the rows'
+    and the heading's as drawn (measured, wrapped to the width), with room for the first row's
+    panel titles below it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,12 +204,19 @@ def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: 
             rows.append((f"block {i}", [(f"{label} ({m.shape[1]}x{m.shape[2]}), head mean", m.mean(0))
                                         for label, m in directions]))
     cols = 1 + max(len(panels) for _, panels in rows)
-    size = (PANEL_INCHES * cols, PANEL_INCHES * len(rows) + TITLE_INCHES)
-    fig, axes = plt.subplots(len(rows), cols, figsize=size, dpi=DPI, squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - TITLE_INCHES / size[1],
+    width = PANEL_INCHES * cols
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width, PANEL_INCHES * len(rows)), dpi=DPI,
+                             squeeze=False)
+    text = fig.text(0.5, 1.0, "", ha="center", va="top", fontsize=HEADING_POINTS)
+    lines = _wrap(fig, text, heading, (width - 2 * SIDE_INCHES) * DPI)
+    top = TOP_PAD_INCHES + text.get_window_extent(fig.canvas.get_renderer()).height / DPI + PANEL_TITLE_INCHES
+    height = PANEL_INCHES * len(rows) + top + BOTTOM_INCHES
+    fig.set_size_inches(width, height)
+    text.set_y(1 - TOP_PAD_INCHES / height)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=BOTTOM_INCHES / height, top=1 - top / height,
                         wspace=0.05, hspace=0.25)
     grey = rgb.mean(axis=2)
-    height, width = grey.shape
+    img_h, img_w = grey.shape
     for (label, panels), ax_row in zip(rows, axes):
         ax_row[0].imshow(rgb)
         ax_row[0].set_title(label, fontsize=8)
@@ -132,18 +224,29 @@ def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: 
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
             lo, hi = float(m.min()), float(m.max())
             ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=lo, vmax=max(hi, lo + 1e-12),
-                      extent=(0, width, height, 0), interpolation="nearest")
+                      extent=(0, img_w, img_h, 0), interpolation="nearest")
             ax.set_title(f"{panel_title}\nweights {lo:.4f} (dark) to {hi:.4f} (bright)", fontsize=7)
         for ax in ax_row:
             ax.axis("off")
-    heading = title
-    if classes:
-        heading += "\ntop-5: " + ", ".join(f"{_class_name(i)} ({p:.3f})" for i, p in classes)
-    fig.suptitle(heading, fontsize=9)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format=output_format(out))
-    plt.close(fig)
-    return round(size[0] * DPI), round(size[1] * DPI)
+    return fig, lines
+
+
+def _wrap(fig, text, paragraphs: Sequence[str], max_pixels: float) -> List[str]:
+    """Set ``text`` to ``paragraphs`` each wrapped at the most characters a line that keeps every
+    line within ``max_pixels`` as drawn; the lines."""
+    renderer = fig.canvas.get_renderer()
+    lines: List[str] = []
+    for paragraph in paragraphs:
+        chars = max(len(paragraph), 1)
+        while True:
+            wrapped = textwrap.wrap(paragraph, chars, break_on_hyphens=False) or [""]
+            text.set_text("\n".join(wrapped))
+            if text.get_window_extent(renderer).width <= max_pixels or chars <= 20:
+                break
+            chars = max(20, int(chars * 0.9))
+        lines += wrapped
+    text.set_text("\n".join(lines))
+    return lines
 
 
 def draw_attention(image: str, model_name: str, out: str, checkpoint: Optional[str] = None,
@@ -159,11 +262,13 @@ def draw_attention(image: str, model_name: str, out: str, checkpoint: Optional[s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = create_model(model_name, checkpoint_path=checkpoint).eval().to(device, dtype)
-    batch, rgb = load_image(picture, model)
+    batch, rgb, note = load_image(picture, model, name=Path(image).name)
     with torch.no_grad():
         logits, maps = model.forward_attention_maps(batch.to(device, dtype))
     weights = f"weights {Path(checkpoint).name}" if checkpoint else "random weights (seed 0, no --checkpoint)"
     title = (f"{model_name}, {weights}: CLS cross-attention on {Path(image).name} "
              f"({backends.resolve(None, device)} backend)")
-    classes = top5(logits) if model.num_classes == 1000 else None
-    return render(rgb, cls_maps_on_grids(model, maps), out, heads=heads, title=title, classes=classes)
+    names = imagenet_class_names() if model.num_classes == 1000 else None
+    classes = top5(logits) if model.num_classes > 0 else None
+    return render(rgb, cls_maps_on_grids(model, maps), out, heads=heads, title=title, classes=classes,
+                  note=note, class_names=names)

@@ -105,8 +105,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="crossvit-fast", description="CrossViT with fused kernels: check it against "
-                     "the naive model, measure it, inspect the setup.")
+    parser = OneLineErrorParser(prog="crossvit-fast", description="CrossViT with fused kernels: check it "
+                                "against the naive model, measure it, inspect the setup.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     debug = argparse.ArgumentParser(add_help=False)

@@ -357,8 +357,10 @@ def test_attention_writes_a_png_whose_heat_maps_follow_the_image(tmp_path, capsy
         assert main(["attention", str(image), "--model", "crossvit_tiny_240", "--device", "cpu",
                      "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
-    # one row per multi-scale block: the image, then the two directions' head-mean maps
-    assert Image.open(outs[0]).size == (900, 990)
+    # one row per multi-scale block: the image, then the two directions' head-mean maps, under
+    # the heading (title, crop note, top-5)
+    width, height = Image.open(outs[0]).size
+    assert width == 900 and 900 + 60 < height < 900 + 200
     colours = [heat_colours(out, columns=3) for out in outs]
     assert (colours[0] > 40).mean() > 0.2, "the heat maps should be drawn in colour"
     assert np.array_equal(colours[0], colours[2]), "same image, same picture"
@@ -371,7 +373,8 @@ def test_attention_per_head(tmp_path):
     assert main(["attention", str(image), "--model", "crossvit_tiny_240", "--device", "cpu",
                  "--out", str(tmp_path / "heads.png"), "--heads"]) == 0
     # one row per block and direction (6), the image and one map per head (3)
-    assert Image.open(tmp_path / "heads.png").size == (1200, 1890)
+    width, height = Image.open(tmp_path / "heads.png").size
+    assert width == 1200 and 1800 + 60 < height < 1800 + 200
 
 
 @pytest.mark.parametrize("missing", ["matplotlib", "PIL"])
@@ -430,3 +433,85 @@ def test_attention_picture_goes_to_exactly_the_out_path(tmp_path):
     assert render(torch.rand(24, 24, 3).numpy(), grids, str(out)) == Image.open(out).size
     assert Image.open(out).format == "PNG" and not (tmp_path / "maps.png").exists()
 
+
+
+def test_attention_says_the_image_was_centre_cropped_and_names_the_classes(tmp_path, capsys):
+    """A 320x200 image: the heading (kept as the PNG's Description) says how it was resized and
+    cropped; the top-5 classes are ImageNet names where timm's class list is installed."""
+    from PIL import Image
+
+    from crossvit_fast.attention_viz import imagenet_class_names
+    Image.new("RGB", (320, 200), (90, 140, 200)).save(tmp_path / "wide.png")
+    out = tmp_path / "maps.png"
+    assert main(["attention", str(tmp_path / "wide.png"), "--model", "crossvit_tiny_240", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    title, note, top5 = Image.open(out).text["Description"].split("\n", 2)
+    assert "crossvit_tiny_240" in title
+    # shorter side to 240 / 0.875 = 274 (timm's crop_pct), then the middle 240x240
+    assert note == ("wide.png (320x200) resized to 439x274 and centre-cropped to 240x240 as timm evaluates "
+                    "(crop_pct 0.875): the model sees, and this shows, the middle 55% of its width and "
+                    "88% of its height")
+    assert top5.startswith("top-5: ") and top5.count("(0.") == 5
+    if imagenet_class_names() is not None:
+        assert "class " not in top5
+        assert any(name in top5 for name in imagenet_class_names())
+
+
+def test_attention_class_names_from_timm_and_numbers_without(monkeypatch):
+    import importlib.util
+
+    from crossvit_fast import attention_viz
+    classes = [(0, 0.5), (999, 0.25)]
+    assert attention_viz.heading_lines("t", "", classes, None)[-1] == "top-5: class 0 (0.500), class 999 (0.250)"
+    attention_viz.imagenet_class_names.cache_clear()
+    names = attention_viz.imagenet_class_names()
+    if importlib.util.find_spec("timm") is not None:
+        assert names is not None and len(names) == 1000
+        assert (names[0], names[1], names[999]) == ("tench", "goldfish", "toilet tissue")
+        assert attention_viz.heading_lines("t", "", classes, names)[-1] == "top-5: tench (0.500), toilet tissue (0.250)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)   # timm not installed
+    attention_viz.imagenet_class_names.cache_clear()
+    try:
+        assert attention_viz.imagenet_class_names() is None
+    finally:
+        attention_viz.imagenet_class_names.cache_clear()
+
+
+def test_attention_square_image_crop_note():
+    from crossvit_fast.attention_viz import crop_note
+    assert crop_note("sq.png", (240, 240), (274, 274), (240, 240), 0.875).endswith(
+        "the middle 88% of its width and 88% of its height")
+    assert crop_note("sq.png", (500, 500), (408, 408), (408, 408), 1.0) == "sq.png (500x500) resized to 408x408: all of it shown"
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["head_mean", "heads"])
+def test_attention_heading_overlaps_nothing(heads):
+    """The heading (title, crop note, a long top-5 line wrapped to the width) stays inside the
+    picture and clear of every panel and panel title (was: the top-5 line over the first row's
+    head labels with --heads)."""
+    import numpy as np
+
+    from crossvit_fast.attention_viz import figure, heading_lines
+    grids = [[torch.rand(3, 14, 14), torch.rand(3, 20, 20)] for _ in range(3)]
+    names = [f"a rather long class name number {i}" for i in range(1000)]
+    heading = heading_lines("crossvit_tiny_240, random weights: CLS cross-attention on a_long_file_name.png",
+                            "a_long_file_name.png (480x300) resized to 439x274 and centre-cropped to 240x240 "
+                            "as timm evaluates (crop_pct 0.875): the model sees the middle 55% of its width",
+                            [(i, 0.1) for i in range(5)], names)
+    fig, lines = figure(np.random.rand(240, 240, 3), grids, heads, heading)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        head = fig.texts[0].get_window_extent(renderer)
+        assert len(lines) > len(heading), "the long top-5 line should wrap"
+        assert 0 <= head.x0 and head.x1 <= fig.bbox.width and head.y1 <= fig.bbox.height
+        titles = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+        boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+        for box in titles + boxes:
+            assert not head.overlaps(box), (head, box)
+        for i, title in enumerate(titles):
+            assert not any(title.overlaps(b) for b in boxes), title
+            assert not any(title.overlaps(t) for j, t in enumerate(titles) if j != i), title
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
