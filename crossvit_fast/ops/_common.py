@@ -179,18 +179,22 @@ def choose(custom_op: Callable, eager: Callable, forward: Callable, backend: str
     they are), so that its trace is ATen ops alone, which a process without crossvit_fast
     (libtorch) can load; the eager Function would be an unsaveable Python op.
 
-    Under ONNX export (either exporter) every backend runs the PyTorch backend's forward: ONNX
-    has no crossvit_fast op, and that forward is the same absorbed math in ATen ops (the token
-    pass without K or V), which both exporters translate. The forwards take the backend last.
+    Under ONNX export every backend runs the PyTorch backend's forward: ONNX has no
+    crossvit_fast op, and that forward is the same absorbed math in ATen ops (the token pass
+    without K or V), which both exporters translate. Both exporters trace (the default one with
+    torch.export, the other with torch.jit.trace), so the plain eager call never asks. The
+    forwards take the backend last.
     """
-    if torch.onnx.is_in_onnx_export():
-        return functools.partial(_on_backend, forward, "torch")
     if torch.compiler.is_compiling():
+        if torch.onnx.is_in_onnx_export():
+            return functools.partial(_on_backend, forward, "torch")
         if triton_op is not None and _compiler_sees_triton(backend, device):
             return triton_op
         return custom_op
     if torch.jit.is_tracing():
-        return forward if backend_impl(backend, device) is torch_backend else custom_op
+        if torch.onnx.is_in_onnx_export() or backend_impl(backend, device) is torch_backend:
+            return functools.partial(_on_backend, forward, "torch")
+        return custom_op
     return eager if torch.is_grad_enabled() else forward
 
 
