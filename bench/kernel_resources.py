@@ -228,22 +228,52 @@ def table(variants: List[str], batches: List[int], modes: List[str], targets: Li
     return rows
 
 
-def markdown(rows: List[dict]) -> str:
+def summary(rows: List[dict]) -> List[dict]:
+    """Per kernel, dtype mode and target, over every variant, op and batch: how many
+    configurations fit, the largest shared memory, registers and spills, and programs per SM."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["mode"], r["target"]), []).append(r)
+    out = []
+    for (kernel, mode, target), group in sorted(groups.items()):
+        per_batch = {b: [r["programs_per_sm"] for r in group if r["batch"] == b] for b in sorted({r["batch"] for r in group})}
+        out.append(dict(kernel=kernel, mode=mode, target=target, configurations=len(group),
+                        fit=sum(r["fits"] for r in group), shared_limit=group[0]["shared_limit"],
+                        max_shared=max(r["shared"] for r in group),
+                        max_registers=max(r["registers"] for r in group),
+                        spilling=sum(bool(r["spill_bytes"]) for r in group),
+                        max_spill_bytes=max(r["spill_bytes"] for r in group),
+                        programs_per_sm={b: (min(v), max(v)) for b, v in per_batch.items()},
+                        not_fitting=sorted({f"{r['variant']} {r['op']}" for r in group if not r["fits"]})))
+    return out
+
+
+def markdown(rows: List[dict], made_with: str) -> str:
+    """The summary table (every configuration is in the JSON); ``made_with``: Triton and commit."""
     bad = [r for r in rows if not r["fits"]]
     spilling = [r for r in rows if r["spill_bytes"]]
-    head = ["variant", "batch", "mode", "op", "kernel", "target", "shared KB", "regs", "spill B",
-            "programs/SM", "fits"]
+    batches = sorted({r["batch"] for r in rows})
+    head = ["kernel", "mode", "target", "fit", "max shared KB (limit)", "max regs", "spilling",
+            "max spill B", *[f"programs/SM at batch {b}" for b in batches]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(x) for x in (
-            r["variant"], r["batch"], r["mode"], r["op"], r["kernel"], r["target"],
-            f"{r['shared'] / 1024:.1f}", r["registers"], r["spill_bytes"], f"{r['programs_per_sm']:.2f}",
-            "yes" if r["fits"] else f"**no** (limit {r['shared_limit'] / 1024:.0f} KB)")) + " |")
+    for g in summary(rows):
+        cells = [g["kernel"], g["mode"], g["target"], f"{g['fit']}/{g['configurations']}",
+                 f"{g['max_shared'] / 1024:.1f} ({g['shared_limit'] / 1024:.0f})", g["max_registers"],
+                 g["spilling"], g["max_spill_bytes"],
+                 *[f"{g['programs_per_sm'][b][0]:.2f}–{g['programs_per_sm'][b][1]:.2f}"
+                   if b in g["programs_per_sm"] else "not launched" for b in batches]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    misfits = sorted({f"- {g['target']} {g['kernel']} {g['mode']}: " + ", ".join(g["not_fitting"])
+                      for g in summary(rows) if g["not_fitting"]})
+    variants = sorted({r["variant"] for r in rows})
     return "\n".join([
         "# Triton kernels compiled for sm_80, sm_86, sm_89 and sm_90 (no GPU)", "",
-        f"{len(rows)} configurations: {len(bad)} need more shared memory than the GPU grants, "
-        f"{len(spilling)} spill registers. Programs per SM at the representative part's SM count "
-        "(A100 108, RTX 3090 82, RTX 4090 128, H100 132).", "", *lines])
+        f"Made with {made_with}. {len(rows)} configurations ({len(variants)} variants, batch {', '.join(map(str, batches))}, "
+        f"modes {', '.join(sorted({r['mode'] for r in rows}))}): {len(bad)} need more shared memory "
+        f"than the GPU grants, {len(spilling)} spill registers. Programs per SM at the representative "
+        "part's SM count (A100 108, RTX 3090 82, RTX 4090 128, H100 132). Every configuration is in "
+        "kernel-resources.json; `python -m bench.kernel_resources --out DIR` makes both.", "",
+        *lines, "", "Configurations that do not fit:", "", *misfits])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -261,13 +291,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     variants = list_models() if args.variants == "all" else args.variants.split(",")
     rows = table(variants, [int(b) for b in args.batches.split(",")], args.modes.split(","),
                  [int(t) for t in args.targets.split(",")])
-    text = markdown(rows)
+    import triton
+    from crossvit_fast.benchmarking import git_commit
+    text = markdown(rows, f"Triton {triton.__version__} at commit {git_commit()}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "kernel-resources.json").write_text(json.dumps(rows, indent=1))
         (out / "kernel-resources.md").write_text(text + "\n")
-    print(text.split("\n")[2])
+    print(text.split("\n")[2][:400])
     return 0
 
 
