@@ -24,6 +24,10 @@ def _shapes(model: onnx.ModelProto) -> Dict[str, List[Optional[int]]]:
 def product_macs(model: onnx.ModelProto) -> int:
     """MACs of the MatMul, Gemm, Einsum and Conv nodes of a graph exported at a fixed batch size;
     raises ValueError where a product's shapes are not all known."""
+    # nodes inside local functions or control-flow subgraphs would not be counted
+    assert not model.functions, "the graph has local functions: inline them first"
+    assert not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for node in model.graph.node for a in node.attribute), "control-flow subgraphs"
     shapes = _shapes(model)
 
     def shape(name: str) -> List[int]:

@@ -1,13 +1,10 @@
 """Deployment as timm deploys: ONNX with torch's default exporter (dynamo) and the TorchScript one,
-run by onnxruntime, and torch.export → AOTInductor.
+run by onnxruntime (torch.export → AOTInductor: test_aotinductor.py).
 
 Under ONNX export every backend's ops run the PyTorch backend's math in ATen ops (ONNX knows no
 crossvit_fast op): the same absorbed cross-attention, so the exported graph still forms no K or V
 over the tokens.
 """
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -48,14 +45,14 @@ def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", crossvit_fast.list_models())
 def test_onnx_export_runs_in_onnxruntime_and_matches(name, dynamo, tmp_path):
     """Every variant, with either exporter: onnxruntime's logits at a batch size other than the
-    exported one are the PyTorch model's within fp32's error."""
+    exported one are within fp32's promise (1e-5) of the PyTorch model's in float64."""
     torch.manual_seed(0)
     model = crossvit_fast.create_model(name).eval()
     res = model.pretrained_cfg["input_size"][-1]
     export_onnx(model, torch.randn(2, 3, res, res), tmp_path / "model.onnx", dynamo)
     x = torch.randn(3, 3, res, res)
     with torch.no_grad():
-        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model(x)) < FP32_REL_TOL
+        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model.double()(x.double())) < FP32_REL_TOL
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
@@ -69,7 +66,7 @@ def test_onnx_export_on_any_backend(backend, dynamo, tmp_path):
         export_onnx(model, torch.randn(2, 3, 48, 48), tmp_path / "model.onnx", dynamo)
     x = torch.randn(5, 3, 48, 48)
     with torch.no_grad():
-        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model(x)) < FP32_REL_TOL
+        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model.double()(x.double())) < FP32_REL_TOL
 
 
 def key_value_macs(model) -> int:
@@ -97,29 +94,3 @@ def test_onnx_graph_forms_no_keys_or_values_over_the_tokens(dynamo, tmp_path):
     torch.onnx.export(ref, (x,), tmp_path / "timm.onnx", dynamo=True)
     saved = product_macs(onnx.load(tmp_path / "timm.onnx")) - product_macs(onnx.load(tmp_path / "ours.onnx"))
     assert saved >= 0.9 * key_value_macs(ours), (saved, key_value_macs(ours))
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_torch_export_compiles_with_aotinductor_and_matches(tmp_path):
-    """torch.export → aoti_compile_and_package → aoti_load_package (README's recipe), with a
-    dynamic batch: the package's logits are the model's. The exported program keeps the
-    crossvit_fast::attn_pool op, which the package calls back (import crossvit_fast.ops first
-    in a new process)."""
-    torch.manual_seed(0)
-    model = small_model().eval()
-    program = torch.export.export(model, (torch.randn(2, 3, 48, 48),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
-    compiled = torch._inductor.aoti_load_package(path)
-    x = torch.randn(3, 3, 48, 48)
-    with torch.no_grad():
-        want = model(x)
-        assert rel_err(compiled(x), want) < FP32_REL_TOL
-    # README's recipe in a new process: import crossvit_fast.ops, then load the package
-    torch.save((x, want), tmp_path / "io.pt")
-    code = (f"import torch, crossvit_fast.ops\nd = {str(tmp_path)!r}\nx, want = torch.load(d + '/io.pt')\n"
-            f"got = torch._inductor.aoti_load_package({path!r})(x)\n"
-            "print(((got - want).abs().max() / want.abs().max()).item())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < FP32_REL_TOL
