@@ -23,11 +23,13 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from .shapes import op_cases
 
 # (name, SMs of the representative part, shared memory a block may opt into, bytes)
 TARGETS: Dict[int, Tuple[str, int, int]] = {
@@ -44,15 +46,6 @@ MODES = {
 }
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
           torch.int32: "i32", torch.int64: "i64"}
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One recorded launch: what decides its compilation (``key``) and its grid."""
-    op: str
-    kernel: str
-    key: tuple
-    programs: int
 
 
 class _Recorder:
@@ -94,45 +87,40 @@ def recording(sms: int) -> Iterator[list]:
             setattr(module, name, value)
 
 
-def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, callable]]:
+def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, Callable[[], object]]]:
     """``(op, call)`` for each fused-op launch wrapper the model calls at ``batch`` in ``mode``,
-    on meta tensors: the token pass forward, backward and maps of each fusion direction, the
-    block LayerNorm (with residual) forward and backward and the CLS projections of each branch."""
+    on meta tensors, at the op shapes of :func:`bench.shapes.op_cases`: the token pass forward,
+    backward and maps of each fusion direction, the CLS projections, and the block LayerNorm
+    (with residual) forward and backward of each branch."""
     from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
-    from crossvit_fast.variants import MODEL_ARGS
-    from crossvit_fast import create_model
-    with torch.device("meta"):
-        model = create_model(variant)
-    widths = list(model.embed_dim)
-    heads = list(MODEL_ARGS[variant]["num_heads"])
-    tokens = [p.num_patches for p in model.patch_embed]
     dtype, dot, res_dtype, out_dtype = MODES[mode]
     acc = torch.float32
-    meta = dict(device="meta")
-    for d in range(2):
-        C, H, N = widths[1 - d], heads[1 - d], tokens[1 - d]
-        x0, p = torch.empty(batch, C, dtype=dtype, **meta), torch.empty(batch, N, C, dtype=dtype, **meta)
-        kt, g = torch.empty(batch, H, C, dtype=acc, **meta), torch.empty(C, dtype=acc, **meta)
-        z, lse = torch.empty(batch, H, C, dtype=acc, **meta), torch.empty(batch, H, dtype=acc, **meta)
-        yield f"token pass fwd C{C} H{H}", lambda: attn_pool.attn_pool_fwd(x0, p, kt, g, g, 1e-6, dot)
-        yield f"token pass bwd C{C} H{H}", lambda: attn_pool.attn_pool_bwd(z, x0, p, kt, g, g, z, lse, 1e-6, dot)
-        yield f"maps C{C} H{H}", lambda: attn_weights.attn_weights(x0, p, kt, g, g, lse, 1e-6, dot)
-        Cin = widths[d]
-        x, w = torch.empty(batch, Cin, dtype=dtype, **meta), torch.empty(C, Cin, dtype=acc, **meta)
-        lw, b = torch.empty(Cin, dtype=acc, **meta), torch.empty(C, dtype=acc, **meta)
-        stat = torch.empty(batch, dtype=acc, **meta)
-        dy = torch.empty(batch, C, dtype=dtype, **meta)
-        yield f"CLS projection fwd {Cin}->{C}", lambda: cls_proj.cls_proj_fwd(x, lw, lw, w, b, 1e-6)
-        yield f"CLS projection bwd {Cin}->{C}", lambda: cls_proj.cls_proj_bwd(dy, x, lw, lw, w, stat, stat)
-    for i in range(2):
-        C, M = widths[i], batch * (tokens[i] + 1)
-        x, r = torch.empty(M, C, dtype=torch.float32 if mode == "autocast" else dtype, **meta), \
-            torch.empty(M, C, dtype=res_dtype, **meta)
-        w, stat = torch.empty(C, dtype=acc, **meta), torch.empty(M, dtype=acc, **meta)
-        h = torch.empty(M, C, dtype=torch.promote_types(x.dtype, r.dtype), **meta)
-        dy = torch.empty(M, C, dtype=out_dtype or h.dtype, **meta)
-        yield f"add+LayerNorm fwd C{C}", lambda: layer_norm.layer_norm_fwd(x, r, w, w, 1e-6, out_dtype)
-        yield f"add+LayerNorm bwd C{C}", lambda: layer_norm.layer_norm_bwd(dy, h, h, w, stat, stat)
+
+    def empty(*shape, dtype=acc):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    for case in op_cases([variant]):
+        C, H, N = case.c_in, case.heads, case.patches
+        if case.op == "cross_attention":
+            x0, p, kt, g = empty(batch, C, dtype=dtype), empty(batch, N, C, dtype=dtype), empty(batch, H, C), empty(C)
+            z, lse = empty(batch, H, C), empty(batch, H)
+            yield f"token pass fwd C{C} H{H}", partial(attn_pool.attn_pool_fwd, x0, p, kt, g, g, 1e-6, dot)
+            yield f"token pass bwd C{C} H{H}", partial(attn_pool.attn_pool_bwd, z, x0, p, kt, g, g, z, lse, 1e-6, dot)
+            yield f"maps C{C} H{H}", partial(attn_weights.attn_weights, x0, p, kt, g, g, lse, 1e-6, dot)
+        elif case.op == "cls_projection":
+            Cout = case.c_out
+            x, w, lw, b, stat = empty(batch, C, dtype=dtype), empty(Cout, C), empty(C), empty(Cout), empty(batch)
+            yield f"CLS projection fwd {C}->{Cout}", partial(cls_proj.cls_proj_fwd, x, lw, lw, w, b, 1e-6)
+            yield f"CLS projection bwd {C}->{Cout}", partial(cls_proj.cls_proj_bwd, empty(batch, Cout, dtype=dtype),
+                                                              x, lw, lw, w, stat, stat)
+        else:   # add_layer_norm: the residual stream in fp32 under autocast, the branch output in bf16
+            M = batch * (N + 1)
+            x, r = empty(M, C, dtype=torch.float32 if mode == "autocast" else dtype), empty(M, C, dtype=res_dtype)
+            w, stat = empty(C), empty(M)
+            h = empty(M, C, dtype=torch.promote_types(x.dtype, r.dtype))
+            yield f"add+LayerNorm fwd C{C}", partial(layer_norm.layer_norm_fwd, x, r, w, w, 1e-6, out_dtype)
+            yield f"add+LayerNorm bwd C{C}", partial(layer_norm.layer_norm_bwd, empty(M, C, dtype=out_dtype or h.dtype),
+                                                     h, h, w, stat, stat)
 
 
 def _signature(kernel, args, kwargs) -> Tuple[dict, dict, dict, dict]:
