@@ -235,6 +235,20 @@ class Settings:
                     allow_tf32=torch.backends.cuda.matmul.allow_tf32, specs=[asdict(s) for s in self.specs])
 
 
+def first_step(spec: Spec, settings: Settings, timm) -> Tuple[Callable[[], object], float]:
+    """``spec``'s step function, built afresh, and the seconds its first call took (for a compiled
+    row, the compilation)."""
+    device = settings.device
+    torch._dynamo.reset()  # each compiled model starts afresh: no recompile limit across rows
+    base = build_model(spec, timm).to(device)
+    step = step_function(wrap_model(base, spec, settings), spec, device, base)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return step, time.perf_counter() - start
+
+
 class Runner:
     """Measures specs one by one, keeping the FLOP counts and the compile seconds spent."""
 
@@ -258,15 +272,7 @@ class Runner:
     def measure(self, spec: Spec) -> dict:
         """Time ``spec``: its first call (the compilation), then warm-up and timed calls."""
         device, settings = self.settings.device, self.settings
-        torch._dynamo.reset()  # each compiled model starts afresh: no recompile limit across rows
-        base = build_model(spec, self.timm).to(device)
-        model = wrap_model(base, spec, settings)
-        step = step_function(model, spec, device, base)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first_call_s = time.perf_counter() - start
+        step, first_call_s = first_step(spec, settings, self.timm)
         if spec.compiled:
             self.compile_spent_s += first_call_s
         if device.type == "cuda":
@@ -295,15 +301,9 @@ def warm_compile_cache(settings: Settings, timm, shard: int, shards: int) -> Non
     compilations are cache hits and cost dynamo's tracing alone (scripts/gpu_check.sh, ``warm``)."""
     compiled = [spec for spec in settings.specs if spec.compiled]
     for spec in compiled[shard::shards]:
-        torch._dynamo.reset()
-        base = build_model(spec, timm).to(settings.device)
-        step = step_function(wrap_model(base, spec, settings), spec, settings.device, base)
-        start = time.perf_counter()
-        step()
-        if settings.device.type == "cuda":
-            torch.cuda.synchronize(settings.device)
-        print(f"warmed {spec} in {time.perf_counter() - start:.1f} s", flush=True)
-        del base, step
+        step, seconds = first_step(spec, settings, timm)
+        print(f"warmed {spec} in {seconds:.1f} s", flush=True)
+        del step
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -114,6 +114,14 @@ def test_warm_compile_takes_one_shard_of_the_compiled_rows():
     assert len(compiled) == 6 and len([s for s in e2e.PRESETS["compile-quick"]() if s.compiled]) == 4
 
 
+def test_warm_compile_runs_the_compiled_rows_and_writes_nothing(tmp_path, capsys):
+    """A warming process compiles its rows (first step only) and leaves no results behind."""
+    assert e2e.main(["--smoke", "--impls", "fast+compile", "--modes", "infer", "--warm-compile", "0/1",
+                     "--out", str(tmp_path)]) == 0
+    assert "warmed Spec(variant='crossvit_tiny_240', mode='infer'" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_e2e_compile_budget_leaves_compiled_rows_out(tmp_path):
     argv = ["--smoke", "--modes", "infer", "--impls", "fast,fast+compile", "--compile-budget-s", "0",
             "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]
