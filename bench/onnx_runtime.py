@@ -12,8 +12,6 @@ math (the CLS cross-attention without K and V over the tokens); timm's forms K a
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,17 +33,6 @@ def export(model: torch.nn.Module, res: int, path: Path) -> None:
     """torch's default ONNX export with a dynamic batch axis."""
     torch.onnx.export(model, (torch.randn(2, 3, res, res),), str(path), dynamo=True,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
-def cpu_model() -> str:
-    """The processor's model name (Linux), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_session(session, x, warmup: int, iters: int) -> List[float]:
@@ -100,7 +87,6 @@ def markdown(results: StudyResults) -> str:
     return "\n".join([
         f"# onnxruntime (CPU): crossvit_fast's ONNX export against timm's, on {env['device']}", "",
         *[f"- {k}: {v}" for k, v in env.items()],
-        f"- cpu: {config['cpu']}, {config['cores']} cores",
         f"- onnxruntime: {payload['onnxruntime']}, intra-op threads: {config['threads'] or 'default'}", "",
         f"torch's default exporter (dynamo), batch axis dynamic; median of {config['iters']} runs after "
         f"{config['warmup']} warm-up, one session per model, fp32. Batch 1: latency; batch 16: throughput."
@@ -142,8 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     iters = args.iters if args.iters is not None else (2 if args.smoke else 20)
     config = dict(smoke=args.smoke, variants=variants, batches=batches, warmup=warmup, iters=iters,
-                  threads=args.threads, exporter="dynamo (torch's default)", cpu=cpu_model(),
-                  cores=os.cpu_count())
+                  threads=args.threads, exporter="dynamo (torch's default)")
     study = "onnxruntime-smoke" if args.smoke else "onnxruntime"
     results = StudyResults(out_dir(args.out, args.smoke), study, torch.device("cpu"), config,
                            onnxruntime=ort.__version__)

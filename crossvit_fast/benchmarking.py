@@ -111,10 +111,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def host_cpu() -> str:
+    """The host's processor model (Linux's /proc/cpuinfo, else what platform says) and core count:
+    the host sets the pace of small or eager steps, on a GPU machine too."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def environment(device: torch.device | str) -> Dict[str, str]:
-    """Device name, driver, library versions and commit, for result files."""
+    """Device name, host CPU, driver, library versions and commit, for result files."""
     device = torch.device(device)
-    env = {"device": "cpu: " + (platform.processor() or platform.machine()),
+    env = {"device": "cpu: " + (platform.processor() or platform.machine()), "host": host_cpu(),
            "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit()}
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)

@@ -22,7 +22,7 @@ def load(out: Path, study: str) -> dict:
     assert paths[0].with_suffix(".md").read_text().startswith("# ")
     payload = json.loads(paths[0].read_text())
     assert payload["complete"] is True and "stopped" not in payload
-    for field in ("device", "torch", "triton", "python", "commit"):
+    for field in ("device", "host", "torch", "triton", "python", "commit"):
         assert payload["environment"][field], field
     assert payload["config"]["smoke"] is True
     return payload
