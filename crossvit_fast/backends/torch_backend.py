@@ -45,6 +45,13 @@ def normalize(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     return n, mean.squeeze(-1), rstd.squeeze(-1)
 
 
+def layer_normed(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+    """``γ ⊙ n + β``, the LayerNorm of the rows of ``x`` in the accumulation dtype: the tokens
+    the scores and the weighted sum read. The width comes from ``γ``: a traced input's shape
+    would not be a constant to ONNX's TorchScript exporter."""
+    return F.layer_norm(_acc(x), gamma.shape, gamma, beta, eps)
+
+
 def layer_norm_input_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
     """Gradient through ``n = (x - mean) * rstd`` given ``dn = dL/dn`` (all fp32)."""
     mean_dn = dn.mean(dim=-1, keepdim=True)
@@ -68,8 +75,7 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     computes in fp32 regardless.
     """
     kt, gamma, beta = (_acc_of(t, x0) for t in (kt, gamma, beta))
-    # the width from γ: a traced input's shape would not be a constant to ONNX
-    xhat0, xhat = (F.layer_norm(_acc(t), gamma.shape, gamma, beta, eps) for t in (x0.unsqueeze(1), patches))
+    xhat0, xhat = (layer_normed(t, gamma, beta, eps) for t in (x0.unsqueeze(1), patches))
     s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
     s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
     lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
@@ -199,6 +205,6 @@ def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: T
     backend computes in fp32 whatever ``dot_dtype``.
     """
     kt, gamma, beta, lse = (_acc_of(t, x0) for t in (kt, gamma, beta, lse))
-    scores = [torch.einsum("bhc,bnc->bhn", kt, normalize(t, eps)[0] * gamma + beta)
+    scores = [torch.einsum("bhc,bnc->bhn", kt, layer_normed(t, gamma, beta, eps))
               for t in (x0.unsqueeze(1), patches)]
     return torch.exp(torch.cat(scores, dim=-1) - lse.unsqueeze(-1))
