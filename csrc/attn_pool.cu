@@ -18,36 +18,40 @@
 // With few samples the token axis is split across blocks (flash-decoding): the forward writes
 // per-split (max, sum, unnormalized Σ p n) that a small kernel combines; the backward writes
 // per-split parameter-gradient partials that the caller sums.
+//
+// The backward's per-head operand rows (kt ⊙ γ and dz ⊙ γ) are written once per sample to a
+// global workspace by a small kernel and read from there (L1/L2), not staged in shared memory:
+// that keeps its shared memory independent of H * C, within sm_86/89's 99 KB at every variant.
+// Tiles, block sizes and the shared-memory formulas are in attn_pool_plan.h.
 #include <algorithm>
 
+#include "attn_pool_plan.h"
 #include "common.cuh"
 
 namespace cvf {
 namespace {
 
-constexpr int kFwdTile = 16;          // tokens per tile: 2 per lane in phase (c)
-constexpr int kBwdTile = 8;           // 1 per lane; keeps the backward's registers in check
-constexpr int kFwdMaxThreads = 256;   // one column quad per thread: C <= 1024
-constexpr int kBwdMaxThreads = 512;   // one column pair per thread: C <= 1024
-constexpr int kMinThreads = 64;
+using attn_pool_plan::kBwdMaxThreads;
+using attn_pool_plan::kBwdTile;
+using attn_pool_plan::kFwdMaxThreads;
+using attn_pool_plan::kFwdTile;
+using attn_pool_plan::smem_row_stride;
+static_assert(attn_pool_plan::kWarpSize == kWarp, "the plan's block sizes assume 32-lane warps");
+
 constexpr int kMinSplitTokens = 32;   // a split gets at least about this many tokens
 constexpr int kCombineThreads = 128;
-
-// Shared-memory row stride (floats) of a C-wide row: >= C rounded up to quads, ≡ 4 (mod 8).
-__host__ __device__ inline int smem_row_stride(int C) { return round_up(C, 8) + 4; }
-
-__host__ inline int clamp_threads(int columns_owned, int max_threads) {
-  const int t = round_up(columns_owned, kWarp);
-  return t < kMinThreads ? kMinThreads : (t > max_threads ? max_threads : t);
-}
+constexpr int kOperandThreads = 128;
 
 template <int N> struct IntTag { static constexpr int value = N; };
 
-// Calls f(IntTag<HMAX>{}) with the head count padded to 4, 8 or 16.
+// Calls f(IntTag<HMAX>{}) with HMAX = attn_pool_plan::head_pad(H): 4, 8 or 16.
 template <typename F>
 decltype(auto) dispatch_heads(int H, F&& f) {
-  if (H <= 4) return f(IntTag<4>{});
-  if (H <= 8) return f(IntTag<8>{});
+  switch (attn_pool_plan::head_pad(H)) {
+    case 4: return f(IntTag<4>{});
+    case 8: return f(IntTag<8>{});
+    default: break;
+  }
   return f(IntTag<16>{});
 }
 
@@ -63,6 +67,7 @@ struct BwdIo {
   const float* z;    // [B, H, C]
   const float* dz;   // [B, H, C]
   const float* lse;  // [B, H]
+  const float* operands;  // [B, 2, H, RS]: kt ⊙ γ then dz ⊙ γ, zero past C
   void* dx0;         // [B, C]
   void* dpatches;    // [B, N, C]
   float* dkt;        // [B, S, H, C]
@@ -184,13 +189,6 @@ __device__ __forceinline__ void score_partials(const float* tile, const float* m
 }
 
 // ---- forward ----------------------------------------------------------------------------------
-
-// Shared memory of the forward, in floats.
-__host__ __device__ inline size_t fwd_smem_floats(int C, int H, int HMAX, int warps) {
-  const size_t RS = smem_row_stride(C);
-  return kFwdTile * RS + H * RS + static_cast<size_t>(warps) * kFwdTile * (HMAX + 1) +
-         kFwdTile * HMAX + 4 * HMAX;
-}
 
 // Grid (B, splits); block: one thread per column quad (at least 64).
 template <typename T, int HMAX>
@@ -357,12 +355,22 @@ attn_pool_combine_kernel(const float* __restrict__ ws_acc, const float* __restri
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// Shared memory of the backward, in floats.
-__host__ __device__ inline size_t bwd_smem_floats(int C, int H, int HMAX, int warps) {
-  const size_t RS = smem_row_stride(C);
-  return kBwdTile * RS + 2 * H * RS + 2 * static_cast<size_t>(warps) * kBwdTile * (HMAX + 1) +
-         2 * HMAX * kBwdTile + static_cast<size_t>(warps) * 2 * kBwdTile + 2 * kBwdTile +
-         kBwdTile + 6 * HMAX;
+// Grid (B, H): row h of sample b of the backward's operands, g = kt ⊙ γ and gd = dz ⊙ γ, at
+// stride RS and zero past C (the layout the staging loop gave them in shared memory).
+__global__ void __launch_bounds__(kOperandThreads)
+attn_pool_bwd_operands_kernel(const float* __restrict__ kt_all, const float* __restrict__ dz_all,
+                              const float* __restrict__ gamma, float* __restrict__ operands,
+                              int H, int C) {
+  const int b = blockIdx.x, h = blockIdx.y, RS = smem_row_stride(C);
+  const int64_t bhc = static_cast<int64_t>(b) * H * C;
+  const float* kt = kt_all + bhc;
+  const float* dz = dz_all + bhc;
+  float* g = operands + static_cast<int64_t>(b) * 2 * H * RS;  // [H][RS]
+  float* gd = g + H * RS;                                       // [H][RS]
+  for (int c = threadIdx.x; c < RS; c += blockDim.x) {
+    g[h * RS + c] = c < C ? kt[h * C + c] * gamma[c] : 0.f;
+    gd[h * RS + c] = c < C ? dz[h * C + c] * gamma[c] : 0.f;
+  }
 }
 
 // Grid (B, splits); block: one thread per column pair (at least 64).
@@ -383,11 +391,14 @@ attn_pool_bwd_kernel(const __grid_constant__ AttnPoolArgs a, const __grid_consta
   const int RS = smem_row_stride(C), pairs = ceil_div(C, 2), c0 = 2 * tid;
   const int t_begin = split * chunk, t_end = min(a.N + 1, t_begin + chunk);  // never empty
 
+  // The operand rows, in global memory (written by attn_pool_bwd_operands_kernel before this
+  // launch, never during it, so the read-only __ldg path is safe).
+  const float* g = io.operands + static_cast<int64_t>(b) * 2 * H * RS;  // [H][RS] kt ⊙ γ
+  const float* gd = g + H * RS;                                         // [H][RS] dz ⊙ γ
+
   extern __shared__ float4 smem4[];
   float* tile = reinterpret_cast<float*>(smem4);  // [TILE][RS]  tokens, then their n
-  float* g = tile + TILE * RS;                    // [H][RS]     kt ⊙ γ, zero past C
-  float* gd = g + H * RS;                         // [H][RS]     dz ⊙ γ, zero past C
-  float* red = gd + H * RS;                       // [2][warps][TILE][HS] partial s, dz·x̂
+  float* red = tile + TILE * RS;                  // [2][warps][TILE][HS] partial s, dz·x̂
   float* prob = red + 2 * warps * TILE * HS;      // [HMAX][TILE] a
   float* dsc = prob + HMAX * TILE;                // [HMAX][TILE] ds
   float* rowred = dsc + HMAX * TILE;              // [warps][2 TILE] per-warp row sums
@@ -404,11 +415,6 @@ attn_pool_bwd_kernel(const __grid_constant__ AttnPoolArgs a, const __grid_consta
   const float* kt = a.kt + bhc;
   const float* dz = io.dz + bhc;
   const float* z = io.z + bhc;
-  for (int i = tid; i < H * RS; i += blockDim.x) {
-    const int h = i / RS, c = i - h * RS;
-    g[i] = c < C ? kt[h * C + c] * a.gamma[c] : 0.f;
-    gd[i] = c < C ? dz[h * C + c] * a.gamma[c] : 0.f;
-  }
   for (int i = tid; i < HMAX * TILE; i += blockDim.x) prob[i] = dsc[i] = 0.f;  // heads past H
   for (int h = warp; h < H; h += warps) {
     float s_kb = 0.f, s_dzb = 0.f, s_delta = 0.f;
@@ -485,8 +491,8 @@ attn_pool_bwd_kernel(const __grid_constant__ AttnPoolArgs a, const __grid_consta
           const float4 pa = p4[0], pb = p4[1], da = d4[0], db = d4[1];
           const float pv[TILE] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
           const float dv[TILE] = {da.x, da.y, da.z, da.w, db.x, db.y, db.z, db.w};
-          const float2 gv = *reinterpret_cast<const float2*>(g + h * RS + c0);
-          const float2 gdv = *reinterpret_cast<const float2*>(gd + h * RS + c0);
+          const float2 gv = __ldg(reinterpret_cast<const float2*>(g + h * RS + c0));
+          const float2 gdv = __ldg(reinterpret_cast<const float2*>(gd + h * RS + c0));
 #pragma unroll
           for (int j = 0; j < TILE; ++j) {
             dn[j][0] = fmaf(pv[j], gdv.x, fmaf(dv[j], gv.x, dn[j][0]));
@@ -602,25 +608,25 @@ AttnPoolPlan attn_pool_fwd_plan(const AttnPoolArgs& a) {
     using T = typename decltype(tag)::type;
     return dispatch_heads(a.H, [&](auto hm) {
       constexpr int HMAX = decltype(hm)::value;
-      const int threads = clamp_threads(ceil_div(a.C, 4), kFwdMaxThreads);
-      const size_t smem = fwd_smem_floats(a.C, a.H, HMAX, threads / kWarp) * sizeof(float);
       return make_plan(reinterpret_cast<const void*>(attn_pool_fwd_kernel<T, HMAX>), a.B,
-                       a.N + 1, threads, smem, kFwdTile);
+                       a.N + 1, attn_pool_plan::fwd_threads(a.C),
+                       attn_pool_plan::fwd_smem_bytes(a.C, a.H), kFwdTile);
     });
   });
 }
 
 AttnPoolPlan attn_pool_bwd_plan(const AttnPoolArgs& a) {
-  return dispatch_dtype(a.dtype, [&](auto tag) {
+  AttnPoolPlan plan = dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return dispatch_heads(a.H, [&](auto hm) {
       constexpr int HMAX = decltype(hm)::value;
-      const int threads = clamp_threads(ceil_div(a.C, 2), kBwdMaxThreads);
-      const size_t smem = bwd_smem_floats(a.C, a.H, HMAX, threads / kWarp) * sizeof(float);
       return make_plan(reinterpret_cast<const void*>(attn_pool_bwd_kernel<T, HMAX>), a.B,
-                       a.N + 1, threads, smem, kBwdTile);
+                       a.N + 1, attn_pool_plan::bwd_threads(a.C),
+                       attn_pool_plan::bwd_smem_bytes(a.C, a.H), kBwdTile);
     });
   });
+  plan.workspace_floats = attn_pool_plan::bwd_operand_floats(a.B, a.C, a.H);
+  return plan;
 }
 
 cudaError_t attn_pool_fwd(const AttnPoolArgs& a, const AttnPoolPlan& plan, float* z, float* lse,
@@ -647,11 +653,15 @@ cudaError_t attn_pool_fwd(const AttnPoolArgs& a, const AttnPoolPlan& plan, float
 }
 
 cudaError_t attn_pool_bwd(const AttnPoolArgs& a, const AttnPoolPlan& plan, const float* z,
-                          const float* dz, const float* lse, void* dx0, void* dpatches,
-                          float* dkt_part, float* dgamma_part, float* dbeta_part,
+                          const float* dz, const float* lse, float* workspace, void* dx0,
+                          void* dpatches, float* dkt_part, float* dgamma_part, float* dbeta_part,
                           cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
-  const BwdIo io{z, dz, lse, dx0, dpatches, dkt_part, dgamma_part, dbeta_part};
+  attn_pool_bwd_operands_kernel<<<dim3(a.B, a.H), kOperandThreads, 0, stream>>>(
+      a.kt, dz, a.gamma, workspace, a.H, a.C);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const BwdIo io{z, dz, lse, workspace, dx0, dpatches, dkt_part, dgamma_part, dbeta_part};
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool vec = tokens_vectorizable<T>(a);

@@ -203,10 +203,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_pool_bwd(
   Tensor dkt = at::empty({in.B, plan.splits, in.H, in.C}, f32);
   Tensor dgamma = at::empty({in.B * plan.splits, in.C}, f32);
   Tensor dbeta = at::empty({in.B * plan.splits, in.C}, f32);
+  Tensor workspace = at::empty({plan.workspace_floats}, f32);  // the operand rows kt ⊙ γ, dz ⊙ γ
   check_launch(op, cvf::attn_pool_bwd(in.args, plan, z32.data_ptr<float>(), dz32.data_ptr<float>(),
-                                      lse32.data_ptr<float>(), dx0.data_ptr(), dpatches.data_ptr(),
-                                      dkt.data_ptr<float>(), dgamma.data_ptr<float>(),
-                                      dbeta.data_ptr<float>(), current_stream(x0.device())));
+                                      lse32.data_ptr<float>(), workspace.data_ptr<float>(),
+                                      dx0.data_ptr(), dpatches.data_ptr(), dkt.data_ptr<float>(),
+                                      dgamma.data_ptr<float>(), dbeta.data_ptr<float>(),
+                                      current_stream(x0.device())));
   return {dx0, dpatches, plan.splits == 1 ? dkt.squeeze(1) : dkt.sum(1), dgamma.sum(0),
           dbeta.sum(0)};
 }

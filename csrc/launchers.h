@@ -39,13 +39,15 @@ struct AttnPoolArgs {
 // How a token pass is launched on the current device: `splits` programs per sample share the
 // N + 1 tokens, `chunk` tokens each (a multiple of the tile). `smem_bytes` is the dynamic shared
 // memory a block needs and `smem_limit` what the device grants; a plan with smem_bytes >
-// smem_limit cannot run. `error` is any CUDA error met while planning.
+// smem_limit cannot run. `workspace_floats` is the fp32 scratch the launch needs (the backward's
+// operand rows; 0 for the forward). `error` is any CUDA error met while planning.
 struct AttnPoolPlan {
   int splits = 1;
   int chunk = 0;
   int threads = 0;
   size_t smem_bytes = 0;
   size_t smem_limit = 0;
+  int64_t workspace_floats = 0;
   cudaError_t error = cudaSuccess;
 };
 
@@ -59,9 +61,10 @@ cudaError_t attn_pool_fwd(const AttnPoolArgs& args, const AttnPoolPlan& plan, fl
 
 // Gradients: dx0 [B, C] and dpatches [B, N, C] (activation dtype, contiguous); per-split partials
 // dkt_part [B, S, H, C], dgamma_part and dbeta_part [B * S, C], summed by the caller.
+// `workspace`: plan.workspace_floats fp32, 16-byte aligned, overwritten.
 cudaError_t attn_pool_bwd(const AttnPoolArgs& args, const AttnPoolPlan& plan, const float* z,
-                          const float* dz, const float* lse, void* dx0, void* dpatches,
-                          float* dkt_part, float* dgamma_part, float* dbeta_part,
+                          const float* dz, const float* lse, float* workspace, void* dx0,
+                          void* dpatches, float* dkt_part, float* dgamma_part, float* dbeta_part,
                           cudaStream_t stream);
 
 // CLS attention maps: out [B, H, N + 1] (contiguous) = exp(s - lse) per token, from the lse
