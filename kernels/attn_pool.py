@@ -1,22 +1,30 @@
-"""The token pass of the single-query cross-attention (design.md §2), forward and backward.
+"""The token pass of the single-query cross-attention (design.md §2), forward and backward, in
+channel tiles: no program holds a whole row, so shared memory and registers do not grow with the
+width C and every kernel fits every GPU from the A100 on.
 
-One program walks a contiguous range of the ``T = N + 1`` tokens ``[x0 ‖ patches]`` of one sample
-(token 0 is the CLS token ``x0``, token ``t ≥ 1`` is ``patches[:, t - 1]``; the two are read through
-their own pointers and strides, never concatenated). Per block of ``BLOCK_N`` tokens it computes the
-LayerNorm statistics, the scores of all heads with one ``tl.dot`` (heads padded to ``H_PAD ≥ 16``,
-the smallest dot), and, forward, an online softmax with the weighted sums of the normalized tokens;
-backward, the token gradients and partial parameter gradients. Whole rows (``BLOCK_C =
-next_power_of_2(C)``) live in registers, so K, V, the normalized tokens and the scores never reach
-global memory.
+The ``T = N + 1`` tokens ``[x0 ‖ patches]`` of a sample (token 0 is the CLS token ``x0``, token
+``t ≥ 1`` is ``patches[:, t - 1]``; read through their own pointers and strides, never
+concatenated) go through two kinds of kernel:
 
-With few samples the token axis is split across programs (flash-decoding): each split writes a
-partial (max, sum, unnormalized accumulator) that a small combine kernel reduces; the backward's
-per-split parameter-gradient partials are summed by the caller.
+* **token kernels**, grid ``(B, token groups)``: a program takes a few tokens and sweeps their rows
+  one channel tile at a time, for what needs the whole row: the LayerNorm statistics (merged tile by
+  tile, :mod:`._stats`), every head's score ``s_hj = g_h · n_j + kt_h · β`` (a ``tl.dot`` per tile,
+  heads padded to ``H_PAD ≥ 16``, the smallest dot) and, backward, the token gradients (the
+  LayerNorm backward's two row sums from one sweep, ``dx`` from the next).
+* **pooling kernels**, grid ``(B, channel tiles, token splits)``: a program walks its token split and
+  accumulates, for its channel tile only, the weighted sums of the normalized tokens: forward
+  ``Σ_j a_hj n_j`` (then ``z = γ ⊙ Σ + β``), backward ``Σ_j a_hj n_j`` and ``Σ_j ds_hj n_j``, from
+  which the parameter gradients follow without forming ``dx̂`` (design.md §2).
+
+The scores are exact before the pooling kernels run (the forward's token kernel writes them, and per
+token group a max and a sum of exponentials, from which every pooling program takes the
+log-sum-exp), so the splits' partial sums are already normalized: combining them is a sum.
+A program re-reads its rows for each sweep from the cache, not from memory.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -25,9 +33,15 @@ from torch import Tensor
 
 from ._launch import (LOW_PRECISION_DOT, acc_dtype, cdiv, contiguous_as, direct, next_power_of_2,
                       num_sms, tl_dtypes, unit_last_stride)
+from ._stats import merge_tile_stats, rstd_of
 
-# A split of the token axis gets at least about this many tokens.
-MIN_SPLIT_TOKENS = 64
+# A split of the pooling kernels' token axis gets at least about this many tokens.
+MIN_SPLIT_TOKENS = 32
+# Programs per SM a launch aims for where the batch allows it (occupancy hides memory latency).
+PROGRAMS_PER_SM = 4
+# Two tiles in flight per loop: three (Triton's default) spilled registers in the fp32 backward
+# (bench.kernel_resources, sm_86) for no more overlap than two give to a memory-bound pass.
+NUM_STAGES = 2
 
 
 def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
@@ -37,60 +51,79 @@ def _tl_dtypes(dtype: torch.dtype, dot_dtype: Optional[torch.dtype] = None):
     Low-precision dots run on the activation dtype (tensor cores), or on ``dot_dtype`` (fp16/bf16)
     where the caller allows it for fp32 activations (autocast). Then the scores use the
     normalized tile rounded to ``dot_dtype``, as timm rounds the LayerNorm output for its K
-    projection; rounding the raw tokens instead would lose their mean's digits.
+    projection; rounding the raw tokens instead would lose their mean's digits. fp32 and fp64
+    tokens also take the scores on the normalized tile (the dots are as wide as the tokens): on
+    the raw tokens the products would cancel against ``μ Σ g`` and lose the mean's digits. Only
+    16-bit tokens take the dots on the raw tokens, exact in their own dtype where the normalized
+    tile would be rounded.
     """
     acc, dot = tl_dtypes(dtype)
     if dot_dtype in LOW_PRECISION_DOT and dtype == torch.float32:
         return acc, LOW_PRECISION_DOT[dot_dtype], True
-    return acc, dot, False
+    return acc, dot, dtype in (torch.float32, torch.float64)
 
 
-# Forward (BLOCK_N, num_warps) by BLOCK_C. At crossvit_18_240's shapes and batch 256 on an H100
-# (scripts/tune_attn_pool.py sweep, bf16): C = 448 ran fastest with 16-token tiles and 4 warps
-# (67 µs; 81 µs with 32 and 8), C = 224 with 32-token tiles and 8 warps (75 µs; 93 µs with 32
-# and 4). Narrower rows take 32 tokens and 4 warps, wider ones (1024) 16 tokens and 8 warps:
-# not swept.
-_FORWARD_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8), 512: (16, 4)}
+class Plan(NamedTuple):
+    """Tiles and grids of one call (the same forward and backward, so that the backward's scores
+    are the forward's)."""
+    h_pad: int          # heads, padded for tl.dot
+    block_n: int        # token tile of every kernel
+    tokens: int         # tokens per token-kernel program (≤ block_n; fewer fill small batches)
+    block_k: int        # channel tile of the token kernels' sweeps
+    block_c: int        # channel tile of a pooling program
+    splits: int         # token splits of the pooling kernels
+    chunk: int          # tokens per split, a multiple of block_n
+    warps: int          # num_warps of the token and pooling kernels
+
+    def token_groups(self, T: int) -> int:
+        return cdiv(T, self.tokens)
 
 
 @functools.lru_cache(maxsize=None)
-def _blocks(C: int, H: int, backward: bool) -> Tuple[int, int, int, int]:
-    """``(BLOCK_C, H_PAD, BLOCK_N, num_warps)``: a handful of shapes, chosen by width and heads.
-    Callers pass plain ints: under the compiler with dynamic shapes the sizes are SymInts, which
-    do not hash, and the kernels' blocks need a fixed width and head count anyway (``int()``
-    specializes them).
-
-    Whole rows in registers. The backward holds several tiles live: 8K-element tiles from
-    BLOCK_C = 256 up (16 to 32 tokens), 32 tokens below.
+def plan(B: int, T: int, C: int, H: int, sms: int, splits: Optional[int] = None,
+         wide_dots: bool = False) -> Plan:
+    """Tiles chosen so that each launch has about ``PROGRAMS_PER_SM`` programs per SM where the
+    batch allows, and at least one per SM down to small batches: the token tile shrinks (down to
+    4 tokens per program, masked inside a 16-token tile: the smallest dot) and the pooling
+    kernels take narrower channel tiles, then split the tokens (flash-decoding). ``splits``
+    forces the number of splits (tests, benchmarks). ``wide_dots``: the dots take 4-byte
+    operands (fp32 without autocast: FMA products, not tensor cores), so the tiles are halved to
+    stay clear of spills. Plain ints (``int()`` of SymInts under the compiler): the tiles are
+    constants of the kernels anyway.
     """
-    block_c = max(16, next_power_of_2(C))
-    h_pad = max(16, next_power_of_2(H))
-    if backward:
-        return block_c, h_pad, max(16, min(32, 8192 // block_c)), (4 if block_c <= 256 else 8)
-    block_n, num_warps = _FORWARD_TILES.get(block_c, (16, 8))
-    return block_c, h_pad, block_n, num_warps
-
-
-def _splits(B: int, T: int, block_n: int, device: torch.device,
-            splits: Optional[int]) -> Tuple[int, int]:
-    """``(num_splits, chunk)``: split the tokens when B alone cannot fill the GPU (B < 1.5·SMs;
-    at B = 256 on an H100's 132 SMs two splits ran 5% slower than one).
-
-    ``chunk`` (tokens per split) is a multiple of ``block_n`` and every split gets at least one
-    token. ``splits`` forces a number of splits (tests, benchmarks).
-    """
+    B = max(1, B)   # no samples: nothing is launched, any plan will do
+    target = PROGRAMS_PER_SM * sms
+    widest = 32 if wide_dots else 64
+    block_n = next((n for n in (64, 32) if n <= widest and B * cdiv(T, n) >= target), 16)
+    tokens = block_n
+    while tokens > 4 and B * cdiv(T, tokens) < sms:
+        tokens //= 2
+    block_c = next((c for c in (64, 32) if c <= widest and B * cdiv(C, c) >= target), 16)
     if splits is None:
-        sms = num_sms(device)
-        B = max(1, B)   # no samples: nothing is launched, any split will do
-        splits = 1 if 2 * B >= 3 * sms else min(cdiv(2 * sms, B), cdiv(T, MIN_SPLIT_TOKENS))
+        programs = B * cdiv(C, block_c)
+        splits = 1 if programs >= sms else min(cdiv(2 * sms, programs), cdiv(T, MIN_SPLIT_TOKENS))
     chunk = cdiv(cdiv(T, max(1, splits)), block_n) * block_n
-    return cdiv(T, chunk), chunk
+    block_k = min(widest, max(16, next_power_of_2(C)))
+    # Tiles of 32 tokens and more take 8 warps: with 4, the token kernels spilled registers on
+    # sm_80 and the pooling kernel on sm_86/89 (bench.kernel_resources).
+    return Plan(h_pad=max(16, next_power_of_2(H)), block_n=block_n, tokens=tokens,
+                block_k=block_k, block_c=min(block_c, block_k), splits=cdiv(T, chunk), chunk=chunk,
+                warps=8 if block_n >= 32 else 4)
 
+
+def _plan_for(x0: Tensor, patches: Tensor, kt: Tensor, splits: Optional[int],
+              dot_dtype: Optional[torch.dtype]) -> Plan:
+    B, N, C = patches.shape
+    wide = x0.dtype in (torch.float32, torch.float64) and dot_dtype not in LOW_PRECISION_DOT
+    return plan(int(B), int(N) + 1, int(C), int(kt.shape[1]), num_sms(x0.device), splits, wide)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
 
 @triton.jit
 def _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn):
-    """Pointers ``[BLOCK_N, BLOCK_C]`` to tokens ``t`` of sample ``b`` (token 0 is ``x0``) and the
-    mask of those below ``end``."""
+    """Pointers ``[BLOCK_N, BLOCK]`` to channels ``cols`` of tokens ``t`` of sample ``b`` (token 0
+    is ``x0``) and the mask of the tokens below ``end`` and channels below ``C``."""
     mask = (t < end)[:, None] & (cols < C)[None, :]
     ptrs = tl.where((t == 0)[:, None], x0_ptr + b * s_x0b + cols[None, :],
                     p_ptr + b * s_pb + (t - 1)[:, None] * s_pn + cols[None, :])
@@ -98,166 +131,349 @@ def _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn):
 
 
 @triton.jit
-def _normalize(x, mask, C, eps):
-    """LayerNorm statistics of the rows of ``x`` (zero outside ``mask``): ``(mean, rstd, n)``."""
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-    return mean, rstd, xc * rstd[:, None]
+def _head_tile(ptr, s_b, s_h, b, heads, cols, H, C):
+    """Tile ``[H_PAD, BLOCK]`` of a per-head ``[B, H, C]`` tensor (unit column stride), zero
+    outside the heads and channels; and its mask."""
+    mask = (heads < H)[:, None] & (cols < C)[None, :]
+    return tl.load(ptr + b * s_b + heads[:, None] * s_h + cols[None, :], mask=mask, other=0.0), mask
 
 
 @triton.jit
-def _scores(g, gsum, kb, x, n, mean, rstd, DOT: tl.constexpr, ON_N: tl.constexpr):
-    """``s[h, j] = g_h · n_j + kt_h · β``: one dot, on the normalized tokens ``n`` (``ON_N``) or
-    on the raw ones, exact in their own dtype, as ``r_j (g_h · x_j − μ_j Σ_c g_hc)``."""
+def _row_stats(x0_ptr, p_ptr, b, t, end, C, s_x0b, s_pb, s_pn, eps: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """``(mean, rstd)`` of tokens ``t`` over the whole width, one channel tile at a time."""
+    mean = tl.zeros([BLOCK_N], ACC)
+    m2 = tl.zeros([BLOCK_N], ACC)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        mean, m2 = merge_tile_stats(mean, m2, c0, x, mask, tl.minimum(BLOCK_K, C - c0))
+    return mean, rstd_of(m2, C, eps)
+
+
+@triton.jit
+def _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd,
+                ACC: tl.constexpr):
+    """The raw tile of tokens ``t`` at channels ``cols``, its normalized ``n`` (zero outside the
+    mask) and the mask."""
+    ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    n = tl.where(mask, (x.to(ACC) - mean[:, None]) * rstd[:, None], 0.0)
+    return x, n, mask
+
+
+@triton.jit
+def _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, w_ptr, b, t, end, heads, mean, rstd,
+            C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_wb, s_wh,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, H_PAD: tl.constexpr,
+            ACC: tl.constexpr, DOT: tl.constexpr, ON_N: tl.constexpr, WITH_W: tl.constexpr):
+    """Scores ``s_hj = g_h · n_j + kt_h · β`` of tokens ``t`` (``g = kt ⊙ γ``), and with
+    ``WITH_W`` also ``w_h · x̂_j`` for a second per-head vector ``w`` (the backward's ``dz``), as
+    ``[H_PAD, BLOCK_N]``; one ``tl.dot`` per channel tile each.
+
+    ``ON_N``: the dots take the normalized tile in ``DOT`` (fp32/fp64 tokens, and autocast's
+    rounded one). Otherwise (16-bit tokens) they take the raw tokens, exact in their own dtype, as
+    ``r_j (g_h · x_j − μ_j Σ_c g_hc)``, with ``Σ g`` of the rounded ``g`` so that the centring is
+    exact."""
+    gx = tl.zeros([H_PAD, BLOCK_N], ACC)
+    gsum = tl.zeros([H_PAD], ACC)
+    kb = tl.zeros([H_PAD], ACC)
+    wx = tl.zeros([H_PAD, BLOCK_N], ACC)
+    wsum = tl.zeros([H_PAD], ACC)
+    wb = tl.zeros([H_PAD], ACC)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        x, n, _ = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
+        tokens = n.to(DOT) if ON_N else x.to(DOT)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
+        kt, _ = _head_tile(kt_ptr, s_ktb, s_kth, b, heads, cols, H, C)
+        g = (kt.to(ACC) * gamma[None, :]).to(DOT)
+        gx += tl.dot(g, tl.trans(tokens), input_precision="ieee")
+        gsum += tl.sum(g.to(ACC), 1)
+        kb += tl.sum(kt * beta[None, :], 1)
+        if WITH_W:
+            w, _ = _head_tile(w_ptr, s_wb, s_wh, b, heads, cols, H, C)
+            wg = (w.to(ACC) * gamma[None, :]).to(DOT)
+            wx += tl.dot(wg, tl.trans(tokens), input_precision="ieee")
+            wsum += tl.sum(wg.to(ACC), 1)
+            wb += tl.sum(w * beta[None, :], 1)
     if ON_N:
-        return tl.dot(g, tl.trans(n.to(DOT)), input_precision="ieee") + kb[:, None]
-    gx = tl.dot(g, tl.trans(x.to(DOT)), input_precision="ieee")
-    return rstd[None, :] * (gx - mean[None, :] * gsum[:, None]) + kb[:, None]
+        return gx + kb[:, None], wx + wb[:, None]
+    s = rstd[None, :] * (gx - mean[None, :] * gsum[:, None]) + kb[:, None]
+    return s, rstd[None, :] * (wx - mean[None, :] * wsum[:, None]) + wb[:, None]
 
 
 @triton.jit
-def _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr, b, heads, cols, H, C,
-                 ACC: tl.constexpr, DOT: tl.constexpr):
-    """``kt`` of sample ``b`` (strides ``s_ktb``, ``s_kth``, unit column stride), γ, β, and the
-    absorbed score weights ``g = kt ⊙ γ`` (as dot operand), ``Σ_c g`` (of that rounded ``g``, so
-    the centring is exact) and ``kt · β``."""
-    hc_mask = (heads < H)[:, None] & (cols < C)[None, :]
-    kt = tl.load(kt_ptr + b * s_ktb + heads[:, None] * s_kth + cols[None, :], mask=hc_mask,
-                 other=0.0).to(ACC)
-    gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
-    beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
-    g = (kt * gamma[None, :]).to(DOT)
-    return kt, gamma, beta, g, tl.sum(g.to(ACC), 1), tl.sum(kt * beta[None, :], 1), hc_mask
+def _log_sum_exp(m_ptr, l_ptr, b, heads, H, G, BLOCK_G: tl.constexpr, H_PAD: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Per-head log-sum-exp of sample ``b``'s scores from the ``G`` token groups' maxima and sums
+    of exponentials (``[B, G, H]``); 0 for the padded heads."""
+    m_all = tl.full([H_PAD], float("-inf"), ACC)
+    l_all = tl.zeros([H_PAD], ACC)
+    for g0 in range(0, G, BLOCK_G):
+        groups = g0 + tl.arange(0, BLOCK_G)
+        mask = (groups < G)[:, None] & (heads < H)[None, :]
+        offs = (b * G + groups[:, None]) * H + heads[None, :]
+        m = tl.load(m_ptr + offs, mask=mask, other=float("-inf"))
+        l = tl.load(l_ptr + offs, mask=mask, other=0.0)
+        m_new = tl.maximum(m_all, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # padded heads: no groups
+        l_all = l_all * tl.exp(m_all - m_safe) + tl.sum(l * tl.exp(m - m_safe[None, :]), 0)
+        m_all = m_new
+    return tl.where(heads < H, m_all + tl.log(tl.where(heads < H, l_all, 1.0)), 0.0)
 
 
-@triton.jit(do_not_specialize=["T", "chunk"])
-def _attn_pool_fwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, out_ptr, lse_ptr, l_ptr,
-                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, eps: tl.constexpr,
-                          H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr,
-                          FINAL: tl.constexpr):
-    """Grid ``(B, splits)``. ``FINAL`` (one split): writes ``z`` to ``out`` and ``lse``. Otherwise
-    writes this split's partials: unnormalized ``Σ p n`` to ``out`` ``[B, S, H, C]``, running max
-    to ``lse`` and sum to ``l`` (``[B, S, H]``)."""
+# ---- forward ------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["T", "tokens"])
+def _scores_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, s_ptr, mean_ptr, rstd_ptr,
+                   m_ptr, l_ptr, lse_ptr, T, C, H, tokens, s_x0b, s_pb, s_pn, s_ktb, s_kth,
+                   eps: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                   ON_N: tl.constexpr, MAPS: tl.constexpr):
+    """Grid ``(B, G)``: the scores of ``tokens`` tokens of one sample.
+
+    Forward: writes the scores ``s [B, H, T]``, the tokens' mean and rstd ``[B, T]``, and the
+    group's max and sum of exponentials per head (``m``, ``l``: ``[B, G, H]``). ``MAPS``: writes
+    the attention maps ``exp(s − lse)`` to ``s`` instead, with ``lse [B, H]`` the forward's."""
     b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    group = tl.program_id(1)
+    start = group * tokens
+    end = tl.minimum(start + tokens, T)
+    t = start + tl.arange(0, BLOCK_N)
     heads = tl.arange(0, H_PAD)
-    cols = tl.arange(0, BLOCK_C)
-    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr,
-                                                         b, heads, cols, H, C, ACC, DOT)
-    m = tl.full([H_PAD], float("-inf"), ACC)
-    l = tl.zeros([H_PAD], ACC)
+    mean, rstd = _row_stats(x0_ptr, p_ptr, b, t, end, C, s_x0b, s_pb, s_pn, eps, BLOCK_N, BLOCK_K, ACC)
+    s, _ = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, kt_ptr, b, t, end, heads, mean, rstd,
+                   C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_ktb, s_kth,
+                   BLOCK_N, BLOCK_K, H_PAD, ACC, DOT, ON_N, False)
+    valid = (heads < H)[:, None] & (t < end)[None, :]
+    s_offs = (b * H + heads[:, None]) * T + t[None, :]
+    if MAPS:
+        lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
+        tl.store(s_ptr + s_offs, tl.exp(s - lse[:, None]), mask=valid)
+    else:
+        tl.store(s_ptr + s_offs, s, mask=valid)
+        tl.store(mean_ptr + b * T + t, mean, mask=t < end)
+        tl.store(rstd_ptr + b * T + t, rstd, mask=t < end)
+        s = tl.where(valid, s, float("-inf"))
+        m = tl.max(s, 1)
+        l = tl.sum(tl.exp(s - tl.where(heads < H, m, 0.0)[:, None]), 1)
+        row = (b * tl.num_programs(1) + group) * H + heads
+        tl.store(m_ptr + row, m, mask=heads < H)
+        tl.store(l_ptr + row, l, mask=heads < H)
+
+
+@triton.jit(do_not_specialize=["T", "chunk", "G"])
+def _pool_fwd_kernel(x0_ptr, p_ptr, gamma_ptr, beta_ptr, s_ptr, mean_ptr, rstd_ptr, m_ptr, l_ptr,
+                     out_ptr, lse_ptr, T, C, H, G, chunk, s_x0b, s_pb, s_pn,
+                     H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_G: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                     FINAL: tl.constexpr):
+    """Grid ``(B, channel tiles, splits)``: ``Σ_j a_hj n_j`` over this split's tokens, for this
+    channel tile, with ``a = exp(s − lse)``. ``FINAL`` (one split): writes ``z = γ ⊙ Σ + β`` to
+    ``out [B, H, C]``; otherwise the split's sum to ``out [B, S, H, C]``. The first channel tile's
+    first split writes ``lse``."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
+    heads = tl.arange(0, H_PAD)
+    lse = _log_sum_exp(m_ptr, l_ptr, b, heads, H, G, BLOCK_G, H_PAD, ACC)
     acc = tl.zeros([H_PAD, BLOCK_C], ACC)
     start = split * chunk
     end = tl.minimum(start + chunk, T)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
-        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
-        s = tl.where((t < end)[None, :], _scores(g, gsum, kb, x, n, mean, rstd, DOT, SCORES_ON_N),
-                     float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))          # finite: every block has a token
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), n.to(DOT), input_precision="ieee")
-        m = m_new
-    row = b * tl.num_programs(1) + split
+        mean = tl.load(mean_ptr + b * T + t, mask=t < end, other=0.0)
+        rstd = tl.load(rstd_ptr + b * T + t, mask=t < end, other=0.0)
+        _, n, _ = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
+        valid = (heads < H)[:, None] & (t < end)[None, :]
+        s = tl.load(s_ptr + (b * H + heads[:, None]) * T + t[None, :], mask=valid, other=0.0)
+        a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        acc += tl.dot(a.to(DOT), n.to(DOT), input_precision="ieee")
+    hc_mask = (heads < H)[:, None] & (cols < C)[None, :]
     if FINAL:
-        z = gamma[None, :] * (acc / l[:, None]) + beta[None, :]
-        tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], z, mask=hc_mask)
-        tl.store(lse_ptr + row * H + heads, m + tl.log(l), mask=heads < H)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+        beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
+        tl.store(out_ptr + (b * H + heads[:, None]) * C + cols[None, :],
+                 gamma[None, :] * acc + beta[None, :], mask=hc_mask)
     else:
+        row = b * tl.num_programs(2) + split
         tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], acc, mask=hc_mask)
-        tl.store(lse_ptr + row * H + heads, m, mask=heads < H)
-        tl.store(l_ptr + row * H + heads, l, mask=heads < H)
+    if (tl.program_id(1) == 0) & (split == 0):
+        tl.store(lse_ptr + b * H + heads, lse, mask=heads < H)
+
+
+@triton.jit
+def _pool_combine_kernel(part_ptr, gamma_ptr, beta_ptr, z_ptr, S, H, C,
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid ``(B·H, channel tiles)``: ``z = γ ⊙ Σ_s part_s + β`` over the ``S`` splits of one
+    sample and head (``part [B, S, H, C]``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    splits = tl.arange(0, BLOCK_S)
+    mask = (splits < S)[:, None] & (cols < C)[None, :]
+    part = tl.load(part_ptr + ((b * S + splits[:, None]) * H + h) * C + cols[None, :], mask=mask,
+                   other=0.0)
+    gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+    beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
+    tl.store(z_ptr + bh * C + cols, gamma * tl.sum(part, 0) + beta, mask=cols < C)
+
+
+# ---- backward -----------------------------------------------------------------------------------
+
+@triton.jit
+def _dxhat(a_op, ds_op, dz_ptr, kt_ptr, b, heads, cols, H, C, s_dzb, s_dzh, s_ktb, s_kth,
+           DOT: tl.constexpr):
+    """``dx̂ = Σ_h a_h dz_h + ds_h kt_h`` at channels ``cols``: ``[BLOCK_N, BLOCK_K]``."""
+    dz, _ = _head_tile(dz_ptr, s_dzb, s_dzh, b, heads, cols, H, C)
+    kt, _ = _head_tile(kt_ptr, s_ktb, s_kth, b, heads, cols, H, C)
+    return (tl.dot(tl.trans(a_op), dz.to(DOT), input_precision="ieee")
+            + tl.dot(tl.trans(ds_op), kt.to(DOT), input_precision="ieee"))
+
+
+@triton.jit(do_not_specialize=["T", "tokens"])
+def _token_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr, lse_ptr,
+                      dx0_ptr, dp_ptr, a_ptr, ds_ptr, mean_ptr, rstd_ptr, T, C, H, tokens,
+                      s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh, s_dx0b, s_dpb, s_dpn,
+                      eps: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                      ON_N: tl.constexpr):
+    """Grid ``(B, G)``: ``dx`` of ``tokens`` tokens of one sample, and for the pooling backward
+    their ``a`` and ``ds`` (``[B, H, T]``) and LayerNorm statistics (``[B, T]``).
+
+    ``a = exp(s − lse)``, ``ds = a (dz · x̂ − δ)`` with ``δ_h = dz_h · z_h``; ``dn = γ ⊙ dx̂`` with
+    ``dx̂ = Σ_h a dz_h + ds kt_h``; ``dx = r (dn − mean(dn) − n mean(dn ⊙ n))``. One sweep takes
+    the two row means, the next writes ``dx`` from the same products."""
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * tokens
+    end = tl.minimum(start + tokens, T)
+    t = start + tl.arange(0, BLOCK_N)
+    heads = tl.arange(0, H_PAD)
+    mean, rstd = _row_stats(x0_ptr, p_ptr, b, t, end, C, s_x0b, s_pb, s_pn, eps, BLOCK_N, BLOCK_K, ACC)
+    s, da = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, dz_ptr, b, t, end, heads, mean, rstd,
+                    C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
+                    BLOCK_N, BLOCK_K, H_PAD, ACC, DOT, ON_N, True)
+    delta = tl.zeros([H_PAD], ACC)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        dz, mask = _head_tile(dz_ptr, s_dzb, s_dzh, b, heads, cols, H, C)
+        z = tl.load(z_ptr + (b * H + heads[:, None]) * C + cols[None, :], mask=mask, other=0.0)
+        delta += tl.sum(dz.to(ACC) * z, 1)
+    lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
+    valid = (heads < H)[:, None] & (t < end)[None, :]
+    a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    ds = a * (da - delta[:, None])
+    a_op, ds_op = a.to(DOT), ds.to(DOT)
+    dn_sum = tl.zeros([BLOCK_N], ACC)
+    dnn_sum = tl.zeros([BLOCK_N], ACC)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        _, n, _ = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+        dn = _dxhat(a_op, ds_op, dz_ptr, kt_ptr, b, heads, cols, H, C, s_dzb, s_dzh, s_ktb, s_kth,
+                    DOT) * gamma[None, :]
+        dn_sum += tl.sum(dn, 1)
+        dnn_sum += tl.sum(dn * n, 1)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        _, n, mask = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
+        dn = _dxhat(a_op, ds_op, dz_ptr, kt_ptr, b, heads, cols, H, C, s_dzb, s_dzh, s_ktb, s_kth,
+                    DOT) * gamma[None, :]
+        dx = (dn - (dn_sum / C)[:, None] - n * (dnn_sum / C)[:, None]) * rstd[:, None]
+        dptrs, _ = _token_ptrs(dx0_ptr, dp_ptr, b, t, cols, end, C, s_dx0b, s_dpb, s_dpn)
+        tl.store(dptrs, dx.to(dx0_ptr.dtype.element_ty), mask=mask)
+    s_offs = (b * H + heads[:, None]) * T + t[None, :]
+    tl.store(a_ptr + s_offs, a, mask=valid)
+    tl.store(ds_ptr + s_offs, ds, mask=valid)
+    tl.store(mean_ptr + b * T + t, mean, mask=t < end)
+    tl.store(rstd_ptr + b * T + t, rstd, mask=t < end)
 
 
 @triton.jit(do_not_specialize=["T", "chunk"])
-def _attn_pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr, lse_ptr,
-                          dx0_ptr, dp_ptr, dkt_ptr, dgamma_ptr, dbeta_ptr,
-                          T, C, H, chunk, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
-                          s_dx0b, s_dpb, s_dpn, eps: tl.constexpr,
-                          H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          ACC: tl.constexpr, DOT: tl.constexpr, SCORES_ON_N: tl.constexpr):
-    """Grid ``(B, splits)``. Writes ``dx`` of this split's tokens and the split's partial
-    ``dkt`` (``[B, S, H, C]``), ``dγ`` and ``dβ`` (``[B·S, C]``), summed by the caller.
-
-    Per token: ``a = exp(s − lse)``, ``ds = a (dz·x̂ − δ)`` with ``dz·x̂ = (dz⊙γ)·n + dz·β``,
-    ``dx̂ = Σ_h a dz_h + ds kt_h``, then LayerNorm's backward. ``dkt = γ ⊙ Σ ds n + β Σ ds``."""
+def _pool_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, dz_ptr, a_ptr, ds_ptr, mean_ptr,
+                     rstd_ptr, dkt_ptr, dgamma_ptr, dbeta_ptr, T, C, H, chunk, s_x0b, s_pb, s_pn,
+                     s_ktb, s_kth, s_dzb, s_dzh,
+                     H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ACC: tl.constexpr, DOT: tl.constexpr):
+    """Grid ``(B, channel tiles, splits)``: this split's share of the parameter gradients at this
+    channel tile. With ``P_h = Σ_j a_hj n_j``, ``Q_h = Σ_j ds_hj n_j`` (design.md §2):
+    ``dkt_h = γ ⊙ Q_h + β Σ_j ds_hj``, ``dγ = Σ_h dz_h ⊙ P_h + kt_h ⊙ Q_h``,
+    ``dβ = Σ_h dz_h Σ_j a_hj + kt_h Σ_j ds_hj``; written as ``[B, S, H, C]`` and ``[B·S, C]``
+    partials that the caller sums."""
     b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
     heads = tl.arange(0, H_PAD)
-    cols = tl.arange(0, BLOCK_C)
-    kt, gamma, beta, g, gsum, kb, hc_mask = _head_params(kt_ptr, s_ktb, s_kth, gamma_ptr, beta_ptr,
-                                                         b, heads, cols, H, C, ACC, DOT)
-    hc_offs = (b * H + heads[:, None]) * C + cols[None, :]
-    dz = tl.load(dz_ptr + b * s_dzb + heads[:, None] * s_dzh + cols[None, :], mask=hc_mask,
-                 other=0.0).to(ACC)
-    delta = tl.sum(dz * tl.load(z_ptr + hc_offs, mask=hc_mask, other=0.0), 1)
-    lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
-    dzg = (dz * gamma[None, :]).to(DOT)
-    dzb = tl.sum(dz * beta[None, :], 1)
-    dz_op = dz.to(DOT)
-    kt_op = kt.to(DOT)
-    dkt = tl.zeros([H_PAD, BLOCK_C], ACC)
+    P = tl.zeros([H_PAD, BLOCK_C], ACC)
+    Q = tl.zeros([H_PAD, BLOCK_C], ACC)
+    a_sum = tl.zeros([H_PAD], ACC)
     ds_sum = tl.zeros([H_PAD], ACC)
-    dgamma = tl.zeros([BLOCK_C], ACC)
-    dbeta = tl.zeros([BLOCK_C], ACC)
     start = split * chunk
     end = tl.minimum(start + chunk, T)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
-        ptrs, mask = _token_ptrs(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn)
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        mean, rstd, n = _normalize(x.to(ACC), mask, C, eps)
-        s = _scores(g, gsum, kb, x, n, mean, rstd, DOT, SCORES_ON_N)
-        a = tl.where((heads < H)[:, None] & (t < end)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        mean = tl.load(mean_ptr + b * T + t, mask=t < end, other=0.0)
+        rstd = tl.load(rstd_ptr + b * T + t, mask=t < end, other=0.0)
+        _, n, _ = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
+        valid = (heads < H)[:, None] & (t < end)[None, :]
+        offs = (b * H + heads[:, None]) * T + t[None, :]
+        a = tl.load(a_ptr + offs, mask=valid, other=0.0)
+        ds = tl.load(ds_ptr + offs, mask=valid, other=0.0)
         n_op = n.to(DOT)
-        da = tl.dot(dzg, tl.trans(n_op), input_precision="ieee") + dzb[:, None]
-        ds = a * (da - delta[:, None])
-        dxhat = (tl.dot(tl.trans(a.to(DOT)), dz_op, input_precision="ieee")
-                 + tl.dot(tl.trans(ds.to(DOT)), kt_op, input_precision="ieee"))
-        dn = dxhat * gamma[None, :]
-        dx = (dn - (tl.sum(dn, 1) / C)[:, None] - n * (tl.sum(dn * n, 1) / C)[:, None]) * rstd[:, None]
-        dptrs, _ = _token_ptrs(dx0_ptr, dp_ptr, b, t, cols, end, C, s_dx0b, s_dpb, s_dpn)
-        tl.store(dptrs, dx.to(dx0_ptr.dtype.element_ty), mask=mask)
-        dkt += tl.dot(ds.to(DOT), n_op, input_precision="ieee")
+        P += tl.dot(a.to(DOT), n_op, input_precision="ieee")
+        Q += tl.dot(ds.to(DOT), n_op, input_precision="ieee")
+        a_sum += tl.sum(a, 1)
         ds_sum += tl.sum(ds, 1)
-        dgamma += tl.sum(dxhat * n, 0)
-        dbeta += tl.sum(dxhat, 0)
-    row = b * tl.num_programs(1) + split
-    dkt = gamma[None, :] * dkt + beta[None, :] * ds_sum[:, None]
-    tl.store(dkt_ptr + (row * H + heads[:, None]) * C + cols[None, :], dkt, mask=hc_mask)
-    tl.store(dgamma_ptr + row * C + cols, dgamma, mask=cols < C)
-    tl.store(dbeta_ptr + row * C + cols, dbeta, mask=cols < C)
-
-
-@triton.jit
-def _attn_pool_combine_kernel(out_ptr, m_ptr, l_ptr, gamma_ptr, beta_ptr, z_ptr, lse_ptr, S, H, C,
-                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid ``(B, H)``: the flash-decoding combine of the ``S`` split partials of one sample and
-    head. Each split is rescaled to the global max, then ``z = γ ⊙ Σ w acc / Σ w l + β`` and
-    ``lse = max + log Σ w l`` (every split holds at least one token, so every max is finite)."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_C)
-    rows = (b * S + splits) * H + h
-    m = tl.load(m_ptr + rows, mask=splits < S, other=float("-inf"))
-    l = tl.load(l_ptr + rows, mask=splits < S, other=0.0)
-    m_all = tl.max(m, 0)
-    w = tl.exp(m - m_all)
-    l_all = tl.sum(w * l, 0)
-    acc = tl.load(out_ptr + rows[:, None] * C + cols[None, :],
-                  mask=(splits < S)[:, None] & (cols < C)[None, :], other=0.0)
     gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
     beta = tl.load(beta_ptr + cols, mask=cols < C, other=0.0)
-    z = gamma * (tl.sum(acc * w[:, None], 0) / l_all) + beta
-    tl.store(z_ptr + (b * H + h) * C + cols, z, mask=cols < C)
-    tl.store(lse_ptr + b * H + h, m_all + tl.log(l_all))
+    dz, hc_mask = _head_tile(dz_ptr, s_dzb, s_dzh, b, heads, cols, H, C)
+    kt, _ = _head_tile(kt_ptr, s_ktb, s_kth, b, heads, cols, H, C)
+    dz, kt = dz.to(ACC), kt.to(ACC)
+    row = b * tl.num_programs(2) + split
+    tl.store(dkt_ptr + (row * H + heads[:, None]) * C + cols[None, :],
+             gamma[None, :] * Q + beta[None, :] * ds_sum[:, None], mask=hc_mask)
+    tl.store(dgamma_ptr + row * C + cols, tl.sum(dz * P + kt * Q, 0), mask=cols < C)
+    tl.store(dbeta_ptr + row * C + cols, tl.sum(dz * a_sum[:, None] + kt * ds_sum[:, None], 0),
+             mask=cols < C)
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+def launch_scores(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor, eps: float,
+                  dot_dtype: Optional[torch.dtype], p: Plan, lse: Optional[Tensor] = None,
+                  launch=direct):
+    """The scores kernel (``lse`` given: the maps kernel). Returns ``(s, mean, rstd, m, l)``
+    (``s`` holds the maps where ``lse`` was given; the other four are then ``None``)."""
+    B, N, C = patches.shape
+    H, T = kt.shape[1], N + 1
+    acc = acc_dtype(x0.dtype)
+    ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
+    G = p.token_groups(T)
+    s = x0.new_empty((B, H, T), dtype=acc)
+    maps = lse is not None
+    mean = rstd = m = l = None
+    if not maps:
+        mean, rstd = x0.new_empty((B, T), dtype=acc), x0.new_empty((B, T), dtype=acc)
+        m, l = x0.new_empty((B, G, H), dtype=acc), x0.new_empty((B, G, H), dtype=acc)
+    if B:
+        launch(_scores_kernel)[(B, G)](
+            x0, patches, kt, gamma, beta, s, mean, rstd, m, l, lse, T, C, H, p.tokens,
+            x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
+            H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_K=p.block_k, ACC=ACC, DOT=DOT, ON_N=ON_N,
+            MAPS=maps, num_warps=p.warps, num_stages=NUM_STAGES)
+    return s, mean, rstd, m, l
+
+
+def _prepare(x0: Tensor, patches: Tensor, kt: Tensor, *params: Tensor):
+    """The token tensors with unit column stride (copies only where they have none) and the
+    per-channel and per-head parameters contiguous in the accumulation dtype."""
+    acc = acc_dtype(x0.dtype)
+    return (unit_last_stride(x0), unit_last_stride(patches), unit_last_stride(kt),
+            *(contiguous_as(t, acc) for t in params))
 
 
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
@@ -266,38 +482,31 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     """``(z [B, H, C], lse [B, H])`` in the accumulation dtype; see ``torch_backend.attn_pool_fwd``.
 
     ``dot_dtype`` (fp16/bf16) lets fp32 tokens meet the tensor cores (see :func:`_tl_dtypes`);
-    ``splits`` forces the number of token splits (default: the heuristic of :func:`_splits`);
+    ``splits`` forces the number of token splits of the pooling kernel (default: :func:`plan`);
     ``launch`` makes each kernel launchable (``_launch.traced`` inside a ``triton_op``).
     """
     B, N, C = patches.shape
-    H = kt.shape[1]
+    H, T = kt.shape[1], N + 1
     acc = acc_dtype(x0.dtype)
-    ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
-    x0, patches, kt = unit_last_stride(x0), unit_last_stride(patches), unit_last_stride(kt)
-    gamma, beta = contiguous_as(gamma, acc), contiguous_as(beta, acc)
-    block_c, h_pad, block_n, num_warps = _blocks(int(C), int(H), backward=False)
-    S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
+    ACC, DOT, _ = _tl_dtypes(x0.dtype, dot_dtype)
+    x0, patches, kt, gamma, beta = _prepare(x0, patches, kt, gamma, beta)
+    p = _plan_for(x0, patches, kt, splits, dot_dtype)
+    s, mean, rstd, m, l = launch_scores(x0, patches, kt, gamma, beta, eps, dot_dtype, p, launch=launch)
     z = x0.new_empty((B, H, C), dtype=acc)
     lse = x0.new_empty((B, H), dtype=acc)
-    if S == 1:
-        # l is not read or written with one split: None, not lse again. A tensor passed twice is
-        # two kernel outputs to the compiler's functionalization (where it cannot tell which
-        # arguments a kernel writes, it clones each and keeps the last: lse would be l's clone)
-        out, m, l = z, lse, None
-    else:
-        out = x0.new_empty((B, S, H, C), dtype=acc)
-        m, l = x0.new_empty((B, S, H), dtype=acc), x0.new_empty((B, S, H), dtype=acc)
     if B == 0:
         return z, lse
-    launch(_attn_pool_fwd_kernel)[(B, S)](
-        x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk,
-        x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), eps,
-        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N,
-        FINAL=S == 1, num_warps=num_warps, num_stages=1)
-    if S > 1:
-        launch(_attn_pool_combine_kernel)[(B, H)](out, m, l, gamma, beta, z, lse, S, H, C,
-                                          BLOCK_S=next_power_of_2(S), BLOCK_C=block_c,
-                                          num_warps=4)
+    G, tiles = p.token_groups(T), cdiv(C, p.block_c)
+    out = z if p.splits == 1 else x0.new_empty((B, p.splits, H, C), dtype=acc)
+    launch(_pool_fwd_kernel)[(B, tiles, p.splits)](
+        x0, patches, gamma, beta, s, mean, rstd, m, l, out, lse, T, C, H, G, p.chunk,
+        x0.stride(0), patches.stride(0), patches.stride(1),
+        H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_C=p.block_c, BLOCK_G=min(64, next_power_of_2(G)),
+        ACC=ACC, DOT=DOT, FINAL=p.splits == 1, num_warps=p.warps, num_stages=NUM_STAGES)
+    if p.splits > 1:
+        launch(_pool_combine_kernel)[(B * H, tiles)](
+            out, gamma, beta, z, p.splits, H, C, BLOCK_S=next_power_of_2(p.splits),
+            BLOCK_C=p.block_c, num_warps=4, num_stages=NUM_STAGES)
     return z, lse
 
 
@@ -308,28 +517,31 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     """``(dx0, dpatches, dkt, dgamma, dbeta)``; see ``torch_backend.attn_pool_bwd``. ``dot_dtype``
     must be the forward's, so that the scores recomputed here are the forward's."""
     B, N, C = patches.shape
-    H = kt.shape[1]
+    H, T = kt.shape[1], N + 1
     acc = acc_dtype(x0.dtype)
     ACC, DOT, ON_N = _tl_dtypes(x0.dtype, dot_dtype)
-    x0, patches = unit_last_stride(x0), unit_last_stride(patches)
-    kt, dz = unit_last_stride(kt), unit_last_stride(dz)
-    gamma, beta, z, lse = (contiguous_as(t, acc) for t in (gamma, beta, z, lse))
-    block_c, h_pad, block_n, num_warps = _blocks(int(C), int(H), backward=True)
-    S, chunk = _splits(B, N + 1, block_n, x0.device, splits)
+    x0, patches, kt, gamma, beta, z, lse = _prepare(x0, patches, kt, gamma, beta, z, lse)
+    dz = unit_last_stride(dz)
+    p = _plan_for(x0, patches, kt, splits, dot_dtype)
     dx0 = torch.empty_like(x0, memory_format=torch.contiguous_format)
     dpatches = patches.new_empty((B, N, C))
     if B == 0:
         return dx0, dpatches, x0.new_empty((0, H, C), dtype=acc), *x0.new_zeros((2, C), dtype=acc)
-    dkt = x0.new_empty((B, S, H, C), dtype=acc)
-    dgamma, dbeta = x0.new_empty((B * S, C), dtype=acc), x0.new_empty((B * S, C), dtype=acc)
-    # One token tile in flight (num_stages=1): pipelining keeps several [BLOCK_N, BLOCK_C] tiles
-    # in shared memory, which took fp32 rows of 448 columns past an H100's 227 KB.
-    launch(_attn_pool_bwd_kernel)[(B, S)](
-        x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, dkt, dgamma, dbeta,
-        N + 1, C, H, chunk, x0.stride(0), patches.stride(0), patches.stride(1),
-        kt.stride(0), kt.stride(1), dz.stride(0), dz.stride(1),
-        dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
-        H_PAD=h_pad, BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N,
-        num_warps=num_warps, num_stages=1)
-    return (dx0, dpatches, dkt.view(B, H, C) if S == 1 else dkt.sum(dim=1), dgamma.sum(dim=0),
-            dbeta.sum(dim=0))
+    a, ds = x0.new_empty((B, H, T), dtype=acc), x0.new_empty((B, H, T), dtype=acc)
+    mean, rstd = x0.new_empty((B, T), dtype=acc), x0.new_empty((B, T), dtype=acc)
+    launch(_token_bwd_kernel)[(B, p.token_groups(T))](
+        x0, patches, kt, gamma, beta, z, dz, lse, dx0, dpatches, a, ds, mean, rstd, T, C, H, p.tokens,
+        x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1),
+        dz.stride(0), dz.stride(1), dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
+        H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_K=p.block_k, ACC=ACC, DOT=DOT, ON_N=ON_N,
+        num_warps=p.warps, num_stages=NUM_STAGES)
+    dkt = x0.new_empty((B, p.splits, H, C), dtype=acc)
+    dgamma, dbeta = (x0.new_empty((B * p.splits, C), dtype=acc) for _ in range(2))
+    launch(_pool_bwd_kernel)[(B, cdiv(C, p.block_c), p.splits)](
+        x0, patches, kt, gamma, beta, dz, a, ds, mean, rstd, dkt, dgamma, dbeta, T, C, H, p.chunk,
+        x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1),
+        dz.stride(0), dz.stride(1),
+        H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_C=p.block_c, ACC=ACC, DOT=DOT,
+        num_warps=p.warps, num_stages=NUM_STAGES)
+    return (dx0, dpatches, dkt.view(B, H, C) if p.splits == 1 else dkt.sum(dim=1),
+            dgamma.sum(dim=0), dbeta.sum(dim=0))

@@ -3,10 +3,10 @@
 Three measurements, printed as tables (GPU only; ``--check`` runs the correctness part on the
 CPU under ``TRITON_INTERPRET=1``):
 
-1. ``sweep``: the cross-attention token pass alone (``triton.testing.do_bench``, GPU time) at
-   crossvit_18_240's two shapes and batch 256, over BLOCK_N, num_warps, software-pipeline
-   stages and token splits, for bf16 tokens and fp32 tokens with bf16 dots (the model under
-   autocast).
+1. ``sweep``: the cross-attention's forward token pass alone (``triton.testing.do_bench``, GPU
+   time) at crossvit_18_240's two shapes and batch 256, over num_warps, software-pipeline stages
+   and token splits (the tiles are the plan's), for bf16 tokens and fp32 tokens with bf16 dots
+   (the model under autocast).
 2. ``overhead``: each op's ``do_bench`` time (back-to-back calls: the GPU time, unless the host
    is slower), its latency with a synchronize per call, and the host time per call.
 3. ``layernorm``: the LayerNorm kernel against ``F.layer_norm`` (GPU time).
@@ -16,13 +16,13 @@ CPU under ``TRITON_INTERPRET=1``):
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from crossvit_fast import ops
 from crossvit_fast.backends import torch_backend
@@ -40,50 +40,46 @@ def _inputs(B, N, C, H, dtype, device):
     return tokens[:, 0], tokens[:, 1:], kt, gamma, beta
 
 
-def _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot_dtype=None, stages=1):
-    """One forward launch writing split partials; returns a callable and the combine of its
-    outputs (in torch, as a check independent of the shipped combine kernel)."""
-    B, N, C = patches.shape
-    H = kt.shape[1]
-    ACC, DOT, ON_N = attn_pool._tl_dtypes(x0.dtype, dot_dtype)
-    block_c, h_pad = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(H))
-    S, chunk = attn_pool._splits(B, N + 1, block_n, x0.device, splits)
-    out = x0.new_empty((B, S, H, C), dtype=torch.float32)
-    m, l = x0.new_empty((2, B, S, H), dtype=torch.float32)
+@contextlib.contextmanager
+def _launch_options(warps: int, stages: int):
+    """Every token-pass kernel launched with ``warps`` warps and ``stages`` pipeline stages (the
+    plan's tiles otherwise)."""
+    plan_for, saved_stages = attn_pool._plan_for, attn_pool.NUM_STAGES
+    attn_pool._plan_for = lambda *args: plan_for(*args)._replace(warps=warps)
+    attn_pool.NUM_STAGES = stages
+    try:
+        yield
+    finally:
+        attn_pool._plan_for, attn_pool.NUM_STAGES = plan_for, saved_stages
 
-    def run():
-        attn_pool._attn_pool_fwd_kernel[(B, S)](
-            x0, patches, kt, gamma, beta, out, m, l, N + 1, C, H, chunk, x0.stride(0),
-            patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1), EPS, H_PAD=h_pad,
-            BLOCK_N=block_n, BLOCK_C=block_c, ACC=ACC, DOT=DOT, SCORES_ON_N=ON_N, FINAL=False,
-            num_warps=warps, num_stages=stages)
 
-    def combine():
-        m_all = m.amax(dim=1)
-        w = torch.exp(m - m_all.unsqueeze(1))
-        return torch.einsum("bsh,bshc->bhc", w, out) / (w * l).sum(1).unsqueeze(-1) * gamma + beta
-    return run, combine
+def _configs():
+    """(warps, stages, splits): splits None is the plan's own choice."""
+    return itertools.product((4, 8), (1, 2, 3), (None, 1, 2, 4))
 
 
 def check() -> None:
-    """The launches the sweep times, against the float64 PyTorch token pass at small shapes."""
+    """Every configuration the sweep times, against the float64 PyTorch token pass at small
+    shapes."""
     for dtype, (B, N, C, H) in itertools.product((torch.float32, torch.float16),
                                                  [(2, 37, 96, 3), (3, 50, 224, 7)]):
         x0, patches, kt, gamma, beta = _inputs(B, N, C, H, dtype, "cpu")
-        run, combine = _launch(x0, patches, kt, gamma, beta, 16, 4, 2, stages=2)
-        run()
         z_ref, _ = torch_backend.attn_pool_fwd(x0.double(), patches.double(), kt.double(),
                                                gamma.double(), beta.double(), EPS)
-        err = ((combine().double() - z_ref).abs().max() / z_ref.abs().max()).item()
-        bar = 1e-5 if dtype == torch.float32 else 2e-3
-        print(f"check {str(dtype):14s} B={B} N={N} C={C} H={H}: rel err {err:.2e} "
-              f"{'ok' if err < bar else 'FAIL'}")
-        assert err < bar
+        for warps, stages, splits in _configs():
+            with _launch_options(warps, stages):
+                z, _ = attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS, splits=splits)
+            err = ((z.double() - z_ref).abs().max() / z_ref.abs().max()).item()
+            bar = 1e-5 if dtype == torch.float32 else 2e-3
+            print(f"check {str(dtype):14s} B={B} N={N} C={C} H={H} warps={warps} stages={stages} "
+                  f"splits={splits}: rel err {err:.2e} {'ok' if err < bar else 'FAIL'}")
+            assert err < bar
 
 
 def sweep() -> None:
+    """The whole forward token pass (scores, pooling, combine) over warps, stages and splits."""
     from triton.testing import do_bench
-    print("tokens,B,N,C,H,block_n,warps,stages,splits,us,GBps")
+    print("tokens,B,N,C,H,warps,stages,splits,us,GBps")
     # fp32 tokens with bf16 dots: the model under bf16 autocast (its residual stream is fp32)
     for (B, N, C, H), (dtype, dot) in itertools.product(
             SHAPES, ((torch.bfloat16, None), (torch.float32, torch.bfloat16))):
@@ -91,19 +87,15 @@ def sweep() -> None:
         nbytes = B * (N + 1) * C * x0.element_size()
         label = str(dtype)[6:] + (f"+{str(dot)[6:]} dots" if dot else "")
         best = (float("inf"),)
-        for block_n, warps, stages, splits in itertools.product((16, 32), (4, 8), (1, 2, 3), (1, 2)):
-            if block_n * max(256, triton.next_power_of_2(C)) > 16384:
-                continue
-            config = f"{label},{B},{N},{C},{H},{block_n},{warps},{stages},{splits}"
-            try:
-                run, _ = _launch(x0, patches, kt, gamma, beta, block_n, warps, splits, dot, stages)
-                us = do_bench(run, warmup=5, rep=20) * 1e3
-            except Exception as err:  # noqa: BLE001 (OutOfResources and compile errors alike)
-                print(f"{config},error: {type(err).__name__}")
-                continue
+        for warps, stages, splits in _configs():
+            config = f"{label},{B},{N},{C},{H},{warps},{stages},{splits or 'plan'}"
+            with _launch_options(warps, stages):
+                us = do_bench(lambda: attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS, dot,
+                                                              splits=splits),
+                              warmup=5, rep=20) * 1e3
             print(f"{config},{us:.1f},{nbytes / us / 1e3:.0f}", flush=True)
-            best = min(best, (us, block_n, warps, stages, splits))
-        print(f"# best {label} B={B} N={N} C={C}: (us, block_n, warps, stages, splits) = {best}",
+            best = min(best, (us, warps, stages, splits or 0))
+        print(f"# best {label} B={B} N={N} C={C}: (us, warps, stages, splits (0: plan)) = {best}",
               flush=True)
 
 

@@ -125,26 +125,28 @@ def test_op_names_the_bad_argument(bad, match):
                     reason=str(backends.unavailable_reason("triton", DEVICE)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_triton_kernel_launches_over_several_token_tiles(dtype):
-    """The Triton kernel itself runs (no torch fallback), over several programs per sample, with
-    odd strides (a kt view, patches inside a wider buffer); float64 inputs stay float64."""
+    """The Triton kernel itself runs (the forward's scores kernel), over several programs per
+    sample, with odd strides (a kt view, patches inside a wider buffer); float64 inputs stay
+    float64."""
     from unittest import mock
 
-    from crossvit_fast.kernels import attn_weights as kernels
+    from crossvit_fast.kernels import attn_pool as kernels
     B, N, C, H = 2, 70, 40, 3
     x0, _, _, gamma, beta = pool_inputs(B, N, C, H, dtype)
     patches = torch.randn(B, N, C + 8, dtype=dtype, device=DEVICE)[..., 3:C + 3]
     kt_view = torch.randn(H, B, C, dtype=torch.float64, device=DEVICE).transpose(0, 1)
     grids = []
-    kernel = kernels._attn_weights_kernel
+    kernel = kernels._scores_kernel
 
     class Spy:
         def __getitem__(self, grid):
             grids.append(tuple(grid))
             return kernel[grid]
     impl = backends.implementation("triton")
-    with mock.patch.object(kernels, "_attn_weights_kernel", Spy()):
+    with mock.patch.object(kernels, "_scores_kernel", Spy()):
         got = backend_maps(impl, x0, patches, kt_view, gamma, beta)
-    assert len(grids) == 1 and grids[0][0] == B and grids[0][1] >= 3
+    # the forward's scores and then the maps: the same kernel, the same grid
+    assert len(grids) == 2 and grids[0] == grids[1] and grids[1][0] == B and grids[1][1] >= 3
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     expected = naive_attn_weights(*f64(x0, patches, kt_view, gamma, beta))
     assert_rel_close(got, expected, 1e-12 if dtype == torch.float64 else 1e-5, "triton maps")

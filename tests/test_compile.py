@@ -404,7 +404,7 @@ def test_compiled_training_step_launches_the_triton_kernels(compilable_triton, f
         kernels, custom_ops = _kernels_and_ops(
             _joint_graph(lambda x: model(x).square().mean(), torch.randn(2, 3, 48, 48)))
     assert not custom_ops, custom_ops
-    expected = {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"}
+    expected = {"_scores_kernel", "_pool_fwd_kernel", "_token_bwd_kernel", "_pool_bwd_kernel"}
     if fused_cls_projection:
         expected |= {"_cls_proj_fwd_kernel", "_cls_proj_bwd_kernel"}
     assert kernels == expected
@@ -449,69 +449,6 @@ def test_compiled_training_step_with_the_kernel_launches_computes_eagers_gradien
     assert rel_err(got, want) < 1e-10
     for name, g in want_grads.items():
         assert rel_err(got_grads[name], g) < 1e-10, name
-
-
-def _backward_does_not_fit(monkeypatch, calls):
-    """The Triton token pass as on a GPU whose shared memory is too small for its backward
-    kernel: an eager (probing) backward launch raises OutOfResources, an eager forward runs the
-    PyTorch backend's math; recorded launches are recorded as usual. ``calls`` gets the kind of
-    tensor each eager launch was given."""
-    from triton.runtime.errors import OutOfResources
-
-    from crossvit_fast.backends import torch_backend, triton_backend
-    from crossvit_fast.kernels import _launch, attn_pool
-    real_fwd, real_bwd = attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd
-
-    def fwd(x0, patches, kt, gamma, beta, eps, dot_dtype=None, launch=_launch.direct, **kw):
-        if launch is _launch.direct:
-            calls.append(("fwd", type(x0)))
-            return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
-        return real_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype, launch=launch, **kw)
-
-    def bwd(*args, launch=_launch.direct, **kw):
-        if launch is _launch.direct:
-            calls.append(("bwd", type(args[1])))
-            raise OutOfResources(238592, 232448, "shared memory")
-        return real_bwd(*args, launch=launch, **kw)
-    monkeypatch.setattr(attn_pool, "attn_pool_fwd", fwd)
-    monkeypatch.setattr(attn_pool, "attn_pool_bwd", bwd)
-    monkeypatch.setattr(triton_backend, "_may_run_out_of_resources", lambda device: True)
-    monkeypatch.setattr(triton_backend, "_does_not_fit", set())
-    monkeypatch.setattr(triton_backend, "_probed", set())
-
-
-@triton_here
-def test_a_token_pass_that_does_not_fit_is_found_on_a_real_sample_while_tracing(monkeypatch):
-    """While the compiler traces (fake tensors), the fit of the kernels is tried once per key on
-    real tensors: inductor compiles recorded kernels later, where OutOfResources could not
-    fall back to the PyTorch backend."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from crossvit_fast.backends import triton_backend
-    calls = []
-    _backward_does_not_fit(monkeypatch, calls)
-    key = (24, 2, torch.float32, None)
-    with FakeTensorMode(), pytest.warns(RuntimeWarning, match="backward kernel .* does not fit"):
-        triton_backend._probe_fit(key, torch.device(DEVICE))
-        triton_backend._probe_fit(key, torch.device(DEVICE))    # once per key
-    assert calls == [("fwd", torch.Tensor), ("bwd", torch.Tensor)]
-    assert key in triton_backend._does_not_fit
-
-
-@triton_here
-@pytest.mark.filterwarnings("ignore")
-def test_compiled_training_step_where_the_token_pass_does_not_fit(compilable_triton, monkeypatch):
-    """Where the backward kernel does not fit the GPU, the compiled step records the PyTorch
-    backend's token pass, forward and backward (one key for both, so that the backward never
-    recomputes scores another way than the forward), instead of failing to compile."""
-    calls = []
-    _backward_does_not_fit(monkeypatch, calls)
-    model = small_model().train()
-    with crossvit_fast.use_backend("triton"):
-        kernels, custom_ops = _kernels_and_ops(
-            _joint_graph(lambda x: model(x).square().mean(), torch.randn(2, 3, 48, 48)))
-    assert [kind for kind, _ in calls] == ["fwd", "bwd"] * 2      # one probe per branch width
-    assert not custom_ops and not any("attn_pool" in k for k in kernels), (kernels, custom_ops)
 
 
 @triton_here
@@ -563,7 +500,8 @@ def test_inductor_launches_the_triton_kernels_itself(mode, caplog):
         model.zero_grad()
         want, want_grads = step(model)
     code = "\n".join(codes)
-    assert "_attn_pool_fwd_kernel" in code and ("_attn_pool_bwd_kernel" in code) == (mode == "train")
+    assert "_scores_kernel" in code and "_pool_fwd_kernel" in code
+    assert ("_token_bwd_kernel" in code) == ("_pool_bwd_kernel" in code) == (mode == "train")
     assert "torch.ops.crossvit_fast" not in code      # no opaque op call left
     assert "assuming every input is mutated" not in caplog.text
     assert rel_err(got, want) < 1e-4

@@ -1,14 +1,15 @@
 """Triton-specific checks beyond the shared primitive tests (tests/test_primitives.py).
 
 * the kernels really launch for every primitive, forward and backward (no silent torch fallback);
-* the flash-decoding split of the token axis, forced on and off, and chosen by the heuristic;
+* the flash-decoding split of the token axis, forced on and off, and chosen by the plan;
+* the channel tiling's edges (widths not a multiple of the tile, one patch token, tokens not a
+  multiple of the split, heads not a power of two, rows with a large mean);
 * CrossViT-18 widths (224, 448) with 7 heads, 1 and 16 heads, float64, and odd strides.
 
 Under ``TRITON_INTERPRET=1`` (set by conftest.py on CPU machines) the kernels run in Triton's
 interpreter, so shapes stay small.
 """
 import contextlib
-import warnings
 from unittest import mock
 
 import pytest
@@ -29,13 +30,21 @@ if backends.unavailable_reason("triton", DEVICE) is None:
     from crossvit_fast.kernels import _launch, attn_pool, cls_proj, layer_norm
 
     KERNELS = {
-        "attn_pool_fwd": (attn_pool, "_attn_pool_fwd_kernel"),
-        "attn_pool_bwd": (attn_pool, "_attn_pool_bwd_kernel"),
-        "attn_pool_combine": (attn_pool, "_attn_pool_combine_kernel"),
+        "scores": (attn_pool, "_scores_kernel"),
+        "pool_fwd": (attn_pool, "_pool_fwd_kernel"),
+        "pool_combine": (attn_pool, "_pool_combine_kernel"),
+        "token_bwd": (attn_pool, "_token_bwd_kernel"),
+        "pool_bwd": (attn_pool, "_pool_bwd_kernel"),
         "layer_norm_fwd": (layer_norm, "_layer_norm_fwd_kernel"),
         "layer_norm_bwd": (layer_norm, "_layer_norm_bwd_kernel"),
         "cls_proj_fwd": (cls_proj, "_cls_proj_fwd_kernel"),
         "cls_proj_bwd": (cls_proj, "_cls_proj_bwd_kernel"),
+    }
+    # The kernels each primitive launches (without a token split: no combine).
+    PRIMITIVE_KERNELS = {
+        "attn_pool_fwd": {"scores", "pool_fwd"}, "attn_pool_bwd": {"token_bwd", "pool_bwd"},
+        "layer_norm_fwd": {"layer_norm_fwd"}, "layer_norm_bwd": {"layer_norm_bwd"},
+        "cls_proj_fwd": {"cls_proj_fwd"}, "cls_proj_bwd": {"cls_proj_bwd"},
     }
 
 
@@ -165,14 +174,15 @@ def test_every_primitive_launches_its_kernel(dtype):
         with spied(*KERNELS) as spies:
             call()
         launched = {k for k, s in spies.items() if s.grids}
-        assert launched == {name}, f"{name} launched {sorted(launched)}"
+        assert launched == PRIMITIVE_KERNELS[name], f"{name} launched {sorted(launched)}"
 
 
 def test_split_forward_launches_the_combine_kernel():
     x0, patches, kt, gamma, beta = pool_inputs(1, 200, 24, 3, torch.float32)
-    with spied("attn_pool_combine") as spies:
-        tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)     # B = 1: the heuristic splits
-    assert spies["attn_pool_combine"].grids == [(1, 3)]
+    with spied("pool_fwd", "pool_combine") as spies:
+        tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)     # B = 1: the plan splits
+    (_, tiles, splits), = spies["pool_fwd"].grids
+    assert splits > 1 and spies["pool_combine"].grids == [(3, tiles)]
 
 
 def test_ops_route_through_the_kernels():
@@ -182,7 +192,7 @@ def test_ops_route_through_the_kernels():
     cls = torch.randn(B, 1, C, device=DEVICE, requires_grad=True)
     nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
     wq, wk, wv, wp = (torch.randn(C, C, device=DEVICE) / C ** 0.5 for _ in range(4))
-    with spied(*(k for k in KERNELS if k != "attn_pool_combine")) as spies:  # too few tokens to split
+    with spied(*(k for k in KERNELS if k != "pool_combine")) as spies:  # too few tokens to split
         y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, wq, None, wk, None, wv, None, wp,
                                     None, H, (C // H) ** -0.5, backend="triton")
         y, _ = ops.add_layer_norm(y, cls, nw, nb, backend="triton")
@@ -196,42 +206,106 @@ def test_ops_route_through_the_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
 def test_attn_pool_forced_splits(splits, dtype):
-    # C = 40 -> BLOCK_N = 32; 151 tokens in 3 splits of at most 64; the combine runs per (b, h).
-    with spied("attn_pool_fwd", "attn_pool_bwd", "attn_pool_combine") as spies:
+    # 151 tokens in 3 splits (of 64, 64, 23 tokens with 16-token tiles); C = 40: one channel tile
+    # of 64 with 24 masked columns.
+    with spied("pool_fwd", "pool_bwd", "pool_combine") as spies:
         check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (2, 150, 40, 3), dtype,
                         splits=splits)
-    assert spies["attn_pool_fwd"].grids == [(2, splits)]
-    assert spies["attn_pool_bwd"].grids == [(2, splits)]
-    assert spies["attn_pool_combine"].grids == ([] if splits == 1 else [(2, 3)])
+    tiles = spies["pool_fwd"].grids[0][1]
+    assert spies["pool_fwd"].grids == spies["pool_bwd"].grids == [(2, tiles, splits)]
+    assert spies["pool_combine"].grids == ([] if splits == 1 else [(2 * 3, tiles)])
 
 
 def test_attn_pool_splits_n0_and_more_splits_than_blocks():
-    # Only the CLS token, and a request for more splits than there are token blocks.
-    with spied("attn_pool_fwd") as spies:
+    # Only the CLS token, and a request for more splits than there are token tiles.
+    with spied("pool_fwd") as spies:
         check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (2, 0, 24, 2),
                         torch.float32, splits=4)
         check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, (1, 70, 24, 2),
                         torch.float32, splits=8)
-    assert spies["attn_pool_fwd"].grids == [(2, 1), (1, 3)]   # 71 tokens: 3 blocks of 32
+    assert [g[2] for g in spies["pool_fwd"].grids] == [1, 5]   # 71 tokens: 5 tiles of 16
 
 
-def test_split_heuristic():
-    sms = _launch.num_sms(torch.device(DEVICE))
-    # Few samples, many tokens: split, at least MIN_SPLIT_TOKENS per split, every split non-empty.
-    S, chunk = attn_pool._splits(1, 401, 16, torch.device(DEVICE), None)
-    assert S > 1 and (S - 1) * chunk < 401 <= S * chunk and chunk % 16 == 0
-    # Enough samples to fill the GPU (1.5 per SM), or few tokens: no split.
-    assert attn_pool._splits(2 * sms, 401, 16, torch.device(DEVICE), None)[0] == 1
-    assert attn_pool._splits(3 * sms // 2, 401, 16, torch.device(DEVICE), None)[0] == 1
-    assert attn_pool._splits(sms, 401, 16, torch.device(DEVICE), None)[0] == 2
-    assert attn_pool._splits(1, 40, 16, torch.device(DEVICE), None)[0] == 1
+@pytest.mark.parametrize("shape", [(2, 1, 100, 3), (3, 37, 72, 5), (2, 40, 20, 7), (5, 23, 130, 6)],
+                         ids=["one_patch_C100", "C72_H5", "C20_H7", "C130_H6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attn_pool_channel_tiling_edges(shape, dtype):
+    """Widths that leave a partial channel tile (72 = 64 + 8, 100, 130 = 2·64 + 2, 20 < one
+    tile), one patch token, head counts that are not powers of two, a token count that no split
+    divides (forced 3 splits), forward and backward against float64."""
+    check_attn_pool(attn_pool.attn_pool_fwd, attn_pool.attn_pool_bwd, shape, dtype, splits=3)
 
 
-def test_backend_splits_small_batches_by_itself():
-    # B = 1, 201 tokens, C = 24 (BLOCK_N = 32): the default heuristic splits in 4.
-    with spied("attn_pool_fwd", "attn_pool_bwd") as spies:
-        check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (1, 200, 24, 2), torch.float32)
-    assert spies["attn_pool_fwd"].grids == [(1, 4)] and spies["attn_pool_bwd"].grids == [(1, 4)]
+def test_rows_with_a_large_mean_keep_fp32_accuracy():
+    """The statistics merged tile by tile are as stable as a two-pass variance: tokens with a
+    mean 1000 times their spread (where E[x²] − E[x]² would lose every digit in fp32) stay
+    within fp32's bar, across several channel tiles."""
+    x0, patches, kt, gamma, beta = pool_inputs(2, 30, 150, 3, torch.float64)
+    x0, patches = x0 + 1000.0, patches + 1000.0
+    args = [t.float() for t in (x0, patches, kt, gamma, beta)]
+    ref_in = f64(*args)          # the fp32 inputs exactly: what is left is the kernels' rounding
+    z_ref, lse_ref = ref.attn_pool_fwd(*ref_in, EPS)
+    z, lse = attn_pool.attn_pool_fwd(*args, EPS)
+    # fp32 arithmetic on tokens of magnitude 1000 holds their deviations from the mean to about
+    # 1000 · 6e-8 = 6e-5 of a unit, as the PyTorch backend's fp32 does (4e-5 to 9e-5 here); a
+    # one-pass E[x²] − E[x]² would be off by percents, and scores dotted on the raw tokens
+    # (cancelling μ Σ g afterwards) by 3e-4
+    tol = 1e-4
+    assert_rel_close(z, z_ref, tol, "z")
+    assert_rel_close(lse, lse_ref, tol, "lse")
+    dz = torch.randn_like(z_ref)
+    expected = ref.attn_pool_bwd(dz, *ref_in, z_ref, lse_ref, EPS)
+    grads = attn_pool.attn_pool_bwd(dz.float(), *args, z, lse, EPS)
+    for name, g, e in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"), grads, expected):
+        assert_rel_close(g, e, tol, name)
+
+
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_small_batches_take_a_few_tokens_per_program(B):
+    """Few samples: the token kernels take 4 or 8 tokens per program inside a 16-token tile
+    (masked), the pooling kernels split the tokens; results as ever."""
+    with spied("scores", "token_bwd", "pool_fwd") as spies:
+        check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (B, 50, 40, 3), torch.float32)
+    p = attn_pool.plan(B, 51, 40, 3, _launch.num_sms(torch.device(DEVICE)))
+    assert p.tokens < p.block_n == 16 and p.splits > 1
+    assert spies["scores"].grids == spies["token_bwd"].grids == [(B, -(-51 // p.tokens))]
+    assert spies["pool_fwd"].grids == [(B, -(-40 // p.block_c), p.splits)]
+
+
+def _programs(B, T, C, H, sms=132):
+    """Programs of the token kernels and of the pooling kernels at a shape."""
+    p = attn_pool.plan(B, T, C, H, sms)
+    return B * p.token_groups(T), B * -(-C // p.block_c) * p.splits
+
+
+def _cross_attention_shapes():
+    """``(C, H, T)`` of every cross-attention the 11 variants run, at their default size."""
+    from crossvit_fast.variants import list_models
+    from bench.shapes import op_cases
+    return sorted({(c.c_in, c.heads, c.patches + 1) for c in op_cases(list_models())
+                   if c.op == "cross_attention"})
+
+
+def test_the_plan_fills_the_gpu_for_every_variant():
+    """From batch 8 up every launch of the token pass is at least a full wave of a 132-SM GPU,
+    and at batch 256 at least 4 programs per SM (issue 19's targets)."""
+    shapes = _cross_attention_shapes()
+    assert len(shapes) >= 10
+    for C, H, T in shapes:
+        for B in (8, 16, 32, 64, 128, 256):
+            token, pool = _programs(B, T, C, H)
+            assert token >= 132 and pool >= 132, (C, H, T, B, token, pool)
+        token, pool = _programs(256, T, C, H)
+        assert token >= 4 * 132 and pool >= 4 * 132, (C, H, T, token, pool)
+
+
+def test_the_plan_splits_only_what_the_batch_cannot_fill():
+    sms = 132
+    assert attn_pool.plan(256, 401, 224, 7, sms).splits == 1
+    p = attn_pool.plan(1, 401, 224, 7, sms)
+    assert p.splits > 1 and (p.splits - 1) * p.chunk < 401 <= p.splits * p.chunk
+    assert p.chunk % p.block_n == 0 and p.chunk >= attn_pool.MIN_SPLIT_TOKENS
+    assert attn_pool.plan(1, 20, 224, 7, sms).splits == 1     # too few tokens to split
 
 
 # --- shapes and dtypes ---------------------------------------------------------------------------
@@ -265,18 +339,25 @@ def test_layer_norm_448_strided_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cls_proj_448_to_224(dtype):
-    tokens = torch.randn(3, 2, 448, device=DEVICE).to(dtype)
+@pytest.mark.parametrize("shape", [(3, 448, 224), (17, 100, 72), (2, 20, 200), (5, 130, 20)],
+                         ids=["crossvit_18", "rows_over_a_block", "narrow_in", "narrow_out"])
+def test_cls_proj_tiling_edges(shape, dtype):
+    """Widths that are not multiples of the channel tiles (64 in, 32/64 out), more rows than a
+    block, and a row mean of 5 (the statistics merged tile by tile must not lose it)."""
+    M, Cin, Cout = shape
+    tokens = (5 + torch.randn(M, 2, Cin, device=DEVICE)).to(dtype)
     x = tokens[:, 0]
-    ln_w, ln_b = 1 + 0.3 * torch.randn(448, device=DEVICE), 0.3 * torch.randn(448, device=DEVICE)
-    w, b = torch.randn(224, 448, device=DEVICE) / 448 ** 0.5, 0.1 * torch.randn(224, device=DEVICE)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(Cin, device=DEVICE), 0.3 * torch.randn(Cin, device=DEVICE)
+    w, b = torch.randn(Cout, Cin, device=DEVICE) / Cin ** 0.5, 0.1 * torch.randn(Cout, device=DEVICE)
     ref_in = f64(x, ln_w, ln_b, w, b)
     y_ref, mean_ref, rstd_ref = ref.cls_proj_fwd(*ref_in, EPS)
     lowp = dtype != torch.float32
     tol = tolerance(dtype, [torch_lowp_error(naive_cls_proj, ref_in, dtype)] if lowp else [])
     y, mean, rstd = tb.cls_proj_fwd(x, ln_w, ln_b, w, b, EPS)
     assert_rel_close(y, y_ref, tol, "y")
-    dy = torch.randn(3, 224, device=DEVICE, dtype=torch.float64)
+    assert_rel_close(mean, mean_ref, tol, "mean")
+    assert_rel_close(rstd, rstd_ref, tol, "rstd")
+    dy = torch.randn(M, Cout, device=DEVICE, dtype=torch.float64)
     expected = ref.cls_proj_bwd(dy, *ref_in[:4], mean_ref, rstd_ref)
     if lowp:
         naive_grads = lambda *a: torch.autograd.grad(naive_cls_proj(*a), a, dy.to(a[0].dtype))  # noqa: E731
@@ -346,51 +427,20 @@ def test_unavailable_reason(monkeypatch):
     assert tb.unavailable_reason(torch.device("meta")) is not None
 
 
-def test_a_kernel_that_does_not_fit_the_gpu_warns_and_runs_the_torch_backend(monkeypatch):
-    """Triton's OutOfResources (seen on an H100 for very wide fp32 rows) is not a crash; after the
-    first failure neither the forward nor the backward kernel of that shape is tried (nor
-    warned about) again, so both directions compute the scores alike."""
-    from triton.runtime.errors import OutOfResources
-
-    attempts = []
-
-    def too_big(*args, **kwargs):
-        attempts.append(1)
-        raise OutOfResources(238592, 232448, "shared memory")
-
-    monkeypatch.setattr(attn_pool, "attn_pool_fwd", too_big)
-    monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
-    monkeypatch.setattr(tb, "_does_not_fit", set())
-    x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))
-    with pytest.warns(RuntimeWarning, match="does not fit this GPU.*PyTorch backend"):
-        z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
-    dz = torch.randn_like(z)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        grads = tb.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
-        z_again, _ = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
-    want = ref.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, EPS)
-    assert all(torch.equal(g, w) for g, w in zip(grads, want))
-    assert len(attempts) == 1 and torch.equal(z_again, z)
-
-
-def test_a_backward_that_does_not_fit_sends_its_forward_to_torch_too(monkeypatch):
-    from triton.runtime.errors import OutOfResources
-
-    def too_big(*args, **kwargs):
-        raise OutOfResources(238592, 232448, "shared memory")
-
-    forwards = []
-    real_fwd = attn_pool.attn_pool_fwd
-    monkeypatch.setattr(attn_pool, "attn_pool_fwd", lambda *a, **k: forwards.append(1) or real_fwd(*a, **k))
-    monkeypatch.setattr(attn_pool, "attn_pool_bwd", too_big)
-    monkeypatch.setattr(tb, "_does_not_fit", set())
-    x0, patches, kt, gamma, beta = (t.float() for t in pool_inputs(2, 9, 20, 3, torch.float32))
-    z, lse = tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
-    with pytest.warns(RuntimeWarning, match="cross-attention backward"):
-        tb.attn_pool_bwd(torch.randn_like(z), x0, patches, kt, gamma, beta, z, lse, EPS)
-    tb.attn_pool_fwd(x0, patches, kt, gamma, beta, EPS)
-    assert len(forwards) == 1
+def test_gpus_older_than_the_a100_are_refused_with_the_reason(monkeypatch):
+    """The kernels are built and checked for sm_80 and up (bench.kernel_resources): an older GPU
+    gets one clear reason, and ``auto`` then takes the next backend."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    reason = tb.unavailable_reason(torch.device("cuda"))
+    assert "8.0 (A100) or newer" in reason and "Tesla T4 is 7.5" in reason
+    cached = backends._unavailable_reason
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda name, device: (
+        reason if name == "triton" else cached(name, device)))
+    assert backends.resolve("auto", "cuda") != "triton"
+    with pytest.raises(backends.BackendUnavailableError, match="Tesla T4 is 7.5"):
+        backends.resolve("triton", "cuda")
 
 
 def test_op_with_no_samples():

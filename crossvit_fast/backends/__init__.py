@@ -4,8 +4,9 @@ Each backend is a module exposing the seven primitives of :mod:`.torch_backend` 
 ``unavailable_reason(device) -> Optional[str]`` (``None`` when it can run on that device).
 The choice is made, in order of precedence, per call (``backend=`` on the functional ops), per
 context (:func:`use_backend`), or globally (:func:`set_backend`, seeded from the
-``CROSSVIT_FAST_BACKEND`` environment variable). ``auto`` picks Triton on CUDA tensors, the CUDA
-extension where Triton cannot run, and PyTorch elsewhere.
+``CROSSVIT_FAST_BACKEND`` environment variable). ``auto`` picks Triton on CUDA tensors of a GPU
+of compute capability 8.0 or newer, the CUDA extension where Triton cannot run (an older GPU, no
+Triton), and PyTorch elsewhere.
 """
 from __future__ import annotations
 
