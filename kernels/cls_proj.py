@@ -1,12 +1,22 @@
 """CLS projection ``y = GELU(LN(x)) @ W.T + b`` (GELU exact, erf), forward and backward.
 
+No program holds a whole row: every block is ``BLOCK_M`` rows by a fixed channel tile, so shared
+memory and registers do not grow with ``Cin`` or ``Cout`` (the whole-row design needed 130 KB of
+shared memory and spilled at ``Cin = 768``: more than an RTX 30xx/40xx grants a block).
+
 The rows are few (one CLS token per sample), so the forward tiles the output columns: a program
-takes ``BLOCK_M`` rows and ``BLOCK_O`` outputs, computes the rows' LayerNorm statistics over the
-whole width, then walks the input width in ``BLOCK_K`` chunks, recomputing LN → GELU on each chunk
-in registers and feeding it to ``tl.dot`` with the weight tile. The backward kernel recomputes
-LN → GELU per row block, accumulates ``dy @ W`` over output chunks with ``tl.dot``, and writes
-``dx`` (LayerNorm backward through GELU'), the activation (for ``dW = dyᵀ act``, a cuBLAS
-matmul) and per-program partial ``dln_weight``/``dln_bias``.
+takes ``BLOCK_M`` rows and ``BLOCK_O`` outputs, sweeps the input width in ``BLOCK_K`` tiles once
+for the rows' LayerNorm statistics (per-tile mean and M2 merged with Chan's update,
+``_stats.merge_tile_stats``: stable when a row's mean is large against its spread), then again
+recomputing LN → GELU on each tile in registers and feeding it to ``tl.dot`` with the weight tile.
+
+The backward takes the forward's ``mean``/``rstd``; one program per ``BLOCK_M`` rows sweeps the
+input width twice. LayerNorm's backward needs two sums over the whole row (``Σ dn`` and
+``Σ dn·n``, ``dn = du ⊙ ln_weight``, ``du = (dy @ W) ⊙ GELU'(u)``) before any ``dx`` is known,
+so sweep 1 computes each tile's ``du`` (``dy @ W[:, tile]`` accumulated over ``BLOCK_O`` output
+chunks with ``tl.dot``), accumulates the sums, and writes the tile's activation (for
+``dW = dyᵀ act``, a cuBLAS matmul) and per-program partial ``dln_weight``/``dln_bias``; sweep 2
+recomputes ``du`` by the same code (so the same values) and writes ``dx``.
 """
 from __future__ import annotations
 
@@ -18,21 +28,17 @@ from torch import Tensor
 
 from ._launch import (acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, tl_dtypes,
                       unit_last_stride)
+from ._stats import merge_tile_stats, rstd_of
 
 BLOCK_M = 16      # rows per program: the smallest tl.dot
 BLOCK_O = 32      # forward: output columns per program
-BLOCK_K = 64      # forward: input columns per dot step
+BLOCK_K = 64      # input columns per tile (forward and backward)
+BLOCK_O_BWD = 64  # backward: output columns per dot step of dy @ W
 
 
-@triton.jit
-def _row_stats(x_ptr, rows, M, Cin, s_x, eps, BLOCK_CIN: tl.constexpr, ACC: tl.constexpr):
-    """``(mean, rstd)`` of rows ``rows`` (whole width in registers, two-pass variance)."""
-    cols = tl.arange(0, BLOCK_CIN)
-    mask = (rows < M)[:, None] & (cols < Cin)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(ACC)
-    mean = tl.sum(x, 1) / Cin
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    return mean, 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / Cin + eps)
+def _tile(width: int, block: int) -> int:
+    """``block``, or less for a narrower ``width`` (no wasted lanes; ``tl.dot`` needs ≥ 16)."""
+    return min(block, max(16, next_power_of_2(width)))
 
 
 @triton.jit
@@ -47,11 +53,18 @@ def _gelu(u):
 def _cls_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                          M, Cin, Cout, s_x, eps: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_CIN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+                         ACC: tl.constexpr, DOT: tl.constexpr):
     """Grid ``(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))``; ``W`` is ``[Cout, Cin]`` contiguous."""
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mean, rstd = _row_stats(x_ptr, rows, M, Cin, s_x, eps, BLOCK_CIN, ACC)
+    mean = tl.zeros([BLOCK_M], ACC)
+    m2 = tl.zeros([BLOCK_M], ACC)
+    for c0 in range(0, Cin, BLOCK_K):
+        k = c0 + tl.arange(0, BLOCK_K)
+        xmask = (rows < M)[:, None] & (k < Cin)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * s_x + k[None, :], mask=xmask, other=0.0).to(ACC)
+        mean, m2 = merge_tile_stats(mean, m2, c0, x, xmask, tl.minimum(BLOCK_K, Cin - c0))
+    rstd = rstd_of(m2, Cin, eps)
     acc = tl.zeros([BLOCK_M, BLOCK_O], ACC)
     for k0 in range(0, Cin, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -71,40 +84,62 @@ def _cls_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr,
         tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _cls_proj_bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_ptr,
-                         dx_ptr, act_ptr, dlnw_ptr, dlnb_ptr, M, Cin, Cout, s_dy, s_x,
-                         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
-                         BLOCK_CIN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
-    """Grid ``cdiv(M, BLOCK_M)``. ``du = (dy @ W) ⊙ GELU'(u)``, ``dx`` = LayerNorm backward of
-    ``du ⊙ ln_weight``; writes ``act`` ``[M, Cin]`` and row ``pid`` of the partial
-    ``dln_weight = Σ du n`` and ``dln_bias = Σ du``."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_CIN)
-    mask = (rows < M)[:, None] & (cols < Cin)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + rows, mask=rows < M, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+@triton.jit
+def _du_tile(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, rows, k, mean, rstd, M, Cin, Cout, s_dy, s_x,
+             BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """For rows ``rows`` and input columns ``k``: ``(mask, n, lnw, act, du)``, ``n`` the
+    normalized input, ``act = GELU(n ⊙ lnw + lnb)``, ``du = (dy @ W[:, k]) ⊙ GELU'`` (zero
+    outside ``mask``)."""
+    mask = (rows < M)[:, None] & (k < Cin)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * s_x + k[None, :], mask=mask, other=0.0).to(ACC)
     n = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    lnw = tl.load(lnw_ptr + cols, mask=cols < Cin, other=0.0)
-    lnb = tl.load(lnb_ptr + cols, mask=cols < Cin, other=0.0)
+    lnw = tl.load(lnw_ptr + k, mask=k < Cin, other=0.0)
+    lnb = tl.load(lnb_ptr + k, mask=k < Cin, other=0.0)
     act, dact = _gelu(n * lnw[None, :] + lnb[None, :])
-    tl.store(act_ptr + rows[:, None] * Cin + cols[None, :], act, mask=mask)
-    dact_in = tl.zeros([BLOCK_M, BLOCK_CIN], ACC)          # dy @ W
+    g = tl.zeros([BLOCK_M, k.shape[0]], ACC)                 # dy @ W[:, k]
     for o0 in range(0, Cout, BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
         dy = tl.load(dy_ptr + rows[:, None] * s_dy + o[None, :],
                      mask=(rows < M)[:, None] & (o < Cout)[None, :], other=0.0)
-        w = tl.load(w_ptr + o[:, None] * Cin + cols[None, :],
-                    mask=(o < Cout)[:, None] & (cols < Cin)[None, :], other=0.0)
-        dact_in += tl.dot(dy.to(DOT), w.to(DOT), input_precision="ieee")
-    du = tl.where(mask, dact_in * dact, 0.0)
-    dn = du * lnw[None, :]
-    dx = (dn - (tl.sum(dn, 1) / Cin)[:, None] - n * (tl.sum(dn * n, 1) / Cin)[:, None]) * rstd[:, None]
-    tl.store(dx_ptr + rows[:, None] * Cin + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dlnw_ptr + pid * Cin + cols, tl.sum(du * n, 0), mask=cols < Cin)
-    tl.store(dlnb_ptr + pid * Cin + cols, tl.sum(du, 0), mask=cols < Cin)
+        w = tl.load(w_ptr + o[:, None] * Cin + k[None, :],
+                    mask=(o < Cout)[:, None] & (k < Cin)[None, :], other=0.0)
+        g += tl.dot(dy.to(DOT), w.to(DOT), input_precision="ieee")
+    return mask, n, lnw, act, tl.where(mask, g * dact, 0.0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _cls_proj_bwd_kernel(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_ptr,
+                         dx_ptr, act_ptr, dlnw_ptr, dlnb_ptr, M, Cin, Cout, s_dy, s_x,
+                         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ACC: tl.constexpr, DOT: tl.constexpr):
+    """Grid ``cdiv(M, BLOCK_M)``. ``dx`` = LayerNorm backward of ``du ⊙ ln_weight``; writes
+    ``act`` ``[M, Cin]`` and row ``pid`` of the partial ``dln_weight = Σ du n`` and
+    ``dln_bias = Σ du``."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mean = tl.load(mean_ptr + rows, mask=rows < M, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+    sum_dn = tl.zeros([BLOCK_M], ACC)
+    sum_dn_n = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, Cin, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask, n, lnw, act, du = _du_tile(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, rows, k, mean,
+                                         rstd, M, Cin, Cout, s_dy, s_x, BLOCK_M, BLOCK_O, ACC, DOT)
+        dn = du * lnw[None, :]
+        sum_dn += tl.sum(dn, 1)
+        sum_dn_n += tl.sum(dn * n, 1)
+        tl.store(act_ptr + rows[:, None] * Cin + k[None, :], act, mask=mask)
+        tl.store(dlnw_ptr + pid * Cin + k, tl.sum(du * n, 0), mask=k < Cin)
+        tl.store(dlnb_ptr + pid * Cin + k, tl.sum(du, 0), mask=k < Cin)
+    mean_dn = sum_dn / Cin
+    mean_dn_n = sum_dn_n / Cin
+    for k0 in range(0, Cin, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask, n, lnw, _, du = _du_tile(dy_ptr, x_ptr, lnw_ptr, lnb_ptr, w_ptr, rows, k, mean,
+                                       rstd, M, Cin, Cout, s_dy, s_x, BLOCK_M, BLOCK_O, ACC, DOT)
+        dx = (du * lnw[None, :] - mean_dn[:, None] - n * mean_dn_n[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * Cin + k[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _prepare(x: Tensor, *params: Tensor):
@@ -121,10 +156,9 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     acc, ACC, DOT, x, ln_weight, ln_bias, weight, bias = _prepare(x, ln_weight, ln_bias, weight, bias)
     y = x.new_empty((M, Cout))
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
-    block_cin = max(16, next_power_of_2(Cin))
     launch(_cls_proj_fwd_kernel)[(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))](
         x, ln_weight, ln_bias, weight, bias, y, mean, rstd, M, Cin, Cout, x.stride(0), eps,
-        BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=min(BLOCK_K, block_cin), BLOCK_CIN=block_cin,
+        BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=_tile(Cin, BLOCK_K),
         ACC=ACC, DOT=DOT, num_warps=4)
     return y, mean, rstd
 
@@ -138,7 +172,6 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     acc, ACC, DOT, x, ln_weight, ln_bias, weight, mean, rstd = _prepare(
         x, ln_weight, ln_bias, weight, mean, rstd)
     dy = unit_last_stride(dy)
-    block_cin = max(16, next_power_of_2(Cin))
     programs = cdiv(M, BLOCK_M)
     dx = x.new_empty((M, Cin))
     act = x.new_empty((M, Cin), dtype=acc)
@@ -146,7 +179,7 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
     launch(_cls_proj_bwd_kernel)[(programs,)](
         dy, x, ln_weight, ln_bias, weight, mean, rstd, dx, act, dlnw, dlnb, M, Cin, Cout,
         dy.stride(0), x.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_O=max(16, min(64, 8192 // block_cin)), BLOCK_CIN=block_cin,
-        ACC=ACC, DOT=DOT, num_warps=4 if block_cin <= 256 else 8)
+        BLOCK_M=BLOCK_M, BLOCK_O=_tile(Cout, BLOCK_O_BWD), BLOCK_K=_tile(Cin, BLOCK_K),
+        ACC=ACC, DOT=DOT, num_warps=8)   # 4 spilled registers on sm_90 (bench.kernel_resources)
     dy = dy.to(acc)
     return dx, dlnw.sum(dim=0), dlnb.sum(dim=0), dy.t() @ act, dy.sum(dim=0)
