@@ -304,6 +304,42 @@ def test_triton_ops_compute_what_the_custom_ops_compute(name):
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
+def _written_pointers(kernel) -> set:
+    """The pointer arguments ``kernel`` may write: those named in the address of a ``tl.store``,
+    directly or through a local variable assigned from them (``ptrs, mask = helper(out_ptr, ...)``).
+    A superset of what Triton's TTIR says, read from the source."""
+    import ast
+    import inspect
+    import textwrap
+    fn = kernel
+    while not inspect.isfunction(fn):      # JITFunction / InterpretedFunction wrappers
+        fn = fn.fn
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    assigned = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            names = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            for target in node.targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Name):
+                        assigned.setdefault(t.id, set()).update(names)
+    written = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "store"):
+            for name in {n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name)}:
+                written |= {name} | assigned.get(name, set())
+    return {name for name in written & set(kernel.arg_names) if name.endswith("_ptr")}
+
+
+@triton_here
+def test_the_written_pointers_are_read_from_the_kernel_source():
+    from crossvit_fast.kernels import attn_pool
+    assert _written_pointers(attn_pool._scores_kernel) == {"s_ptr", "mean_ptr", "rstd_ptr", "m_ptr", "l_ptr"}
+    assert _written_pointers(attn_pool._token_bwd_kernel) == {
+        "dx0_ptr", "dp_ptr", "a_ptr", "ds_ptr", "mean_ptr", "rstd_ptr"}
+
+
 @pytest.fixture
 def compilable_triton(monkeypatch):
     """The kernels as a GPU machine holds them (Triton's JITFunction, which the compiler can
@@ -322,6 +358,18 @@ def compilable_triton(monkeypatch):
                 swaps.append((module, name, JITFunction(fn.fn), fn))
                 monkeypatch.setattr(module, name, swaps[-1][2])
     monkeypatch.setattr(triton_backend, "recordable", lambda: True)
+    # Functionalization asks which arguments each launch writes. On a GPU machine the compiler
+    # reads it from the kernel's TTIR; here Triton cannot make TTIR (its interpreter replaces
+    # triton.language) and the compiler would take every argument as written, a reading its
+    # partitioner cannot follow through two backward kernels ("Node ... was invalid, but is
+    # output"). The kernels' sources say which pointers they store through.
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    def mutated_tensors(kernel_idx, constant_args_idx, kwargs, tma_descriptor_metadata):
+        written = _written_pointers(triton_kernel_wrap.kernel_side_table.get_kernel(kernel_idx))
+        return [name for name, value in kwargs.items()
+                if name in written and isinstance(value, torch.Tensor)]
+    monkeypatch.setattr(triton_kernel_wrap, "get_mutated_tensors", mutated_tensors)
     torch._dynamo.reset()
     yield swaps
     torch._dynamo.reset()
@@ -330,9 +378,7 @@ def compilable_triton(monkeypatch):
 def _run_as_traced(swaps):
     """A torch.compile backend that runs AOTAutograd's forward and backward graphs as traced
     (functionalized kernel launches, no inductor), each launch made by the kernel that
-    ``compilable_triton`` swapped out: Triton's interpreter runs them on the CPU. Here the
-    compiler's analysis of which arguments a kernel writes always fails (no GPU driver), so
-    functionalization takes every tensor argument as written: the strictest reading."""
+    ``compilable_triton`` swapped out: Triton's interpreter runs them on the CPU."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
