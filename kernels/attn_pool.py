@@ -73,7 +73,8 @@ class Plan(NamedTuple):
     block_c: int        # channel tile of a pooling program
     splits: int         # token splits of the pooling kernels
     chunk: int          # tokens per split, a multiple of block_n
-    warps: int          # num_warps of the token and pooling kernels
+    warps: int          # num_warps of every kernel but the combine
+    pool_bwd_stages: int  # pipeline stages of the pooling backward
 
     def token_groups(self, T: int) -> int:
         return cdiv(T, self.tokens)
@@ -104,11 +105,14 @@ def plan(B: int, T: int, C: int, H: int, sms: int, splits: Optional[int] = None,
         splits = 1 if programs >= sms else min(cdiv(2 * sms, programs), cdiv(T, MIN_SPLIT_TOKENS))
     chunk = cdiv(cdiv(T, max(1, splits)), block_n) * block_n
     block_k = min(widest, max(16, next_power_of_2(C)))
+    block_c = min(block_c, block_k)
     # Tiles of 32 tokens and more take 8 warps: with 4, the token kernels spilled registers on
-    # sm_80 and the pooling kernel on sm_86/89 (bench.kernel_resources).
+    # sm_80 and the pooling forward on sm_86/89. The pooling backward's two accumulators leave
+    # room for a second tile in flight only on channel tiles narrower than 64 (with one stage
+    # those spilled, with two the 64-wide ones: bench.kernel_resources, Triton 3.8 and 3.9).
     return Plan(h_pad=max(16, next_power_of_2(H)), block_n=block_n, tokens=tokens,
-                block_k=block_k, block_c=min(block_c, block_k), splits=cdiv(T, chunk), chunk=chunk,
-                warps=8 if block_n >= 32 else 4)
+                block_k=block_k, block_c=block_c, splits=cdiv(T, chunk), chunk=chunk,
+                warps=8 if block_n >= 32 else 4, pool_bwd_stages=2 if block_c < 64 else 1)
 
 
 def _plan_for(x0: Tensor, patches: Tensor, kt: Tensor, splits: Optional[int],
@@ -542,6 +546,6 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
         x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1),
         dz.stride(0), dz.stride(1),
         H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_C=p.block_c, ACC=ACC, DOT=DOT,
-        num_warps=p.warps, num_stages=NUM_STAGES)
+        num_warps=p.warps, num_stages=p.pool_bwd_stages)
     return (dx0, dpatches, dkt.view(B, H, C) if p.splits == 1 else dkt.sum(dim=1),
             dgamma.sum(dim=0), dbeta.sum(dim=0))
