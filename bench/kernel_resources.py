@@ -6,11 +6,14 @@ instead of made: the kernel, its grid, its arguments. Each distinct launch is th
 ``triton.compile`` for sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (RTX 40xx, L4) and sm_90 (H100,
 H200), typed as inductor types a compiled model's launches (Python floats as fp64, pointers
 16-byte aligned), and the bundled ``ptxas -v`` reports registers and spills. A configuration
-*fits* where its shared memory is within the GPU's per-block limit.
+*fits* where its shared memory is within the GPU's per-block limit. ``--check`` fails where one
+misses a target (:func:`violations`: not fitting, spilling, a token-pass launch under a full
+wave from batch 8 up or under 4 programs per SM at batch 256); tests/test_kernel_resources.py runs
+it in CI. The CUDA backend's shared-memory plan (bench.cuda_plan) goes in the same report.
 
 Needs Triton's compiler, not its interpreter: run it in a process without ``TRITON_INTERPRET``.
 
-    python -m bench.kernel_resources                         # all 11 variants, batch 1 and 256
+    python -m bench.kernel_resources --batches 1,8,256 --out bench/results --check   # all 11 variants
     python -m bench.kernel_resources --variants crossvit_18_240 --modes bf16 --targets 90
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import cuda_plan
 from .shapes import op_cases
 
 # (name, SMs of the representative part, shared memory a block may opt into, bytes)
@@ -38,6 +42,11 @@ TARGETS: Dict[int, Tuple[str, int, int]] = {
     89: ("RTX 4090 / L4", 128, 101376),
     90: ("H100 / H200", 132, 232448),
 }
+# The token pass's kernels (forward, backward, maps): from WAVE_FROM_BATCH samples up each launch
+# is at least one full wave (a program per SM), and at batch 256 PROGRAMS_PER_SM_AT_256 per SM.
+TOKEN_PASS_KERNELS = ("_scores_kernel", "_pool_fwd_kernel", "_token_bwd_kernel", "_pool_bwd_kernel")
+WAVE_FROM_BATCH = 8
+PROGRAMS_PER_SM_AT_256 = 4
 # dtype modes: (token dtype, dot dtype of the token pass, LayerNorm residual dtype, output dtype)
 MODES = {
     "fp32": (torch.float32, None, torch.float32, None),
@@ -210,10 +219,30 @@ def table(variants: List[str], batches: List[int], modes: List[str], targets: Li
                 compiled[key] = compile_for(kernel, typed, cc)
             res = compiled[key]
             rows.append(dict(variant=variant, batch=batch, mode=mode, op=op, kernel=kernel.__name__,
-                             target=f"sm_{cc}", gpu=name, programs=programs,
+                             target=f"sm_{cc}", gpu=name, sms=sms, programs=programs,
                              programs_per_sm=programs / sms, fits=res["shared"] <= smem,
                              shared_limit=smem, **res))
     return rows
+
+
+def violations(rows: List[dict]) -> List[str]:
+    """Every configuration that misses issue 19's targets: shared memory over the GPU's limit,
+    spilled registers, or a token-pass launch under a full wave from batch 8 up or under 4
+    programs per SM at batch 256."""
+    out = []
+    for r in rows:
+        where = f"{r['target']} {r['variant']} batch {r['batch']} {r['mode']} {r['op']}: {r['kernel']}"
+        if not r["fits"]:
+            out.append(f"{where} needs {r['shared']} B of shared memory (limit {r['shared_limit']})")
+        if r["spill_bytes"]:
+            out.append(f"{where} spills {r['spill_bytes']} B ({r['registers']} registers)")
+        if r["kernel"] in TOKEN_PASS_KERNELS:
+            if r["batch"] >= WAVE_FROM_BATCH and r["programs"] < r["sms"]:
+                out.append(f"{where} launches {r['programs']} programs, under a wave of {r['sms']}")
+            if r["batch"] >= 256 and r["programs_per_sm"] < PROGRAMS_PER_SM_AT_256:
+                out.append(f"{where} launches {r['programs_per_sm']:.2f} programs per SM "
+                           f"(target {PROGRAMS_PER_SM_AT_256})")
+    return out
 
 
 def summary(rows: List[dict]) -> List[dict]:
@@ -236,10 +265,23 @@ def summary(rows: List[dict]) -> List[dict]:
     return out
 
 
-def markdown(rows: List[dict], made_with: str) -> str:
-    """The summary table (every configuration is in the JSON); ``made_with``: Triton and commit."""
+def cuda_plan_lines(plans: Dict[Tuple[int, int], dict]) -> List[str]:
+    """The CUDA backend's token pass: dynamic shared memory per block at each (C, H), against
+    each GPU's limit."""
+    head = ["C", "H", "forward B", "backward B", *[f"fits sm_{cc} ({TARGETS[cc][2]})" for cc in TARGETS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (C, H), p in sorted(plans.items()):
+        fits = ["yes" if max(p["fwd_bytes"], p["bwd_bytes"]) <= TARGETS[cc][2] else "no" for cc in TARGETS]
+        lines.append("| " + " | ".join(map(str, [C, H, p["fwd_bytes"], p["bwd_bytes"], *fits])) + " |")
+    return lines
+
+
+def markdown(rows: List[dict], made_with: str, plans: Optional[Dict[Tuple[int, int], dict]] = None) -> str:
+    """The summary table (every configuration is in the JSON), every miss of the targets, and the
+    CUDA backend's plan where given; ``made_with``: Triton and commit."""
     bad = [r for r in rows if not r["fits"]]
     spilling = [r for r in rows if r["spill_bytes"]]
+    misses = violations(rows)
     batches = sorted({r["batch"] for r in rows})
     head = ["kernel", "mode", "target", "fit", "max shared KB (limit)", "max regs", "spilling",
             "max spill B", *[f"programs/SM at batch {b}" for b in batches]]
@@ -251,17 +293,24 @@ def markdown(rows: List[dict], made_with: str) -> str:
                  *[f"{g['programs_per_sm'][b][0]:.2f}–{g['programs_per_sm'][b][1]:.2f}"
                    if b in g["programs_per_sm"] else "not launched" for b in batches]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    misfits = sorted({f"- {g['target']} {g['kernel']} {g['mode']}: " + ", ".join(g["not_fitting"])
-                      for g in summary(rows) if g["not_fitting"]})
     variants = sorted({r["variant"] for r in rows})
-    return "\n".join([
+    text = [
         "# Triton kernels compiled for sm_80, sm_86, sm_89 and sm_90 (no GPU)", "",
         f"Made with {made_with}. {len(rows)} configurations ({len(variants)} variants, batch {', '.join(map(str, batches))}, "
         f"modes {', '.join(sorted({r['mode'] for r in rows}))}): {len(bad)} need more shared memory "
-        f"than the GPU grants, {len(spilling)} spill registers. Programs per SM at the representative "
-        "part's SM count (A100 108, RTX 3090 82, RTX 4090 128, H100 132). Every configuration is in "
-        "kernel-resources.json; `python -m bench.kernel_resources --out DIR` makes both.", "",
-        *lines, "", "Configurations that do not fit:", "", *misfits])
+        f"than the GPU grants, {len(spilling)} spill registers, {len(misses)} miss a target (below). "
+        "Programs per SM at the representative part's SM count (A100 108, RTX 3090 82, RTX 4090 128, "
+        "H100 132); the token pass's kernels aim for a full wave from batch "
+        f"{WAVE_FROM_BATCH} and {PROGRAMS_PER_SM_AT_256} programs per SM at batch 256. Every "
+        "configuration is in kernel-resources.json; `python -m bench.kernel_resources --out DIR` "
+        "makes both.", "",
+        *lines, "", "Configurations that miss a target:", "", *(f"- {m}" for m in misses or ["none"])]
+    if plans:
+        text += ["", "## The CUDA backend's token pass (csrc/attn_pool_plan.h)", "",
+                 "Dynamic shared memory per block at each variant's cross-attention width and heads, "
+                 "computed by the header itself (bench.cuda_plan), against each GPU's per-block limit.",
+                 "", *cuda_plan_lines(plans)]
+    return "\n".join(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -272,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--modes", default=",".join(MODES), help=f"from {','.join(MODES)}")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 (listing them) where a configuration misses a target")
     parser.add_argument("--out", default=None, help="folder for kernel-resources.{json,md} (default: print only)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -281,13 +332,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                  [int(t) for t in args.targets.split(",")])
     import triton
     from crossvit_fast.benchmarking import git_commit
-    text = markdown(rows, f"Triton {triton.__version__} at commit {git_commit()}")
+    plans = None
+    if cuda_plan.host_compiler():
+        plans = cuda_plan.plan_table(sorted({(case.c_in, case.heads) for case in op_cases(variants)
+                                             if case.op == "cross_attention"}))
+    text = markdown(rows, f"Triton {triton.__version__} at commit {git_commit()}", plans)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "kernel-resources.json").write_text(json.dumps(rows, indent=1))
         (out / "kernel-resources.md").write_text(text + "\n")
-    print(text.split("\n")[2][:400])
+    print(text.split("\n")[2][:600])
+    misses = violations(rows)
+    if args.check and misses:
+        print("\n".join(misses), file=sys.stderr)
+        return 1
     return 0
 
 
