@@ -27,6 +27,12 @@
 #   STEPS="ext warm tests sanitize_triton race profile_compiled" TESTS_S=120 RACE_S=240 \
 #     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 bash scripts/gpu_check.sh
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
+# Issue 19's kernel timing (about 4 minutes; the channel-tiled token pass has never run on a GPU, so
+# its tests go first): each fused op at crossvit_18_240's shapes, batch 32 and 256, bf16, on the
+# Triton and CUDA backends against eager and compiled naive, with fractions of copy bandwidth:
+#   STEPS="ext tests kernels" TESTS="tests/test_triton_kernels.py tests/test_primitives.py
+#     tests/test_attention_maps.py" TESTS_S=90 KERNELS_S=240 DEADLINE_S=420 \
+#     KERNELS_ARGS="--models crossvit_18_240 --batch-sizes 32,256 --compile-budget-s 150" bash scripts/gpu_check.sh
 set -u
 # Each tensor its own cudaMalloc, so that memcheck sees accesses past a tensor, not just past a pool.
 SAN="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"
@@ -72,7 +78,7 @@ if step warm; then
   done
 fi
 
-GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py
+GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_attention_maps.py tests/test_backend_models.py
   tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py tests/test_compile.py
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
