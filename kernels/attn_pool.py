@@ -115,11 +115,33 @@ def plan(B: int, T: int, C: int, H: int, sms: int, splits: Optional[int] = None,
                 warps=8 if block_n >= 32 else 4, pool_bwd_stages=2 if block_c < 64 else 1)
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_plan(B: int, T: int, C: int, H: int, splits: Optional[int] = None) -> Plan:
+    """The fewest programs and loop steps, for Triton's interpreter (CPU tensors), where a program
+    costs about the same whatever its tiles and a run of the test suite is made of thousands of
+    launches: whole rows, up to 256 tokens per program, the tokens split only where asked.
+    (Each call of a ``@triton.jit`` helper re-patches ``triton.language`` there, about 4 ms: the
+    tiled GPU plan made the suite several times slower.)"""
+    block_k = max(16, next_power_of_2(C))
+    block_n = min(256, max(16, next_power_of_2(T)))
+    chunk = cdiv(cdiv(T, max(1, splits or 1)), block_n) * block_n
+    return Plan(h_pad=max(16, next_power_of_2(H)), block_n=block_n, tokens=block_n,
+                block_k=block_k, block_c=block_k, splits=cdiv(T, chunk), chunk=chunk, warps=4,
+                pool_bwd_stages=1)
+
+
+# Tests of the kernels set this to plan CPU tensors as for a GPU (tiles, token groups, splits).
+GPU_PLAN_ON_CPU = False
+
+
 def _plan_for(x0: Tensor, patches: Tensor, kt: Tensor, splits: Optional[int],
               dot_dtype: Optional[torch.dtype]) -> Plan:
     B, N, C = patches.shape
+    B, T, C, H = int(B), int(N) + 1, int(C), int(kt.shape[1])
+    if x0.device.type == "cpu" and not GPU_PLAN_ON_CPU:
+        return interpreter_plan(B, T, C, H, splits)
     wide = x0.dtype in (torch.float32, torch.float64) and dot_dtype not in LOW_PRECISION_DOT
-    return plan(int(B), int(N) + 1, int(C), int(kt.shape[1]), num_sms(x0.device), splits, wide)
+    return plan(B, T, C, H, num_sms(x0.device), splits, wide)
 
 
 # ---- helpers ------------------------------------------------------------------------------------

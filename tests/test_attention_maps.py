@@ -16,6 +16,17 @@ from .numerics import assert_rel_close, rel_err, tolerance, torch_lowp_error
 from .test_primitives import DTYPES, EPS, POOL_SHAPES, f64, pool_inputs
 
 
+@pytest.fixture(autouse=True)
+def gpu_plan(monkeypatch):
+    """The token pass planned as on a GPU (channel tiles, token groups, splits), not as the
+    interpreter's whole-row plan: the tiling is what these tests check."""
+    try:
+        from crossvit_fast.kernels import attn_pool
+    except ImportError:     # no Triton: nothing to plan
+        return
+    monkeypatch.setattr(attn_pool, "GPU_PLAN_ON_CPU", True)
+
+
 def naive_attn_weights(x0, patches, kt, gamma, beta):
     tokens = torch.cat([x0.unsqueeze(1), patches], dim=1)
     xhat = F.layer_norm(tokens, (tokens.shape[-1],), gamma, beta, EPS)

@@ -22,6 +22,18 @@ from .conftest import DEVICE
 from .numerics import assert_rel_close, rel_err, tolerance, torch_lowp_error
 from .test_primitives import EPS, f64, naive_attn_pool, naive_cls_proj, pool_inputs
 
+
+@pytest.fixture(autouse=True)
+def gpu_plan(monkeypatch):
+    """The token pass planned as on a GPU (channel tiles, token groups, splits), not as the
+    interpreter's whole-row plan: the tiling is what these tests check."""
+    try:
+        from crossvit_fast.kernels import attn_pool
+    except ImportError:     # no Triton: nothing to plan
+        return
+    monkeypatch.setattr(attn_pool, "GPU_PLAN_ON_CPU", True)
+
+
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
                                 reason=str(backends.unavailable_reason("triton", DEVICE)))
 
