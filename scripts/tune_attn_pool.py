@@ -45,7 +45,8 @@ def _launch_options(warps: int, stages: int):
     """Every token-pass kernel launched with ``warps`` warps and ``stages`` pipeline stages (the
     plan's tiles otherwise)."""
     plan_for, saved_stages = attn_pool._plan_for, attn_pool.NUM_STAGES
-    attn_pool._plan_for = lambda *args: plan_for(*args)._replace(warps=warps)
+    attn_pool._plan_for = lambda *args: plan_for(*args)._replace(warps=warps, token_warps=warps,
+                                                                 token_stages=stages)
     attn_pool.NUM_STAGES = stages
     try:
         yield
