@@ -354,7 +354,7 @@ def test_layer_norm_448_strided_rows(dtype):
 @pytest.mark.parametrize("shape", [(3, 448, 224), (17, 100, 72), (2, 20, 200), (5, 130, 20)],
                          ids=["crossvit_18", "rows_over_a_block", "narrow_in", "narrow_out"])
 def test_cls_proj_tiling_edges(shape, dtype):
-    """Widths that are not multiples of the channel tiles (64 in, 32/64 out), more rows than a
+    """Widths that are not multiples of the channel tiles (64 in, 32 out), more rows than a
     block, and a row mean of 5 (the statistics merged tile by tile must not lose it)."""
     M, Cin, Cout = shape
     tokens = (5 + torch.randn(M, 2, Cin, device=DEVICE)).to(dtype)
