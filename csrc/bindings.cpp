@@ -1,9 +1,10 @@
 // torch bindings of the crossvit-fast CUDA kernels: the seven primitives of the `cuda` backend as
 // ops of the `crossvit_fast_cuda` library, with the schemas and output dtypes of
-// crossvit_fast/backends/torch_backend.py. This is the only file that sees torch: it validates
-// the tensors (with messages that name the argument and what was expected), converts parameters
-// to contiguous fp32, allocates outputs, runs the Linear's GEMMs through ATen (cuBLAS) and calls
-// the plain launchers of launchers.h on the current stream.
+// crossvit_fast/backends/torch_backend.py, and the token-pass kernels' limits (attn_pool_limits).
+// This is the only file that sees torch: it validates the tensors (with messages that name the
+// argument and what was expected), converts parameters to contiguous fp32, allocates outputs,
+// runs the Linear's GEMMs through ATen (cuBLAS) and calls the plain launchers of launchers.h on
+// the current stream.
 //
 // Differences from the torch backend, handled by crossvit_fast/backends/cuda_backend.py:
 // layer_norm_fwd returns an empty `h` when there is no residual (an op output may not alias its
@@ -16,7 +17,9 @@
 #include <climits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include "attn_pool_plan.h"
 #include "launchers.h"
 
 namespace {
@@ -226,6 +229,24 @@ Tensor attn_weights(const Tensor& x0, const Tensor& patches, const Tensor& kt,
   check_launch(op, cvf::attn_weights(in.args, lse32.data_ptr<float>(), a.data_ptr<float>(),
                                      current_stream(x0.device())));
   return a;
+}
+
+// What decides whether the token-pass kernels take width C with H heads on GPU `device`:
+// [widest C, most heads, forward's and backward's bytes of shared memory per block (0 beyond
+// those limits), the bytes a block may have there]. The cuda backend asks it once per shape and
+// runs the torch backend, with a warning, where the kernels cannot (cuda_backend.py).
+std::vector<int64_t> attn_pool_limits(int64_t C, int64_t H, int64_t device) {
+  constexpr const char* op = "crossvit_fast_cuda::attn_pool_limits";
+  check_int_range(op, "device", device);
+  int limit = 0;
+  check_launch(op, cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          static_cast<int>(device)));
+  const bool in_range = C >= 1 && C <= cvf::kAttnPoolMaxC && H >= 1 && H <= cvf::kAttnPoolMaxH;
+  namespace plan = cvf::attn_pool_plan;
+  const int c = static_cast<int>(C), h = static_cast<int>(H);
+  return {cvf::kAttnPoolMaxC, cvf::kAttnPoolMaxH,
+          in_range ? static_cast<int64_t>(plan::fwd_smem_bytes(c, h)) : 0,
+          in_range ? static_cast<int64_t>(plan::bwd_smem_bytes(c, h)) : 0, limit};
 }
 
 // ---- LayerNorm with an optional residual add --------------------------------------------------
@@ -457,6 +478,7 @@ TORCH_LIBRARY(crossvit_fast_cuda, m) {
         "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("cls_proj_bwd(Tensor dy, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("attn_pool_limits(int C, int H, int device) -> int[]", &attn_pool_limits);
 }
 
 // CUDA tensors run the kernels. The same functions serve CPU so that a call with CPU tensors

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,50 @@ def test_status_reports_every_backend():
     status = backends.status()
     assert set(status) == {"triton", "cuda", "torch"}
     assert status["torch"]["cpu"] is None
+
+
+@pytest.fixture
+def cuda_token_pass_limits(monkeypatch):
+    """The cuda backend's token-pass limits as on a Turing GPU (64 KiB per block), without one:
+    ``attn_pool_limits`` answers from the plan's bytes for crossvit_base's widths."""
+    from types import SimpleNamespace
+
+    from crossvit_fast.backends import cuda_backend
+    bytes_at = {(96, 3): (8560, 4416), (768, 12): (94272, 40032)}
+
+    def attn_pool_limits(C, H, device):
+        fits = C <= 1024 and H <= 16
+        return [1024, 16, *(bytes_at[C, H] if fits else (0, 0)), 65536]
+
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(attn_pool_limits=attn_pool_limits))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    for cached in (cuda_backend.token_pass_unsupported, cuda_backend._warn_token_pass_on_torch):
+        cached.cache_clear()
+    yield cuda_backend
+    for cached in (cuda_backend.token_pass_unsupported, cuda_backend._warn_token_pass_on_torch):
+        cached.cache_clear()
+
+
+def test_cuda_token_pass_limits_name_what_does_not_fit(cuda_token_pass_limits):
+    unsupported = cuda_token_pass_limits.token_pass_unsupported
+    assert unsupported(96, 3, 0) is None
+    assert unsupported(768, 12, 0) == ("C = 768 with H = 12 heads needs 94272 bytes of shared memory "
+                                       "per block and Tesla T4 allows 65536")
+    assert unsupported(1040, 4, 0) == "the width C = 1040 is more than the 1024 they take"
+    assert unsupported(96, 20, 0) == "H = 20 heads are more than the 16 they take"
+
+
+def test_cuda_token_pass_beyond_the_limits_runs_torch_with_one_warning(cuda_token_pass_limits):
+    on_torch = cuda_token_pass_limits._token_pass_on_torch
+    gpu = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not on_torch(torch.bfloat16, gpu, 96, 3)
+        assert on_torch(torch.float64, gpu, 96, 3)          # the reference precision, silently
+        assert not on_torch(torch.float32, torch.device("cpu"), 768, 12)   # the op names the device
+    with pytest.warns(RuntimeWarning, match=r"cannot run this shape \(C = 768 with H = 12 heads needs "
+                                            r"94272 bytes.*Tesla T4 allows 65536\); it runs on the torch"):
+        assert on_torch(torch.float16, gpu, 768, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # once per shape
+        assert on_torch(torch.float16, gpu, 768, 12)

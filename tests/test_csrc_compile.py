@@ -1,6 +1,7 @@
 """The CUDA C++ sources compile, without a GPU; and, on a GPU, the built extension runs.
 
-Each ``csrc/*.cu`` is compiled by nvcc for sm_80 and sm_90 (one call per file, both archs), and
+Each ``csrc/*.cu`` is compiled by nvcc for sm_75, sm_80 and sm_90 (one call per file, every arch;
+sm_75, Turing, is the oldest nvcc 13 builds for and where ``auto`` runs this backend), and
 ``csrc/bindings.cpp`` is syntax-checked by the host compiler against the installed torch headers
 with torch's own C++ standard and ABI flags. Skipped only when nvcc is not on PATH.
 
@@ -24,7 +25,7 @@ from crossvit_fast.backends import torch_backend
 
 NVCC = shutil.which("nvcc")
 CSRC = _extension.sources()[0].parent
-ARCHS = ("80", "90")
+ARCHS = ("75", "80", "90")
 CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -67,7 +68,7 @@ def bindings_cmd(tmp: Path):
 
 
 @needs_nvcc
-def test_csrc_compiles_for_sm80_and_sm90():
+def test_csrc_compiles_for_sm75_sm80_and_sm90():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cmds = [bindings_cmd(tmp)] + [nvcc_cmd(s, tmp) for s in sorted(CSRC.glob("*.cu"))]
@@ -91,3 +92,25 @@ def test_extension_builds_and_matches_the_torch_backend():
     expected = torch_backend.layer_norm_fwd(x, res, w, b, 1e-6)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_token_pass_beyond_the_kernels_limits_runs_the_torch_backend():
+    reason = _extension.load_extension()
+    assert reason is None, reason
+    from bench.cuda_plan import variant_shapes
+    from crossvit_fast.backends import cuda_backend
+
+    device = torch.cuda.current_device()
+    if torch.cuda.get_device_capability(device) >= (8, 0):   # every variant fits from the A100 on
+        assert [s for s in variant_shapes() if cuda_backend.token_pass_unsupported(*s, device)] == []
+    cuda_backend._warn_token_pass_on_torch.cache_clear()
+    B, N, C, H = 2, 5, 1040, 4   # wider than the 1024 columns the kernels take
+    x0, (gamma, beta) = torch.randn(B, C, device="cuda"), torch.randn(2, C, device="cuda")
+    patches, kt = torch.randn(B, N, C, device="cuda"), torch.randn(B, H, C, device="cuda")
+    with pytest.warns(RuntimeWarning, match="the width C = 1040 is more than the 1024"):
+        got = cuda_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
+    expected = torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

@@ -1,9 +1,13 @@
-"""The CUDA token pass's shared-memory plan fits every GPU from the A100 on, at every variant.
+"""The CUDA token pass's shared-memory plan fits every GPU from the A100 on, at every variant,
+and all but crossvit_base's widest branch on a Turing GPU.
 
 bench.cuda_plan builds a host program on ``csrc/attn_pool_plan.h`` (the formulas attn_pool.cu
 launches with) and prints the forward's and backward's bytes for each variant's cross-attention
 (C, H); each must fit the per-block opt-in limit of sm_80, sm_86, sm_89 and sm_90, or the cuda
-backend would refuse the shape there ("Use the triton or torch backend").
+backend would run the shape on the torch backend there. The cuda backend is what ``auto`` picks
+on GPUs older than the A100 (the Triton kernels need 8.0): on Turing (sm_75, 64 KiB per block, the
+oldest GPU nvcc 13 builds for) crossvit_base's C = 768, H = 12 does not fit, and runs the torch
+backend with a warning (tests/test_backends.py).
 """
 import pytest
 
@@ -13,6 +17,7 @@ from crossvit_fast.variants import MODEL_ARGS
 
 # cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes (bench.kernel_resources.TARGETS).
 SMEM_LIMITS = {f"sm_{cc}": limit for cc, (_, _, limit) in TARGETS.items()}
+TURING_SMEM_LIMIT = 65536   # sm_75 (T4, RTX 20xx)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,12 @@ def test_shared_memory_fits(plans, arch):
                for kind in ("fwd", "bwd") if p[f"{kind}_bytes"] > limit]
     assert not too_big, (f"{arch} allows {limit} bytes of shared memory per block; these token "
                          f"passes need more: {too_big}\nplan:\n{report}")
+
+
+def test_on_turing_only_crossvit_base_wide_branch_is_too_big(plans):
+    too_big = {(C, H) for (C, H), p in plans.items()
+               if max(p["fwd_bytes"], p["bwd_bytes"]) > TURING_SMEM_LIMIT}
+    assert too_big == {(768, 12)}, too_big
 
 
 def test_launch_shape_covers_the_width(plans):

@@ -8,9 +8,16 @@ Two differences of the C++ ops are absorbed here:
   alias its input), while the torch backend returns ``x`` itself as ``h``; so does this one.
 * float64 activations are not taken by the kernels: those calls (the tests' reference precision)
   run the torch backend instead, on the same device.
+
+The token-pass kernels (the cross-attention and its maps) also have limits: a width C of at most
+1024, at most 16 heads, and the shared memory a block needs at that width within what the GPU
+grants (crossvit_base's C = 768 with 12 heads needs 94 KB: more than a Turing GPU's 64 KiB). A
+shape beyond them runs the torch backend, on the same device, with a warning once per shape.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +41,45 @@ def _ops():
     return torch.ops.crossvit_fast_cuda
 
 
+@functools.lru_cache(maxsize=None)
+def token_pass_unsupported(C: int, H: int, device_index: int) -> Optional[str]:
+    """Why the token-pass kernels cannot take width ``C`` with ``H`` heads on CUDA device
+    ``device_index``, or ``None`` where they can (the limits come from the extension)."""
+    max_c, max_h, fwd_bytes, bwd_bytes, limit = _ops().attn_pool_limits(C, H, device_index)
+    if C > max_c:
+        return f"the width C = {C} is more than the {max_c} they take"
+    if H > max_h:
+        return f"H = {H} heads are more than the {max_h} they take"
+    need = max(fwd_bytes, bwd_bytes)
+    if need > limit:
+        name = torch.cuda.get_device_name(device_index)
+        return (f"C = {C} with H = {H} heads needs {need} bytes of shared memory per block "
+                f"and {name} allows {limit}")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_token_pass_on_torch(reason: str) -> None:
+    warnings.warn(f"crossvit_fast: the CUDA backend's cross-attention kernels cannot run this "
+                  f"shape ({reason}); it runs on the torch backend instead, slower. The triton "
+                  f"backend (compute capability 8.0 and newer) takes every shape.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _token_pass_on_torch(dtype: torch.dtype, device: torch.device, C: int, H: int) -> bool:
+    """Whether a token-pass call on ``[.., C]`` rows with ``H`` heads runs the torch backend:
+    float64 (the tests' reference precision, silently) or a shape beyond the kernels' limits on
+    this GPU (with a warning, once per shape). Rows off the GPU go to the op, which names them."""
+    if dtype == torch.float64:
+        return True
+    if device.type != "cuda":
+        return False
+    reason = token_pass_unsupported(C, H, device.index)
+    if reason is not None:
+        _warn_token_pass_on_torch(reason)
+    return reason is not None
+
+
 def _rows(t: Tensor) -> Tensor:
     """``t`` with unit stride along its last dim, as the kernels read it: a CLS token stored
     column-major, or a gradient arriving as a broadcast view (the backward of ``.sum()`` has
@@ -44,7 +90,7 @@ def _rows(t: Tensor) -> Tensor:
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """See :func:`.torch_backend.attn_pool_fwd`; computes in fp32 whatever ``dot_dtype``."""
-    if x0.dtype == torch.float64:
+    if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
     return _ops().attn_pool_fwd(_rows(x0), patches, kt, gamma, beta, eps)
 
@@ -54,7 +100,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
                   dot_dtype: Optional[torch.dtype] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.torch_backend.attn_pool_bwd`."""
-    if x0.dtype == torch.float64:
+    if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
     return _ops().attn_pool_bwd(dz, _rows(x0), patches, kt, gamma, beta, z, lse, eps)
 
@@ -103,6 +149,6 @@ def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weig
 def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                  lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
     """See :func:`.torch_backend.attn_weights`; computes in fp32 whatever ``dot_dtype``."""
-    if x0.dtype == torch.float64:
+    if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps)
     return _ops().attn_weights(_rows(x0), patches, kt, gamma, beta, lse, eps)
