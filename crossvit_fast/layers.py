@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
@@ -241,11 +242,27 @@ class DropPath(nn.Module):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
+# timm's three-conv stems (``multi_conv``, the dagger variants) per patch size: (kernel, stride,
+# padding) of each conv, with ReLUs between them.
+MULTI_CONV_STEMS = {12: ((7, 4, 3), (3, 3, 0), (3, 1, 1)), 16: ((7, 4, 3), (3, 2, 1), (3, 2, 1))}
+
+
+def patches_along(side: int, patch: int, multi_conv: bool = False) -> int:
+    """How many patch tokens :class:`PatchEmbed` makes along an image side of ``side`` pixels:
+    ``side // patch`` for the strided conv; the stem's own arithmetic for ``multi_conv``, which
+    differs where ``patch`` does not divide ``side`` (its padded convs round up)."""
+    if not multi_conv:
+        return side // patch
+    for kernel, stride, padding in MULTI_CONV_STEMS[patch]:
+        side = (side + 2 * padding - kernel) // stride + 1
+    return side
+
+
 class PatchEmbed(NotScriptable, nn.Module):
     """Image to patch tokens: one strided conv, or timm's three-conv stem (``multi_conv``).
 
     Takes images of ``img_size`` only, unless ``strict_img_size`` is False (a model with
-    ``dynamic_img_size``, which gives each branch a size its patches tile)."""
+    ``dynamic_img_size``, whose branch sizes follow each input's)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, multi_conv=False,
                  strict_img_size: bool = True, device=None, dtype=None):
@@ -259,24 +276,15 @@ class PatchEmbed(NotScriptable, nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
         if multi_conv:
-            if patch_size[0] == 12:
-                self.proj = nn.Sequential(
-                    nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3, **dd),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=3, padding=0, **dd),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=1, padding=1, **dd),
-                )
-            elif patch_size[0] == 16:
-                self.proj = nn.Sequential(
-                    nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3, **dd),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=2, padding=1, **dd),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1, **dd),
-                )
-            else:
+            if patch_size[0] not in MULTI_CONV_STEMS:
                 raise ValueError(f"PatchEmbed: multi_conv supports patch_size 12 or 16, got {patch_size[0]}")
+            widths = (in_chans, embed_dim // 4, embed_dim // 2, embed_dim)
+            stem = []
+            for i, (kernel, stride, padding) in enumerate(MULTI_CONV_STEMS[patch_size[0]]):
+                stem += [nn.ReLU(inplace=True)] if i else []
+                stem.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=kernel, stride=stride,
+                                      padding=padding, **dd))
+            self.proj = nn.Sequential(*stem)
         else:
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
 
@@ -527,5 +535,7 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
         return cls + self.drop_path(out) if stochastic_depth else out
 
 
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _pair(v) -> tuple:
+    """``v`` as a tuple: any iterable but a string as it is (a NumPy array too), anything else
+    twice, as timm's ``to_2tuple``."""
+    return tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else (v, v)

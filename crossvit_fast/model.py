@@ -277,7 +277,8 @@ class CrossViT(NotScriptable, nn.Module):
         self.global_pool = global_pool
         self.img_scale = img_scale = _pair(img_scale)
         self.patch_size = tuple(patch_size)
-        self.img_size_scaled = branch_sizes(_pair(img_size), img_scale, patch_size)   # checks it
+        self.multi_conv = multi_conv
+        self.img_size_scaled = branch_sizes(_pair(img_size), img_scale, patch_size, multi_conv)  # checks it
         self.img_size = tuple(int(s) for s in _pair(img_size))
         self.dynamic_img_size = dynamic_img_size
         self._warned_input_size = False
@@ -397,7 +398,8 @@ class CrossViT(NotScriptable, nn.Module):
         it), or with ``dynamic_img_size`` the input's own, scaled per branch."""
         size = tuple(x.shape[-2:])
         if self.dynamic_img_size:
-            return branch_sizes(size, self.img_scale, self.patch_size, what="input image size")
+            return branch_sizes(size, self.img_scale, self.patch_size, self.multi_conv,
+                                what="input image size")
         if (size != self.img_size and not self._warned_input_size
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             self._warned_input_size = True

@@ -1,12 +1,13 @@
 """Input resolution: each branch's image size for an input size, and position embeddings
 resampled to another patch grid (a checkpoint trained at another size, or ``dynamic_img_size``).
 
-Each branch sees the image resized by its ``img_scale`` (timm: ``int(size * scale)``). The two
-patch sizes (12 and 16) tile those sizes together only at multiples of 120 pixels (240 → 240 and
-224), so at 224, 288, 384 or 448 timm's CrossVit builds position embeddings for a patch count
-its patch embedding does not produce, and fails in its forward. Here each branch's size is the
-scaled size rounded to the nearest whole number of patches per side: timm's own sizes wherever
-they tile (every pretrained configuration), and a size that works everywhere else.
+timm's CrossVit resizes the image of each branch to ``int(size * scale)`` and sizes its position
+embeddings by ``h // p * w // p``, which Python reads as ``((h // p) * w) // p``: the patch
+embedding's token count only where that agrees (both patch sizes divide the sizes, as at 240, or
+the remainders are small, as at 156: 156 and 145 px; with the dagger stem, whose padded convs
+round up, only where the patch sizes divide them). At such sizes the branch sizes are timm's.
+Elsewhere (224, 288, 384, 448...) timm's forward fails, and here every branch's size is the scaled
+size rounded to the nearest whole number of patches per side, which works.
 """
 from __future__ import annotations
 
@@ -18,29 +19,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import patches_along
+
 Size = Tuple[int, int]
 
 
-def branch_size(img_size: Size, scale: float, patch: int) -> Size:
+def rounded_size(img_size: Size, scale: float, patch: int) -> Size:
     """``img_size`` scaled by ``scale``, each side rounded to the nearest multiple of ``patch``."""
     return tuple(int(math.floor(side * scale / patch + 0.5)) * patch for side in img_size)
 
 
+def timm_runs_at(size: Size, patch: int, multi_conv: bool) -> bool:
+    """Whether timm's CrossVit runs a branch at image ``size``: its patch embedding makes
+    ``(h // p, w // p)`` tokens, as many as timm's ``h // p * w // p`` position embeddings."""
+    h, w = size
+    grid = (patches_along(h, patch, multi_conv), patches_along(w, patch, multi_conv))
+    timm_count = h // patch * w // patch   # timm's _compute_num_patches: ((h // p) * w) // p
+    return min(grid) > 0 and grid == (h // patch, w // patch) and timm_count == grid[0] * grid[1]
+
+
 def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequence[int],
-                 what: str = "img_size") -> List[Size]:
-    """Each branch's image size for inputs of ``img_size``; a ValueError naming ``what`` and the
-    nearest valid size where a branch would get no patch along a side."""
-    if (len(img_size) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                                      and s > 0 for s in img_size)):
+                 multi_conv: bool = False, what: str = "img_size") -> List[Size]:
+    """Each branch's image size for inputs of ``img_size``: timm's ``int(side * scale)`` where
+    timm's CrossVit runs at those sizes, else each rounded to whole patches; a ValueError naming
+    ``what`` and the nearest valid size where a branch would get no patch along a side."""
+    if (len(img_size) != 2 or not all(isinstance(s, numbers.Real) and not isinstance(s, bool)
+                                      and s > 0 and s == int(s) for s in img_size)):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
                          f"got {img_size!r}")
     img_size = (int(img_size[0]), int(img_size[1]))
-    sizes = [branch_size(img_size, s, p) for s, p in zip(img_scale, patch_size)]
+    timm_sizes = [tuple(int(side * s) for side in img_size) for s in img_scale]
+    if all(timm_runs_at(size, p, multi_conv) for size, p in zip(timm_sizes, patch_size)):
+        return timm_sizes
+    sizes = [rounded_size(img_size, s, p) for s, p in zip(img_scale, patch_size)]
     if all(min(size) > 0 for size in sizes):
         return sizes
     # the smallest side at which every branch gets at least one patch
     smallest = max(math.ceil(p / (2 * s)) for s, p in zip(img_scale, patch_size))
-    while min(min(branch_size((smallest, smallest), s, p)) for s, p in zip(img_scale, patch_size)) == 0:
+    while min(min(rounded_size((smallest, smallest), s, p)) for s, p in zip(img_scale, patch_size)) == 0:
         smallest += 1
     nearest = tuple(max(side, smallest) for side in img_size)
     raise ValueError(

@@ -108,7 +108,8 @@ def cuda_token_pass_limits(monkeypatch):
         fits = C <= 1024 and H <= 16
         return [1024, 16, *(bytes_at[C, H] if fits else (0, 0)), 65536]
 
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(attn_pool_limits=attn_pool_limits))
+    ops_namespace = SimpleNamespace(attn_pool_limits=attn_pool_limits)
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: ops_namespace)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     for cached in (cuda_backend.token_pass_unsupported, cuda_backend._warn_token_pass_on_torch):
         cached.cache_clear()

@@ -68,10 +68,57 @@ def test_too_small_sizes_name_the_nearest_valid_size(img_size, nearest):
     assert branch_sizes(nearest, model.img_scale, model.patch_size)
 
 
-@pytest.mark.parametrize("bad", [0, -240, (240,), (240.0, 240), "240"])
+@pytest.mark.parametrize("bad", [0, -240, (240,), (240.5, 240), "240"])
 def test_bad_img_size_is_named(bad):
     with pytest.raises(ValueError, match="img_size must be"):
         create_model(NAME, img_size=bad)
+
+
+def test_whole_float_and_numpy_sizes_are_taken_as_timm_takes_them():
+    np = pytest.importorskip("numpy")
+    with torch.device("meta"):
+        model = crossvit_fast.CrossViT(img_size=(240.0, 240), img_scale=np.array([1.0, 224 / 240]),
+                                       patch_size=(12, 16), embed_dim=(96, 192), depth=((1, 1, 0),),
+                                       num_heads=(3, 3), mlp_ratio=(4, 4, 1))
+    assert model.img_size == (240, 240) and model.img_size_scaled == [(240, 240), (224, 224)]
+
+
+@pytest.mark.parametrize("name, img_size, sizes", [
+    (NAME, 156, [(156, 156), (145, 145)]),                  # 145 = 9 patches of 16 and a pixel
+    (NAME, 72, [(72, 72), (67, 67)]),
+    (NAME, (250, 240), [(250, 240), (233, 224)]),
+    ("crossvit_9_dagger_240", 240, [(240, 240), (224, 224)]),
+])
+def test_sizes_where_timm_runs_are_timms_with_its_logits(name, img_size, sizes):
+    """Where timm's CrossVit runs at ``int(size * scale)`` (its position embeddings count the
+    tokens its patch embedding makes), those are the branch sizes, remainders the conv drops
+    included: timm's state dict loads strictly and gives timm's logits."""
+    timm = import_timm()
+    reference = timm.create_model(name, img_size=img_size).eval()
+    model = create_model(name, img_size=img_size).eval()
+    assert reference.img_size_scaled == sizes and model.img_size_scaled == sizes
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, *model.img_size)
+    with torch.no_grad():
+        assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
+
+
+@pytest.mark.parametrize("name, img_size, timm_sizes, sizes", [
+    (NAME, 224, [(224, 224), (209, 209)], [(228, 228), (208, 208)]),
+    ("crossvit_9_dagger_240", 156, [(156, 156), (145, 145)], [(156, 156), (144, 144)]),
+])
+def test_sizes_where_timm_fails_are_rounded_to_whole_patches(name, img_size, timm_sizes, sizes):
+    """At 224 timm's branch-0 position embeddings count 336 patches for the conv's 18 x 18;
+    with the dagger stem (padded convs that round up) 145 px makes 10 x 10 patches, not 9 x 9."""
+    timm = import_timm()
+    reference = timm.create_model(name, img_size=img_size).eval()
+    assert reference.img_size_scaled == timm_sizes
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad():
+        reference(torch.randn(1, 3, img_size, img_size))
+    model = create_model(name, img_size=img_size).eval()
+    assert model.img_size_scaled == sizes
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, img_size, img_size)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("img_size", [224, (240, 320)])
