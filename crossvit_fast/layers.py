@@ -247,6 +247,12 @@ class DropPath(nn.Module):
 MULTI_CONV_STEMS = {12: ((7, 4, 3), (3, 3, 0), (3, 1, 1)), 16: ((7, 4, 3), (3, 2, 1), (3, 2, 1))}
 
 
+def check_multi_conv_patch(patch: int, multi_conv: bool) -> None:
+    """A ValueError where ``multi_conv`` asks for a stem that timm has no design for."""
+    if multi_conv and patch not in MULTI_CONV_STEMS:
+        raise ValueError(f"multi_conv supports patch_size 12 or 16, got {patch}")
+
+
 def patches_along(side: int, patch: int, multi_conv: bool = False) -> int:
     """How many patch tokens :class:`PatchEmbed` makes along an image side of ``side`` pixels:
     ``side // patch`` for the strided conv; the stem's own arithmetic for ``multi_conv``, which
@@ -270,14 +276,13 @@ class PatchEmbed(NotScriptable, nn.Module):
         dd = {"device": device, "dtype": dtype}
         img_size = _pair(img_size)
         patch_size = _pair(patch_size)
+        check_multi_conv_patch(patch_size[0], multi_conv)
         self.img_size = img_size
         self.patch_size = patch_size
-        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.grid_size = tuple(patches_along(s, p, multi_conv) for s, p in zip(img_size, patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
         if multi_conv:
-            if patch_size[0] not in MULTI_CONV_STEMS:
-                raise ValueError(f"PatchEmbed: multi_conv supports patch_size 12 or 16, got {patch_size[0]}")
             widths = (in_chans, embed_dim // 4, embed_dim // 2, embed_dim)
             stem = []
             for i, (kernel, stride, padding) in enumerate(MULTI_CONV_STEMS[patch_size[0]]):

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
-                     PatchEmbed, _pair, _runs_as_written, recording_attention_maps)
+                     PatchEmbed, _pair, _runs_as_written, patches_along, recording_attention_maps)
 from .ops._common import autocast_dtype
 from .resolution import branch_sizes, resample_pos_embed
 
@@ -421,7 +421,7 @@ class CrossViT(NotScriptable, nn.Module):
             x_ = patch_embed(scale_image(x, size, self.crop_scale))
             cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
             x_ = torch.cat((cls_tokens, x_), dim=1)
-            grid = (size[0] // self.patch_size[i], size[1] // self.patch_size[i])
+            grid = tuple(patches_along(side, self.patch_size[i], self.multi_conv) for side in size)
             pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1
             if grid != patch_embed.grid_size:   # dynamic_img_size only
                 pos_embed = resample_pos_embed(pos_embed, grid, patch_embed.grid_size)

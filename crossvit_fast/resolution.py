@@ -2,12 +2,12 @@
 resampled to another patch grid (a checkpoint trained at another size, or ``dynamic_img_size``).
 
 timm's CrossVit resizes the image of each branch to ``int(size * scale)`` and sizes its position
-embeddings by ``h // p * w // p``, which Python reads as ``((h // p) * w) // p``: the patch
-embedding's token count only where that agrees (both patch sizes divide the sizes, as at 240, or
-the remainders are small, as at 156: 156 and 145 px; with the dagger stem, whose padded convs
-round up, only where the patch sizes divide them). At such sizes the branch sizes are timm's.
-Elsewhere (224, 288, 384, 448...) timm's forward fails, and here every branch's size is the scaled
-size rounded to the nearest whole number of patches per side, which works.
+embeddings by ``h // p * w // p``, which Python reads as ``((h // p) * w) // p``. That is the
+patch embedding's token count only at some sizes: where both patch sizes divide them (240), or
+the remainders are small (156: 156 and 145 px); the dagger stem's padded convs round up, so there
+mostly where the patch sizes divide them. At such sizes the branch sizes are timm's. Elsewhere
+(224, 288, 384, 448...) timm's forward fails, and here every branch's size is the scaled size
+rounded to the nearest whole number of patches per side, which works.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import patches_along
+from .layers import check_multi_conv_patch, patches_along
 
 Size = Tuple[int, int]
 
@@ -30,12 +30,13 @@ def rounded_size(img_size: Size, scale: float, patch: int) -> Size:
 
 
 def timm_runs_at(size: Size, patch: int, multi_conv: bool) -> bool:
-    """Whether timm's CrossVit runs a branch at image ``size``: its patch embedding makes
-    ``(h // p, w // p)`` tokens, as many as timm's ``h // p * w // p`` position embeddings."""
+    """Whether timm's CrossVit runs a branch at image ``size``: its patch embedding makes as
+    many tokens as timm's ``h // p * w // p`` position embeddings count (none: a degenerate
+    image whose lone position row timm broadcasts, not taken here)."""
     h, w = size
-    grid = (patches_along(h, patch, multi_conv), patches_along(w, patch, multi_conv))
+    tokens = patches_along(h, patch, multi_conv) * patches_along(w, patch, multi_conv)
     timm_count = h // patch * w // patch   # timm's _compute_num_patches: ((h // p) * w) // p
-    return min(grid) > 0 and grid == (h // patch, w // patch) and timm_count == grid[0] * grid[1]
+    return tokens > 0 and timm_count == tokens
 
 
 def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequence[int],
@@ -44,10 +45,12 @@ def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequenc
     timm's CrossVit runs at those sizes, else each rounded to whole patches; a ValueError naming
     ``what`` and the nearest valid size where a branch would get no patch along a side."""
     if (len(img_size) != 2 or not all(isinstance(s, numbers.Real) and not isinstance(s, bool)
-                                      and s > 0 and s == int(s) for s in img_size)):
+                                      and 0 < s < math.inf and s == int(s) for s in img_size)):
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
                          f"got {img_size!r}")
     img_size = (int(img_size[0]), int(img_size[1]))
+    for p in patch_size:
+        check_multi_conv_patch(p, multi_conv)
     timm_sizes = [tuple(int(side * s) for side in img_size) for s in img_scale]
     if all(timm_runs_at(size, p, multi_conv) for size, p in zip(timm_sizes, patch_size)):
         return timm_sizes

@@ -141,3 +141,43 @@ def test_cuda_token_pass_beyond_the_limits_runs_torch_with_one_warning(cuda_toke
     with warnings.catch_warnings():
         warnings.simplefilter("error")                      # once per shape
         assert on_torch(torch.float16, gpu, 768, 12)
+
+
+def test_every_cuda_token_pass_op_asks_the_limits_and_follows_them(monkeypatch):
+    """attn_pool_fwd, attn_pool_bwd and attn_weights each ask ``_token_pass_on_torch`` with the
+    rows' width and the heads of ``kt``, and run the torch backend or the kernels as it says."""
+    from types import SimpleNamespace
+
+    from crossvit_fast.backends import cuda_backend, torch_backend
+    asked, launched = [], []
+    answer = {"on_torch": True}
+
+    def on_torch(dtype, device, C, H):
+        asked.append((C, H))
+        return answer["on_torch"]
+
+    def kernel(name):
+        return lambda *args: launched.append(name)
+
+    monkeypatch.setattr(cuda_backend, "_token_pass_on_torch", on_torch)
+    fake_ops = SimpleNamespace(**{n: kernel(n) for n in ("attn_pool_fwd", "attn_pool_bwd", "attn_weights")})
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: fake_ops)
+    B, N, C, H = 2, 5, 12, 3
+    x0, patches, kt = torch.randn(B, C), torch.randn(B, N, C), torch.randn(B, H, C)
+    gamma, beta, dz = torch.randn(C), torch.randn(C), torch.randn(B, H, C)
+    z, lse = torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
+    calls = {
+        "attn_pool_fwd": (x0, patches, kt, gamma, beta, 1e-6),
+        "attn_pool_bwd": (dz, x0, patches, kt, gamma, beta, z, lse, 1e-6),
+        "attn_weights": (x0, patches, kt, gamma, beta, lse, 1e-6),
+    }
+    for name, args in calls.items():
+        got, expected = getattr(cuda_backend, name)(*args), getattr(torch_backend, name)(*args)
+        for g, e in zip(got if isinstance(got, tuple) else (got,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(g, e)
+    assert asked == [(C, H)] * 3 and launched == []
+    answer["on_torch"] = False
+    for name, args in calls.items():
+        getattr(cuda_backend, name)(*args)
+    assert launched == list(calls)

@@ -110,7 +110,13 @@ def test_token_pass_beyond_the_kernels_limits_runs_the_torch_backend():
     x0, (gamma, beta) = torch.randn(B, C, device="cuda"), torch.randn(2, C, device="cuda")
     patches, kt = torch.randn(B, N, C, device="cuda"), torch.randn(B, H, C, device="cuda")
     with pytest.warns(RuntimeWarning, match="the width C = 1040 is more than the 1024"):
-        got = cuda_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
-    expected = torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e)
+        cuda_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
+    z, lse = torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, 1e-6)
+    dz = torch.randn_like(z)
+    for name, args in (("attn_pool_fwd", (x0, patches, kt, gamma, beta, 1e-6)),   # warned above
+                       ("attn_pool_bwd", (dz, x0, patches, kt, gamma, beta, z, lse, 1e-6)),
+                       ("attn_weights", (x0, patches, kt, gamma, beta, lse, 1e-6))):
+        got, expected = getattr(cuda_backend, name)(*args), getattr(torch_backend, name)(*args)
+        for g, e in zip(got if isinstance(got, tuple) else (got,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(g, e)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import crossvit_fast
 from crossvit_fast import create_model
-from crossvit_fast.resolution import branch_sizes
+from crossvit_fast.layers import patches_along
+from crossvit_fast.resolution import branch_sizes, timm_runs_at
 
 from .numerics import FP32_PAIR_TOL, rel_err
 from .test_model import VARIANTS, small_model
@@ -68,10 +69,15 @@ def test_too_small_sizes_name_the_nearest_valid_size(img_size, nearest):
     assert branch_sizes(nearest, model.img_scale, model.patch_size)
 
 
-@pytest.mark.parametrize("bad", [0, -240, (240,), (240.5, 240), "240"])
+@pytest.mark.parametrize("bad", [0, -240, (240,), (240.5, 240), "240", float("inf")])
 def test_bad_img_size_is_named(bad):
     with pytest.raises(ValueError, match="img_size must be"):
         create_model(NAME, img_size=bad)
+
+
+def test_a_stem_timm_has_no_design_for_is_named():
+    with pytest.raises(ValueError, match="multi_conv supports patch_size 12 or 16, got 8"):
+        crossvit_fast.CrossViT(patch_size=(8, 16), multi_conv=True)
 
 
 def test_whole_float_and_numpy_sizes_are_taken_as_timm_takes_them():
@@ -88,6 +94,7 @@ def test_whole_float_and_numpy_sizes_are_taken_as_timm_takes_them():
     (NAME, 72, [(72, 72), (67, 67)]),
     (NAME, (250, 240), [(250, 240), (233, 224)]),
     ("crossvit_9_dagger_240", 240, [(240, 240), (224, 224)]),
+    ("crossvit_9_dagger_240", (155, 52), [(155, 52), (144, 48)]),   # the stem: 13 x 4 patches
 ])
 def test_sizes_where_timm_runs_are_timms_with_its_logits(name, img_size, sizes):
     """Where timm's CrossVit runs at ``int(size * scale)`` (its position embeddings count the
@@ -101,6 +108,51 @@ def test_sizes_where_timm_runs_are_timms_with_its_logits(name, img_size, sizes):
     x = torch.randn(2, 3, *model.img_size)
     with torch.no_grad():
         assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape[-2] * f.shape[-1] + 1 for f in feats[::3]] == [model.pos_embed_0.shape[1],
+                                                                   model.pos_embed_1.shape[1]]
+
+
+@pytest.mark.parametrize("multi_conv", [False, True], ids=["conv", "dagger_stem"])
+def test_patch_counts_and_where_timm_runs_follow_timms_modules(multi_conv):
+    """``patches_along`` is what timm's patch embeddings make along each side (sides 1 to 200),
+    and ``timm_runs_at`` is True exactly where timm's CrossVit runs (tiny models, random sizes
+    and scales, both branches: at a False the forward raises, or the size is degenerate)."""
+    timm = import_timm()
+    for patch in (12, 16):
+        embed = timm.models.crossvit.PatchEmbed(img_size=8, patch_size=patch, in_chans=1,
+                                                embed_dim=4, multi_conv=multi_conv)
+
+        def rows_made(side):   # 0 where the image is smaller than a conv's kernel (it raises)
+            try:
+                with torch.no_grad():
+                    return embed.proj(torch.zeros(1, 1, side, 16)).shape[-2]
+            except RuntimeError:
+                return 0
+        made = [rows_made(side) for side in range(1, 201)]
+        assert made == [patches_along(side, patch, multi_conv) for side in range(1, 201)]
+    gen = torch.Generator().manual_seed(0)
+    cases = [((96, 48), (1.0, 0.5)), ((155, 52), (1.0, 224 / 240))]   # where the dagger stem runs
+    for _ in range(24):
+        h, w = (int(v) for v in torch.randint(12, 120, (2,), generator=gen))
+        cases.append(((h, w), (1.0, float(torch.empty(1).uniform_(0.5, 1.0, generator=gen)))))
+    outcomes = set()
+    for (h, w), scale in cases:
+        kw = dict(img_size=(h, w), img_scale=scale, patch_size=(12, 16), embed_dim=(8, 16),
+                  depth=((1, 1, 0),), num_heads=(1, 1), mlp_ratio=(1, 1, 1), multi_conv=multi_conv)
+        reference = timm.models.crossvit.CrossVit(**kw).eval()
+        expected = all(timm_runs_at(size, p, multi_conv)
+                       for size, p in zip(reference.img_size_scaled, (12, 16)))
+        try:
+            with torch.no_grad():
+                reference(torch.randn(1, 3, h, w))
+            runs = True
+        except RuntimeError:
+            runs = False
+        degenerate = any(a // p * b // p == 0 for (a, b), p in zip(reference.img_size_scaled, (12, 16)))
+        assert runs == expected or (runs and degenerate), (kw, reference.img_size_scaled)
+        outcomes.add(expected)
+    assert outcomes == {True, False}   # the sample holds sizes where timm runs and where it fails
 
 
 @pytest.mark.parametrize("name, img_size, timm_sizes, sizes", [

@@ -11,7 +11,7 @@ Two differences of the C++ ops are absorbed here:
 
 The token-pass kernels (the cross-attention and its maps) also have limits: a width C of at most
 1024, at most 16 heads, and the shared memory a block needs at that width within what the GPU
-grants (crossvit_base's C = 768 with 12 heads needs 94 KB: more than a Turing GPU's 64 KiB). A
+grants (crossvit_base's C = 768 with 12 heads needs 92 KiB: more than a Turing GPU's 64 KiB). A
 shape beyond them runs the torch backend, on the same device, with a warning once per shape.
 """
 from __future__ import annotations
