@@ -126,11 +126,13 @@ def _describe(keys, limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming mis-shaped keys and, where ``strict``, missing and
+    unexpected ones."""
     expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
+    missing = set(expected) - set(state) if strict else set()
+    unexpected = set(state) - set(expected) if strict else set()
     mis_shaped = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     problems = []
@@ -160,8 +162,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool = False,
-                    use_ema: bool = True, input_convs: Sequence[str] = ()) -> None:
-    """Load ``path`` into ``model`` strictly (every key and shape must match).
+                    use_ema: bool = True, input_convs: Sequence[str] = (), strict: bool = True) -> None:
+    """Load ``path`` into ``model`` strictly (every key and shape must match; with
+    ``strict=False``, as timm's ``pretrained_strict=False``, keys on one side only are skipped).
 
     ``drop_head=True`` keeps the model's own classifier (``head.*``), as timm does when a
     pretrained model is built with another ``num_classes``. ``use_ema`` as in timm's
@@ -184,9 +187,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
         own_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state.update(own_head)
-    check_state_dict(model, state, f"checkpoint {path}")
+    check_state_dict(model, state, f"checkpoint {path}", strict)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=strict)
     except RuntimeError as err:  # what check_state_dict does not catch, e.g. a sparse tensor
         raise CheckpointError(f"checkpoint {path}: {' '.join(str(err).split())}") from err
 
@@ -197,8 +200,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) -> str:
-    """Local path of timm's published ``model.safetensors`` for variant ``name``.
+def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
+                    repo: Optional[str] = None, filename: Optional[str] = None) -> str:
+    """Local path of the pretrained weights of variant ``name`` on the Hugging Face Hub:
+    ``repo`` (default timm's ``timm/{name}.in1k``), its ``filename`` or, as timm looks for them,
+    ``model.safetensors`` then ``pytorch_model.bin``.
 
     The local Hugging Face cache is tried first (no network); then the Hub itself, after one
     request without retries (:data:`HUB_PROBE_TIMEOUT_S`) has found that it answers: offline, or
@@ -207,23 +213,32 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None) ->
     """
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub.utils import EntryNotFoundError
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise RuntimeError("pretrained=True needs huggingface_hub; pip install huggingface_hub, "
                            "or pass checkpoint_path=") from err
-    repo = f"timm/{name}.in1k"
+    repo = repo or f"timm/{name}.in1k"
+    filenames = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    for candidate in filenames:
+        try:
+            return hf_hub_download(repo, candidate, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # not cached: ask the Hub
+            pass
     try:
-        return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir, local_files_only=True)
-    except Exception:  # not cached: ask the Hub
-        pass
-    try:
-        get_hf_file_metadata(hf_hub_url(repo, "model.safetensors"), timeout=_hub_probe_timeout())
-        return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
+        for candidate in filenames:
+            try:
+                get_hf_file_metadata(hf_hub_url(repo, candidate), timeout=_hub_probe_timeout())
+            except EntryNotFoundError:
+                if candidate == filenames[-1]:
+                    raise
+                continue
+            return hf_hub_download(repo, candidate, cache_dir=cache_dir)
     except Exception as err:
         detail = " ".join(str(err).split()).rstrip(".")
         raise CheckpointError(
             f"could not fetch pretrained weights for {name} from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
-            f"model.safetensors from https://huggingface.co/{repo} on another machine and pass "
+            f"{filenames[0]} from https://huggingface.co/{repo} on another machine and pass "
             f"checkpoint_path=") from err
 
 

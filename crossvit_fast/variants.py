@@ -70,17 +70,26 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     ``pretrained_cfg_overlay``) sets the defaults of ``num_classes``, ``in_chans`` and
     ``img_size`` (from its ``input_size``), as timm's builder does. ``checkpoint_path`` loads a
     ``.safetensors`` or ``torch.save`` file (timm or official IBM key style; a training
-    checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` fetches timm's
-    published weights from the Hugging Face Hub (or its local cache, ``cache_dir``), or the
-    config's ``file``; with another ``num_classes`` the pretrained head is left out, and with
-    another ``in_chans`` the first convs are adapted, as in timm. A checkpoint trained at
-    another image size loads with its position embeddings resampled to ``img_size``.
+    checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` loads the config's
+    ``file``, else the weights of its ``hf_hub_id`` (timm's published ones unless overlaid) from
+    the Hugging Face Hub or its local cache (``cache_dir``): ``hf_hub_filename``, else
+    ``model.safetensors`` or ``pytorch_model.bin``, as timm. With another ``num_classes`` the
+    pretrained head is left out, with another ``in_chans`` the first convs are adapted, and
+    ``pretrained_strict=False`` skips keys on one side only, as in timm. A checkpoint trained at
+    another image size loads with its position embeddings resampled to ``img_size``. The model
+    carries what timm's factory records (``_traits``, ``_model_args``), which timm's input
+    config and ``save_for_hf`` read. timm's model sources (``hf-hub:``, ``local-dir:``) are not
+    taken.
 
     ``features_only=True`` returns the backbone as timm 1.0.31 builds it
     (:class:`crossvit_fast.features.FeatureGetterNet`: a list of NCHW feature maps, by default
     the last block's of each branch; ``out_indices`` picks others, index ``b * 3 + i`` being
     branch ``b`` after block ``i``; ``feature_info`` describes them).
     """
+    if ":" in name:   # timm's model sources, e.g. hf-hub:org/repo or local-dir:/path
+        raise ValueError(f"create_model: model sources such as {name.partition(':')[0] + ':'!r} are not "
+                         f"supported; name the variant and pass checkpoint_path= (a local file) or "
+                         f"pretrained=True with pretrained_cfg_overlay=dict(hf_hub_id='org/repo')")
     variant, _, tag = name.partition(".")
     if variant not in MODEL_ARGS:
         raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
@@ -89,6 +98,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
+    # what timm keeps of the factory arguments (model._model_args: save_for_hf's model_args)
+    model_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")}
+    pretrained_strict = kwargs.pop("pretrained_strict", True)
     features_only = kwargs.pop("features_only", False)
     # features_only arguments; timm drops them without features_only too
     out_indices, feature_cls = kwargs.pop("out_indices", None), kwargs.pop("feature_cls", None)
@@ -97,15 +109,28 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
     model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
     model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_model_args = {}
+    model._traits = _timm_traits(model, cfg)
     if pretrained:
-        path = cfg.get("file") or pretrained_path(variant, cache_dir)
+        path = cfg.get("file") or pretrained_path(variant, cache_dir, repo=cfg.get("hf_hub_id"),
+                                                  filename=cfg.get("hf_hub_filename"))
         load_checkpoint(model, path, drop_head=model.num_classes != cfg["num_classes"],
-                        input_convs=cfg["first_conv"])
+                        input_convs=cfg["first_conv"], strict=pretrained_strict)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     if features_only:
-        return _feature_net(model, out_indices, feature_cls)
+        model = _feature_net(model, out_indices, feature_cls)
+    model._model_args = model_args
     return model
+
+
+def _timm_traits(model: CrossViT, cfg: dict) -> dict:
+    """What timm 1.0.31's builder records of the model's input (``model._traits``, read by
+    ``timm.data.resolve_input_data_config``): its image size, whether that is fixed, its first
+    convs."""
+    first_conv = cfg.get("first_conv")
+    return dict(img_size=tuple(model.img_size), fixed_input_size=not model.dynamic_img_size,
+                first_conv=tuple(first_conv) if isinstance(first_conv, list) else first_conv)
 
 
 def _feature_net(model: CrossViT, out_indices, feature_cls) -> nn.Module:
@@ -120,6 +145,7 @@ def _feature_net(model: CrossViT, out_indices, feature_cls) -> nn.Module:
                          f"its features come from forward_intermediates (feature_cls='getter', as timm's)")
     net = feature_cls(model, out_indices=out_indices)
     net.in_chans = model.in_chans
+    net._traits = dict(model._traits)
     # timm's pretrained_cfg_for_features: the classifier's entries mean nothing for a backbone
     net.pretrained_cfg = net.default_cfg = {k: v for k, v in model.pretrained_cfg.items()
                                             if k not in ("num_classes", "classifier", "global_pool")}

@@ -199,15 +199,21 @@ def test_compiled_model_checkpoint_loads(source, tmp_path):
     assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "compiled.pth")), source)
 
 
-def make_hub_cache(root, name, state):
-    """The on-disk layout huggingface_hub uses for a cached file of repo timm/<name>.in1k."""
-    repo = root / f"models--timm--{name}.in1k"
+def make_hub_cache(root, name, state, repo_id=None, filename="model.safetensors"):
+    """The on-disk layout huggingface_hub uses for a cached file of repo ``repo_id`` (default
+    timm/<name>.in1k)."""
+    repo = root / ("models--" + (repo_id or f"timm/{name}.in1k").replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    state = {k: v.contiguous() for k, v in state.items()}
+    (snap / filename).parent.mkdir(parents=True, exist_ok=True)
+    if filename.endswith(".safetensors"):
+        save_file(state, str(snap / filename))
+    else:
+        torch.save(state, snap / filename)
 
 
 def test_pretrained_from_a_local_hub_cache(source, tmp_path):
@@ -217,6 +223,37 @@ def test_pretrained_from_a_local_hub_cache(source, tmp_path):
     model = create_model(NAME, pretrained=True, cache_dir=str(tmp_path), num_classes=7)
     assert model.head[0].weight.shape == (7, 128)
     assert torch.equal(model.blocks[0].projs[0][2].weight, source.blocks[0].projs[0][2].weight)
+
+
+@pytest.mark.parametrize("filename, overlay", [
+    ("model.safetensors", {}), ("pytorch_model.bin", {}),          # timm's fallback file
+    ("weights/ft.safetensors", {"hf_hub_filename": "weights/ft.safetensors"}),
+])
+def test_pretrained_from_the_configs_hub_repo(source, tmp_path, filename, overlay):
+    """``pretrained_cfg_overlay=dict(hf_hub_id=...)`` loads that repository's weights, not timm's
+    (which are cached too, and differ), as timm does."""
+    make_hub_cache(tmp_path, NAME, create_model(NAME).state_dict())          # timm's in1k
+    make_hub_cache(tmp_path, NAME, source.state_dict(), repo_id="myorg/finetuned", filename=filename)
+    model = create_model(NAME, pretrained=True, cache_dir=str(tmp_path),
+                         pretrained_cfg_overlay=dict(hf_hub_id="myorg/finetuned", **overlay))
+    assert same_weights(model, source)
+
+
+def test_pretrained_strict_false_loads_what_the_file_has(source, tmp_path):
+    path = tmp_path / "no_head.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("head.")},
+              str(path))
+    with pytest.raises(CheckpointError, match="missing keys: head.0.bias"):
+        create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                         pretrained_strict=False)
+    assert torch.equal(model.pos_embed_0, source.pos_embed_0)
+    assert not torch.equal(model.head[0].weight, source.head[0].weight)
+
+
+def test_model_sources_of_timm_are_named_as_unsupported():
+    with pytest.raises(ValueError, match="model sources such as 'hf-hub:' are not supported.*hf_hub_id"):
+        create_model("hf-hub:timm/crossvit_9_240.in1k")
 
 
 NO_WEIGHTS = "could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*checkpoint_path="
@@ -292,3 +329,25 @@ def test_pretrained_with_other_in_chans_adapts_the_first_convs(source, tmp_path,
         want = rgb.sum(dim=1, keepdim=True) if in_chans == 1 else torch.cat([rgb, rgb[:, :1]], 1) * 0.75
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
     assert torch.equal(model.blocks[0].projs[0][2].weight, source.blocks[0].projs[0][2].weight)
+
+
+@pytest.mark.parametrize("kwargs", [dict(img_size=480), dict(qkv_bias=False, crop_scale=True),
+                                    dict(dynamic_img_size=True)])
+def test_timms_factory_records_input_config_and_model_args(kwargs, tmp_path):
+    """What timm's builder records on a model (``_traits``, ``_model_args``) is there, so timm's
+    input config sees the model's size, and ``timm.models.save_for_hf`` followed by timm's
+    ``create_model("local-dir:...")`` rebuilds the same model (timm has no dynamic_img_size)."""
+    timm = import_timm()
+    model = create_model("crossvit_tiny_240", **kwargs).eval()
+    config = timm.models.get_model_input_config(model)
+    size = kwargs.get("img_size", 240)
+    assert config["input_size"] == (3, size, size)
+    assert config["fixed_input_size"] == (not kwargs.get("dynamic_img_size", False))
+    assert model._model_args == kwargs
+    if kwargs.get("dynamic_img_size"):
+        return
+    timm.models.save_for_hf(model, tmp_path)
+    rebuilt = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-5)
