@@ -84,8 +84,9 @@ def _read_pickle(path: Path) -> object:
         detail = _first_line(str(err).partition("WeightsUnpickler error:")[2] or str(err))
         if detail.startswith("Unsupported global"):
             raise CheckpointError(f"checkpoint {path}: holds pickled Python objects, not only tensors "
-                                  f"({detail}); a whole model saved with torch.save(model)? Save its "
-                                  f"state_dict() instead") from err
+                                  f"({detail}): a whole model saved with torch.save(model), or other "
+                                  f"values saved beside the weights (NumPy numbers, say)? Save the "
+                                  f"state_dict() alone") from err
         raise CheckpointError(f"checkpoint {path}: neither a .safetensors file nor a torch.save file "
                               f"of tensors, truncated or corrupt? ({_summary(err, detail)})") from err
 
