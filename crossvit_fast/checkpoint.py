@@ -9,10 +9,11 @@ these load; as in timm, EMA weights are preferred where a checkpoint has them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -205,12 +206,24 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
                     repo: Optional[str] = None, filename: Optional[str] = None) -> str:
     """Local path of the pretrained weights of variant ``name`` on the Hugging Face Hub:
     ``repo`` (default timm's ``timm/{name}.in1k``), its ``filename`` or, as timm looks for them,
-    ``model.safetensors`` then ``pytorch_model.bin``.
+    ``model.safetensors`` then ``pytorch_model.bin`` (see :func:`hub_file`)."""
+    repo = repo or f"timm/{name}.in1k"
+    filenames = [filename] if filename else list(WEIGHT_FILES)
+    return hub_file(repo, filenames, cache_dir, f"pretrained weights for {name}")
+
+
+# The weight files timm looks for in a Hub repository or a local model folder, in order.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.PathLike] = None,
+             what: str = "a file") -> str:
+    """Local path of the first of ``filenames`` that Hub repository ``repo`` has.
 
     The local Hugging Face cache is tried first (no network); then the Hub itself, after one
     request without retries (:data:`HUB_PROBE_TIMEOUT_S`) has found that it answers: offline, or
-    with ``HF_HUB_OFFLINE=1``, a :class:`CheckpointError` comes at once, not after
-    huggingface_hub's retries.
+    with ``HF_HUB_OFFLINE=1``, a :class:`CheckpointError` naming ``what`` comes at once, not
+    after huggingface_hub's retries.
     """
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -218,8 +231,6 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise RuntimeError("pretrained=True needs huggingface_hub; pip install huggingface_hub, "
                            "or pass checkpoint_path=") from err
-    repo = repo or f"timm/{name}.in1k"
-    filenames = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
     for candidate in filenames:
         try:
             return hf_hub_download(repo, candidate, cache_dir=cache_dir, local_files_only=True)
@@ -237,10 +248,44 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
     except Exception as err:
         detail = " ".join(str(err).split()).rstrip(".")
         raise CheckpointError(
-            f"could not fetch pretrained weights for {name} from the Hugging Face Hub ({repo}): "
+            f"could not fetch {what} from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
             f"{filenames[0]} from https://huggingface.co/{repo} on another machine and pass "
             f"checkpoint_path=") from err
+
+
+def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None
+                        ) -> Tuple[str, dict, dict]:
+    """``(architecture, pretrained_cfg, model_args)`` of a timm model source, read from its
+    ``config.json`` as timm's ``create_model`` reads it: ``hf-hub:org/repo`` (the Hub or its
+    cache; the weights then come from that repository) or ``local-dir:/path`` (a folder written
+    by timm's ``save_for_hf``; the weights are its model.safetensors or pytorch_model.bin)."""
+    source, _, location = name.partition(":")
+    if source == "hf-hub":
+        if "@" in location:
+            raise ValueError(f"create_model: {name!r}: revisions (@...) of Hub repositories are not "
+                             f"supported; download the folder and use local-dir:")
+        config_path = Path(hub_file(location, ["config.json"], cache_dir, f"the config of {location}"))
+        source_fields = {"hf_hub_id": location, "hf_hub_filename": None, "file": None}
+    elif source == "local-dir":
+        folder = Path(location)
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"create_model: {name!r}: no config.json in {folder}")
+        weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+        if not weights:
+            raise CheckpointError(f"create_model: {name!r}: no {' or '.join(WEIGHT_FILES)} in {folder}")
+        source_fields = {"file": str(weights[0])}
+    else:
+        raise ValueError(f"create_model: model source {source + ':'!r} of {name!r} is not known; "
+                         f"expected hf-hub: or local-dir:")
+    config = json.loads(config_path.read_text())
+    if "pretrained_cfg" not in config:   # timm's older single-dict layout
+        config = {"architecture": config.pop("architecture", None), "pretrained_cfg": config}
+    pretrained_cfg = dict(config["pretrained_cfg"], **source_fields)
+    if "num_classes" in config:
+        pretrained_cfg["num_classes"] = config["num_classes"]
+    return config.get("architecture") or "", pretrained_cfg, dict(config.get("model_args") or {})
 
 
 def _hub_probe_timeout() -> float:

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Union
 
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, pretrained_path
+from .checkpoint import load_checkpoint, model_source_config, pretrained_path
 from .features import FeatureGetterNet, default_out_indices
 from .model import CrossViT
 
@@ -78,18 +78,18 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     ``pretrained_strict=False`` skips keys on one side only, as in timm. A checkpoint trained at
     another image size loads with its position embeddings resampled to ``img_size``. The model
     carries what timm's factory records (``_traits``, ``_model_args``), which timm's input
-    config and ``save_for_hf`` read. timm's model sources (``hf-hub:``, ``local-dir:``) are not
-    taken.
+    config and ``save_for_hf`` read. ``name`` may also be a timm model source,
+    ``hf-hub:org/repo`` or ``local-dir:/path`` (written by timm's ``save_for_hf``), whose
+    config.json names the variant and holds its config and arguments.
 
     ``features_only=True`` returns the backbone as timm 1.0.31 builds it
     (:class:`crossvit_fast.features.FeatureGetterNet`: a list of NCHW feature maps, by default
     the last block's of each branch; ``out_indices`` picks others, index ``b * 3 + i`` being
     branch ``b`` after block ``i``; ``feature_info`` describes them).
     """
-    if ":" in name:   # timm's model sources, e.g. hf-hub:org/repo or local-dir:/path
-        raise ValueError(f"create_model: model sources such as {name.partition(':')[0] + ':'!r} are not "
-                         f"supported; name the variant and pass checkpoint_path= (a local file) or "
-                         f"pretrained=True with pretrained_cfg_overlay=dict(hf_hub_id='org/repo')")
+    if ":" in name:   # timm's model sources: hf-hub:org/repo, local-dir:/path
+        return _create_from_source(name, pretrained, checkpoint_path, cache_dir, pretrained_cfg,
+                                   pretrained_cfg_overlay, kwargs)
     variant, _, tag = name.partition(".")
     if variant not in MODEL_ARGS:
         raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
@@ -122,6 +122,25 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         model = _feature_net(model, out_indices, feature_cls)
     model._model_args = model_args
     return model
+
+
+def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[str],
+                        cache_dir: Optional[str], pretrained_cfg, pretrained_cfg_overlay: Optional[dict],
+                        kwargs: dict) -> nn.Module:
+    """``create_model`` of a timm model source (``hf-hub:org/repo``, ``local-dir:/path``): its
+    config.json names the variant, gives the pretrained config (the weights' location, classes,
+    input size) and the model arguments, which ``kwargs`` override, as in timm."""
+    if pretrained_cfg is not None:
+        raise ValueError(f"create_model: pretrained_cfg cannot be given with the model source {name!r}, "
+                         f"whose config.json holds it (pretrained_cfg_overlay can amend it)")
+    architecture, source_cfg, model_args = model_source_config(name, cache_dir)
+    variant = architecture.partition(".")[0]
+    if variant not in MODEL_ARGS:
+        raise ValueError(f"create_model: {name!r} holds a {architecture or 'unnamed'!r} model, not a "
+                         f"CrossViT variant ({', '.join(list_models())})")
+    return create_model(variant, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                        cache_dir=cache_dir, pretrained_cfg=source_cfg,
+                        pretrained_cfg_overlay=pretrained_cfg_overlay, **{**model_args, **kwargs})
 
 
 def _timm_traits(model: CrossViT, cfg: dict) -> dict:

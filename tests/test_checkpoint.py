@@ -1,4 +1,5 @@
 """Checkpoint loading: file formats, wrappers, key styles, errors, and pretrained via the Hub cache."""
+import json
 import logging
 import socket
 import time
@@ -251,9 +252,40 @@ def test_pretrained_strict_false_loads_what_the_file_has(source, tmp_path):
     assert not torch.equal(model.head[0].weight, source.head[0].weight)
 
 
-def test_model_sources_of_timm_are_named_as_unsupported():
-    with pytest.raises(ValueError, match="model sources such as 'hf-hub:' are not supported.*hf_hub_id"):
-        create_model("hf-hub:timm/crossvit_9_240.in1k")
+@pytest.mark.parametrize("source", ["local-dir", "hf-hub"])
+def test_timm_model_sources_load_the_saved_model(source, tmp_path):
+    """A CrossViT saved by timm's ``save_for_hf`` (config.json + model.safetensors) loads from
+    ``local-dir:<folder>`` or, placed in a Hub cache, ``hf-hub:<repo>``: the variant, its
+    arguments, classes and weights."""
+    timm = import_timm()
+    torch.manual_seed(1)
+    saved = create_model("crossvit_tiny_240", num_classes=7, qkv_bias=False).eval()
+    folder = tmp_path / "saved"
+    timm.models.save_for_hf(saved, folder)
+    if source == "local-dir":
+        name, cache = f"local-dir:{folder}", None
+    else:
+        cache = tmp_path / "cache"
+        config = json.loads((folder / "config.json").read_text())
+        make_hub_cache(cache, None, saved.state_dict(), repo_id="myorg/crossvit-ft")
+        snapshot = next((cache / "models--myorg--crossvit-ft" / "snapshots").iterdir())
+        (snapshot / "config.json").write_text(json.dumps(config))
+        name, cache = "hf-hub:myorg/crossvit-ft", str(cache)
+    model = create_model(name, pretrained=True, cache_dir=cache).eval()
+    assert model.num_classes == 7 and model.blocks[0].blocks[0][0].attn.qkv.bias is None
+    assert same_weights(model, saved)
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).num_classes == 7
+
+
+def test_timm_model_source_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json in"):
+        create_model(f"local-dir:{tmp_path}")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet50", "pretrained_cfg": {}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds a 'resnet50' model, not a CrossViT variant"):
+        create_model(f"local-dir:{tmp_path}")
+    with pytest.raises(ValueError, match="model source 'hf_hub:' .* is not known"):
+        create_model("hf_hub:timm/crossvit_9_240.in1k")
 
 
 NO_WEIGHTS = "could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*checkpoint_path="
