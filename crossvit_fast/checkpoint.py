@@ -202,6 +202,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
+# The weight files timm looks for in a Hub repository or a local model folder, in order.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
                     repo: Optional[str] = None, filename: Optional[str] = None) -> str:
     """Local path of the pretrained weights of variant ``name`` on the Hugging Face Hub:
@@ -210,10 +214,6 @@ def pretrained_path(name: str, cache_dir: Optional[str | os.PathLike] = None,
     repo = repo or f"timm/{name}.in1k"
     filenames = [filename] if filename else list(WEIGHT_FILES)
     return hub_file(repo, filenames, cache_dir, f"pretrained weights for {name}")
-
-
-# The weight files timm looks for in a Hub repository or a local model folder, in order.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.PathLike] = None,

@@ -247,18 +247,15 @@ class DropPath(nn.Module):
 MULTI_CONV_STEMS = {12: ((7, 4, 3), (3, 3, 0), (3, 1, 1)), 16: ((7, 4, 3), (3, 2, 1), (3, 2, 1))}
 
 
-def check_multi_conv_patch(patch: int, multi_conv: bool) -> None:
-    """A ValueError where ``multi_conv`` asks for a stem that timm has no design for."""
-    if multi_conv and patch not in MULTI_CONV_STEMS:
-        raise ValueError(f"multi_conv supports patch_size 12 or 16, got {patch}")
-
-
 def patches_along(side: int, patch: int, multi_conv: bool = False) -> int:
     """How many patch tokens :class:`PatchEmbed` makes along an image side of ``side`` pixels:
     ``side // patch`` for the strided conv; the stem's own arithmetic for ``multi_conv``, which
-    differs where ``patch`` does not divide ``side`` (its padded convs round up)."""
+    differs where ``patch`` does not divide ``side`` (its padded convs round up). A ValueError
+    where ``multi_conv`` asks for a stem timm has no design for."""
     if not multi_conv:
         return side // patch
+    if patch not in MULTI_CONV_STEMS:
+        raise ValueError(f"multi_conv supports patch_size 12 or 16, got {patch}")
     for kernel, stride, padding in MULTI_CONV_STEMS[patch]:
         side = (side + 2 * padding - kernel) // stride + 1
     return side
@@ -276,9 +273,9 @@ class PatchEmbed(NotScriptable, nn.Module):
         dd = {"device": device, "dtype": dtype}
         img_size = _pair(img_size)
         patch_size = _pair(patch_size)
-        check_multi_conv_patch(patch_size[0], multi_conv)
         self.img_size = img_size
         self.patch_size = patch_size
+        # the tokens the stem makes (patches_along also refuses a stem timm has no design for)
         self.grid_size = tuple(patches_along(s, p, multi_conv) for s, p in zip(img_size, patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import check_multi_conv_patch, patches_along
+from .layers import patches_along
 
 Size = Tuple[int, int]
 
@@ -49,8 +49,6 @@ def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequenc
         raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
                          f"got {img_size!r}")
     img_size = (int(img_size[0]), int(img_size[1]))
-    for p in patch_size:
-        check_multi_conv_patch(p, multi_conv)
     timm_sizes = [tuple(int(side * s) for side in img_size) for s in img_scale]
     if all(timm_runs_at(size, p, multi_conv) for size, p in zip(timm_sizes, patch_size)):
         return timm_sizes
