@@ -82,7 +82,7 @@ def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], cr
 
 def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
     """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the last fusion
-    block's attention over the other branch's patches (the CLS column dropped), ``[heads, gh, gw]``
+    block's attention over the other branch's patches (a one-branch model's: its own) (the CLS column dropped), ``[heads, gh, gw]``
     on that branch's patch grid (sample 0)."""
     grids = [embed.grid_size for embed in model.patch_embed]
     out = []
@@ -196,7 +196,7 @@ def figure(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], heads: bool, head
 
     rows = []   # (label, [(panel title, map [gh, gw])])
     for i, row in enumerate(grids):
-        directions = [("branch 0 CLS -> branch 1 patches", row[0]), ("branch 1 CLS -> branch 0 patches", row[1])]
+        directions = [(f"branch {d} CLS -> branch {(d + 1) % len(row)} patches", m) for d, m in enumerate(row)]
         if heads:
             rows += [(f"block {i}: {label}", [(f"head {h}", m[h]) for h in range(m.shape[0])])
                      for label, m in directions]

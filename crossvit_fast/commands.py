@@ -125,7 +125,7 @@ def _requested_backend() -> str:
 
 def _outputs(model, x) -> Dict[str, torch.Tensor]:
     feats = model.forward_features(x)
-    return {"logits": model.forward_head(feats), "features[0]": feats[0], "features[1]": feats[1]}
+    return {"logits": model.forward_head(feats), **{f"features[{i}]": f for i, f in enumerate(feats)}}
 
 
 def _param_grads(model, x, weights: torch.Tensor) -> Dict[str, torch.Tensor]:

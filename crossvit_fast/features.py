@@ -65,9 +65,10 @@ class FeatureInfo:
         return len(self.info)
 
 
-def default_out_indices(num_blocks: int) -> Tuple[int, int]:
-    """timm's default for CrossVit: the last block's features of each branch (what the head uses)."""
-    return num_blocks - 1, 2 * num_blocks - 1
+def default_out_indices(num_blocks: int, num_branches: int = 2) -> Tuple[int, ...]:
+    """timm's default for CrossVit: the last block's features of each branch (what the head
+    uses), ``(num_blocks - 1, 2 * num_blocks - 1)`` for two branches."""
+    return tuple(b * num_blocks + num_blocks - 1 for b in range(num_branches))
 
 
 class FeatureGetterNet(nn.ModuleDict):

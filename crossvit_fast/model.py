@@ -189,6 +189,30 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         return outs
 
 
+def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, depth) -> None:
+    """One or two branches, as timm's CrossVit runs (it builds more, but its embedding knows
+    two): ``patch_size``, ``embed_dim`` and ``num_heads`` one entry per branch, ``img_scale`` and
+    ``mlp_ratio`` at least that many, and each ``depth`` entry the branches' depths and then the
+    fusion's (a ValueError naming the argument where not)."""
+    branches = len(patch_size)
+    if branches not in (1, 2):
+        raise ValueError(f"patch_size must have one entry per branch, one or two branches (timm's "
+                         f"CrossVit runs no more), got {tuple(patch_size)}")
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if len(value) != branches:
+            raise ValueError(f"{name} must have one entry per branch ({branches}, as patch_size "
+                             f"{tuple(patch_size)}), got {tuple(value)}")
+    for name, value in (("img_scale", img_scale), ("mlp_ratio", mlp_ratio)):
+        if len(value) < branches:
+            raise ValueError(f"{name} must have an entry for each of the {branches} branches, "
+                             f"got {tuple(value)}")
+    for cfg in depth:
+        if len(cfg) != branches + 1:
+            raise ValueError(f"each depth entry must give the {branches} branches' depths and then "
+                             f"the fusion's ({branches + 1} numbers), got {tuple(cfg)} in "
+                             f"{tuple(map(tuple, depth))}")
+
+
 def _compute_num_patches(img_size, patches):
     return [i[0] // p * i[1] // p for i, p in zip(img_size, patches)]
 
@@ -225,11 +249,14 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, List[in
 
 
 class CrossViT(NotScriptable, nn.Module):
-    """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``).
+    """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``); a
+    one-branch configuration (one ``patch_size``) runs as in timm, its CLS token attending over
+    its own patches.
 
-    Any ``img_size`` (an int or ``(H, W)``) builds: each branch's image is ``img_size`` scaled
+    Any ``img_size`` (a number or ``(H, W)``) builds: each branch's image is ``img_size`` scaled
     by its ``img_scale`` and rounded to whole patches (:mod:`crossvit_fast.resolution`), timm's
-    sizes wherever those tile. Inputs of another size are resized to it per branch, as timm
+    sizes wherever those tile (a non-whole size as timm takes it: ``int(size * scale)``, and
+    ``img_size`` its whole part). Inputs of another size are resized to it per branch, as timm
     does (with a warning, once per model); with ``dynamic_img_size=True`` every input size runs
     as is instead, the position embeddings interpolated to its patch grids per call (as timm's
     ViT option).
@@ -264,9 +291,7 @@ class CrossViT(NotScriptable, nn.Module):
         dd = {"device": device, "dtype": dtype}
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        if len(patch_size) != 2 or len(embed_dim) != 2 or len(num_heads) != 2:
-            raise ValueError("CrossViT has two branches: patch_size, embed_dim and num_heads need "
-                             f"two entries each, got {patch_size}, {embed_dim}, {num_heads}")
+        _check_branches(patch_size, embed_dim, num_heads, _pair(img_scale), mlp_ratio, depth)
         for d, h in zip(embed_dim, num_heads):
             if d % h:
                 raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")

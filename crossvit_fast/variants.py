@@ -156,7 +156,7 @@ def _feature_net(model: CrossViT, out_indices, feature_cls) -> nn.Module:
     """``model`` wrapped as timm 1.0.31 wraps CrossVit for ``features_only``: a feature getter
     over ``forward_intermediates``, by default the last block's features of each branch."""
     if out_indices is None:
-        out_indices = default_out_indices(model.num_feature_blocks)
+        out_indices = default_out_indices(model.num_feature_blocks, model.num_branches)
     if feature_cls is None or feature_cls == "getter":
         feature_cls = FeatureGetterNet
     elif isinstance(feature_cls, str):

@@ -1,0 +1,107 @@
+"""The one-branch configuration timm's CrossVit also builds (one ``patch_size``): its CLS token,
+projected, attends over its own patch tokens. Same keys, logits, intermediates and gradients as
+timm's; every backend; the arguments' lengths checked."""
+import pytest
+import torch
+
+from crossvit_fast import CrossViT, create_model, use_backend
+
+from .conftest import ALL_BACKENDS
+from .numerics import FP32_PAIR_TOL, rel_err
+from .timm_import import import_timm
+
+ONE_BRANCH_ARGS = dict(img_size=48, img_scale=(1.0,), patch_size=(12,), embed_dim=(24,),
+                       depth=((2, 1), (1, 0)), num_heads=(2,), mlp_ratio=(2, 1), num_classes=10)
+
+
+@pytest.fixture()
+def pair():
+    """timm's one-branch CrossVit and ours with its weights, both in eval mode."""
+    timm = import_timm()
+    reference = timm.models.crossvit.CrossVit(**ONE_BRANCH_ARGS).eval()
+    model = CrossViT(**ONE_BRANCH_ARGS).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return reference, model
+
+
+def test_state_dict_logits_and_intermediates_match_timm(pair):
+    reference, model = pair
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():   # eval and no grad: the in-place CLS write of the fused path
+        assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
+        got = model.forward_intermediates(x, indices=2)
+        want = reference.forward_intermediates(x, indices=2)
+    assert len(got[0]) == len(want[0]) == 1 and len(got[1]) == len(want[1]) == 2
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(g, w) < FP32_PAIR_TOL
+
+
+def test_training_step_gradients_match_timm(pair):
+    reference, model = pair
+    reference.train(), model.train()
+    x = torch.randn(2, 3, 48, 48)
+    reference(x).square().mean().backward()
+    model(x).square().mean().backward()
+    want = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, want[name].grad) < FP32_PAIR_TOL, name
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_every_backend_runs_it(pair, backend):
+    """Forward and backward on each backend against the torch backend (the fusion over the
+    branch's own patches goes through the backend's cross-attention and norm kernels)."""
+    _, model = pair
+    x = torch.randn(2, 3, 48, 48)
+    results = []
+    for name in ("torch", backend):
+        model.zero_grad(set_to_none=True)
+        with use_backend(name):
+            logits = model(x)
+            logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (want_logits, want_grads), (got_logits, got_grads) = results
+    assert rel_err(got_logits, want_logits) < 2e-5
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) < 2e-5, name
+
+
+def test_attention_maps_checkpointing_and_features_only(pair):
+    _, model = pair
+    x = torch.randn(2, 3, 48, 48)
+    logits, maps = model.forward_attention_maps(x)
+    assert list(maps) == ["blocks.0.fusion.0.0.attn.attn_drop", "blocks.1.fusion.0.attn.attn_drop"]
+    assert maps["blocks.0.fusion.0.0.attn.attn_drop"].shape == (2, 2, 1, 1 + 16)
+    torch.testing.assert_close(maps["blocks.1.fusion.0.attn.attn_drop"].sum(-1),
+                               torch.ones(2, 2, 1))
+
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        grads.append(model.cls_token_0.grad.clone())
+    assert rel_err(grads[1], grads[0]) < 1e-6
+
+    features = create_model("crossvit_tiny_240", features_only=True, img_size=48, **{
+        k: v for k, v in ONE_BRANCH_ARGS.items() if k not in ("img_size", "num_classes")})
+    assert features.feature_info.channels() == [24]
+    assert [tuple(f.shape) for f in features(x)] == [(2, 24, 4, 4)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(patch_size=(12, 16, 8), embed_dim=(24, 24, 24), num_heads=(2, 2, 2)),
+     r"patch_size must have one entry per branch, one or two branches.*\(12, 16, 8\)"),
+    (dict(embed_dim=(24, 48)), r"embed_dim must have one entry per branch \(1, as patch_size \(12,\)\)"),
+    (dict(num_heads=(2, 2)), r"num_heads must have one entry per branch"),
+    (dict(patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2), img_scale=(1.0,)),
+     r"img_scale must have an entry for each of the 2 branches, got \(1.0,\)"),
+    (dict(mlp_ratio=()), r"mlp_ratio must have an entry for each of the 1 branches"),
+    (dict(depth=((1, 3, 1),)), r"each depth entry must give the 1 branches' depths and then the "
+                               r"fusion's \(2 numbers\), got \(1, 3, 1\)"),
+])
+def test_arguments_of_the_wrong_length_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        CrossViT(**dict(ONE_BRANCH_ARGS, **change))
