@@ -45,10 +45,9 @@ def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequenc
     timm's CrossVit runs at those sizes, else each rounded to whole patches; a ValueError naming
     ``what`` and the nearest valid size where a branch would get no patch along a side."""
     if (len(img_size) != 2 or not all(isinstance(s, numbers.Real) and not isinstance(s, bool)
-                                      and 0 < s < math.inf and s == int(s) for s in img_size)):
-        raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, "
-                         f"got {img_size!r}")
-    img_size = (int(img_size[0]), int(img_size[1]))
+                                      and 0 < s < math.inf for s in img_size)):
+        raise ValueError(f"{what} must be a positive number or (height, width) of positive "
+                         f"numbers, got {img_size!r}")
     timm_sizes = [tuple(int(side * s) for side in img_size) for s in img_scale]
     if all(timm_runs_at(size, p, multi_conv) for size, p in zip(timm_sizes, patch_size)):
         return timm_sizes
@@ -59,7 +58,7 @@ def branch_sizes(img_size: Size, img_scale: Sequence[float], patch_size: Sequenc
     smallest = max(math.ceil(p / (2 * s)) for s, p in zip(img_scale, patch_size))
     while min(min(rounded_size((smallest, smallest), s, p)) for s, p in zip(img_scale, patch_size)) == 0:
         smallest += 1
-    nearest = tuple(max(side, smallest) for side in img_size)
+    nearest = tuple(max(int(side), smallest) for side in img_size)
     raise ValueError(
         f"{what} {tuple(img_size)} is too small: with patch sizes {tuple(patch_size)} at scales "
         f"{tuple(round(s, 4) for s in img_scale)} a branch gets no whole patch along a side; "

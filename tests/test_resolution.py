@@ -69,7 +69,7 @@ def test_too_small_sizes_name_the_nearest_valid_size(img_size, nearest):
     assert branch_sizes(nearest, model.img_scale, model.patch_size)
 
 
-@pytest.mark.parametrize("bad", [0, -240, (240,), (240.5, 240), "240", float("inf")])
+@pytest.mark.parametrize("bad", [0, -240, (240,), (240.5, -1), "240", float("inf"), True])
 def test_bad_img_size_is_named(bad):
     with pytest.raises(ValueError, match="img_size must be"):
         create_model(NAME, img_size=bad)
@@ -87,6 +87,24 @@ def test_whole_float_and_numpy_sizes_are_taken_as_timm_takes_them():
                                        patch_size=(12, 16), embed_dim=(96, 192), depth=((1, 1, 0),),
                                        num_heads=(3, 3), mlp_ratio=(4, 4, 1))
     assert model.img_size == (240, 240) and model.img_size_scaled == [(240, 240), (224, 224)]
+
+
+@pytest.mark.parametrize("img_size, sizes", [(240.5, [(240, 240), (224, 224)]),
+                                             ((250.7, 240.2), [(250, 240), (233, 224)])])
+def test_non_whole_sizes_are_taken_as_timm_takes_them(img_size, sizes):
+    """timm scales a non-whole img_size and truncates (``int(size * scale)``): the same branch
+    sizes and logits; the model's img_size is the whole part (the input it takes unresized)."""
+    timm = import_timm()
+    # (timm's factory takes a non-whole size as a pair only; its CrossVit as a number too)
+    reference = timm.create_model(NAME, img_size=crossvit_fast.layers._pair(img_size)).eval()
+    model = create_model(NAME, img_size=img_size).eval()
+    assert reference.img_size_scaled == sizes and model.img_size_scaled == sizes
+    assert model.img_size == sizes[0]
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, *model.img_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")          # the model's own size: no resizing warning
+        assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
 
 
 @pytest.mark.parametrize("name, img_size, sizes", [
