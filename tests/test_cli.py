@@ -380,6 +380,8 @@ def test_attention_per_head(tmp_path):
 @pytest.mark.parametrize("missing", ["matplotlib", "PIL"])
 def test_attention_without_matplotlib_or_pillow_is_one_line(capsys, monkeypatch, tmp_path, missing):
     """The [viz] extra not installed: one line saying what to install, before the model runs."""
+    import matplotlib  # noqa: F401  imported first: matplotlib failing halfway on a hidden PIL
+    import PIL  # noqa: F401         would leave its half-imported submodules to later tests
     monkeypatch.setitem(sys.modules, missing, None)   # import fails as if not installed
     from crossvit_fast import variants
     monkeypatch.setattr(variants, "create_model", None)   # the model must not be built
