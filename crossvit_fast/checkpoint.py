@@ -13,7 +13,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -163,9 +164,11 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.to(weight.dtype)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool = False,
-                    use_ema: bool = True, input_convs: Sequence[str] = (), strict: bool = True) -> None:
-    """Load ``path`` into ``model`` strictly (every key and shape must match; with
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+                    drop_head: bool = False, use_ema: bool = True, input_convs: Sequence[str] = (),
+                    strict: bool = True) -> None:
+    """Load ``path`` (a checkpoint file, or a state dict itself, as a pretrained config's
+    ``state_dict``) into ``model`` strictly (every key and shape must match; with
     ``strict=False``, as timm's ``pretrained_strict=False``, keys on one side only are skipped).
 
     ``drop_head=True`` keeps the model's own classifier (``head.*``), as timm does when a
@@ -176,7 +179,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, drop_head: bool =
     trained at another image size are resampled to the model's patch grids (bicubic, the CLS
     row kept), as timm's ``resample_abs_pos_embed`` does for ViTs.
     """
-    state = to_timm_keys(read_state_dict(path, use_ema))
+    if isinstance(path, Mapping):
+        state, path = to_timm_keys(path), "(the pretrained config's state_dict)"
+    else:
+        state = to_timm_keys(read_state_dict(path, use_ema))
     if hasattr(model, "patch_embed") and hasattr(model, "embed_dim"):   # trained at another size
         state = resample_checkpoint_pos_embeds(state, [p.grid_size for p in model.patch_embed],
                                                model.embed_dim)
@@ -252,6 +258,29 @@ def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.P
             f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
             f"{filenames[0]} from https://huggingface.co/{repo} on another machine and pass "
             f"checkpoint_path=") from err
+
+
+def url_file(url: str, cache_dir: Optional[str | os.PathLike] = None, what: str = "a file") -> str:
+    """Local path of the file at ``url`` (a pretrained config's ``url``), downloaded once under
+    its own name into ``cache_dir``, by default torch hub's ``checkpoints`` folder, where timm
+    caches it too; a :class:`CheckpointError` naming ``what`` and the URL where it cannot be
+    fetched."""
+    filename = os.path.basename(urlparse(url).path)
+    if not filename:
+        raise CheckpointError(f"{what}: the URL {url!r} names no file")
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    cached = folder / filename
+    if not cached.is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=False)
+        except Exception as err:
+            detail = " ".join(str(err).split()).rstrip(".")
+            raise CheckpointError(
+                f"could not fetch {what} from {url}: {type(err).__name__}"
+                f"{': ' + detail if detail else ''}. Without network access, download it on another "
+                f"machine and pass checkpoint_path=") from err
+    return str(cached)
 
 
 def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None

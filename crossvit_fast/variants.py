@@ -1,11 +1,12 @@
 """The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+import warnings
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, model_source_config, pretrained_path
+from .checkpoint import load_checkpoint, model_source_config, pretrained_path, url_file
 from .features import FeatureGetterNet, default_out_indices
 from .model import CrossViT
 
@@ -71,9 +72,11 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     ``img_size`` (from its ``input_size``), as timm's builder does. ``checkpoint_path`` loads a
     ``.safetensors`` or ``torch.save`` file (timm or official IBM key style; a training
     checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` loads the config's
-    ``file``, else the weights of its ``hf_hub_id`` (timm's published ones unless overlaid) from
-    the Hugging Face Hub or its local cache (``cache_dir``): ``hf_hub_filename``, else
-    ``model.safetensors`` or ``pytorch_model.bin``, as timm. With another ``num_classes`` the
+    ``state_dict`` or ``file``, else the weights of its ``hf_hub_id`` (timm's published ones
+    unless overlaid) from the Hugging Face Hub or its local cache (``cache_dir``):
+    ``hf_hub_filename``, else ``model.safetensors`` or ``pytorch_model.bin``, as timm; else the
+    file at its ``url``, downloaded once into ``cache_dir`` (default torch hub's checkpoints
+    folder, as timm). With another ``num_classes`` the
     pretrained head is left out, with another ``in_chans`` the first convs are adapted, and
     ``pretrained_strict=False`` skips keys on one side only, as in timm. A checkpoint trained at
     another image size loads with its position embeddings resampled to ``img_size``. The model
@@ -112,10 +115,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     model.pretrained_model_args = {}
     model._traits = _timm_traits(model, cfg)
     if pretrained:
-        path = cfg.get("file") or pretrained_path(variant, cache_dir, repo=cfg.get("hf_hub_id"),
-                                                  filename=cfg.get("hf_hub_filename"))
-        load_checkpoint(model, path, drop_head=model.num_classes != cfg["num_classes"],
-                        input_convs=cfg["first_conv"], strict=pretrained_strict)
+        weights = _pretrained_weights(variant, cfg, cache_dir)
+        if weights is None:
+            warnings.warn(f"create_model: the pretrained config of {variant} names no weights (no "
+                          f"state_dict, file, hf_hub_id or url): the model keeps its random "
+                          f"initialization, as timm's does", stacklevel=2)
+        else:
+            load_checkpoint(model, weights, drop_head=model.num_classes != cfg["num_classes"],
+                            input_convs=cfg["first_conv"], strict=pretrained_strict)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     if features_only:
@@ -141,6 +148,23 @@ def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[s
     return create_model(variant, pretrained=pretrained, checkpoint_path=checkpoint_path,
                         cache_dir=cache_dir, pretrained_cfg=source_cfg,
                         pretrained_cfg_overlay=pretrained_cfg_overlay, **{**model_args, **kwargs})
+
+
+def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]
+                        ) -> Union[str, Mapping, None]:
+    """What ``pretrained=True`` loads, in timm's order: the config's ``state_dict``, its
+    ``file``, its ``hf_hub_id`` repository's weights (the Hub or its cache), the file at its
+    ``url`` (downloaded once); None where it names none."""
+    if cfg.get("state_dict"):
+        return cfg["state_dict"]
+    if cfg.get("file"):
+        return cfg["file"]
+    if cfg.get("hf_hub_id"):
+        return pretrained_path(variant, cache_dir, repo=cfg["hf_hub_id"],
+                               filename=cfg.get("hf_hub_filename"))
+    if cfg.get("url"):
+        return url_file(cfg["url"], cache_dir, f"pretrained weights for {variant}")
+    return None
 
 
 def _timm_traits(model: CrossViT, cfg: dict) -> dict:

@@ -252,6 +252,60 @@ def test_pretrained_strict_false_loads_what_the_file_has(source, tmp_path):
     assert not torch.equal(model.head[0].weight, source.head[0].weight)
 
 
+def test_pretrained_from_the_configs_url_downloads_once(source, tmp_path):
+    """A config with a ``url`` and no ``hf_hub_id`` (e.g. the official IBM release) loads the
+    file there, official key style included, downloaded once into ``cache_dir``, as timm."""
+    ibm = {k.replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
+           for k, v in source.state_dict().items()}
+    served = tmp_path / "served" / "crossvit_9_224.pth"
+    served.parent.mkdir()
+    torch.save(ibm, served)
+    cache = tmp_path / "cache"
+    overlay = dict(hf_hub_id=None, url=served.as_uri())
+    assert same_weights(create_model(NAME, pretrained=True, cache_dir=str(cache),
+                                     pretrained_cfg_overlay=overlay), source)
+    assert (cache / "crossvit_9_224.pth").is_file()
+    served.unlink()   # the cached copy is used from now on
+    assert same_weights(create_model(NAME, pretrained=True, cache_dir=str(cache),
+                                     pretrained_cfg_overlay=overlay), source)
+    timm_model = import_timm().create_model(NAME, pretrained=True, cache_dir=str(cache),
+                                            pretrained_cfg_overlay=overlay)
+    assert same_weights(timm_model, source)
+
+
+def test_pretrained_source_order_is_timms(source, tmp_path):
+    """state_dict, then file, then hf_hub_id, then url: the first the config names is loaded."""
+    other = create_model(NAME)
+    make_hub_cache(tmp_path, NAME, other.state_dict(), repo_id="myorg/other")
+    hub_then_url = dict(hf_hub_id="myorg/other", url=(tmp_path / "absent.pth").as_uri())
+    assert same_weights(create_model(NAME, pretrained=True, cache_dir=str(tmp_path),
+                                     pretrained_cfg_overlay=hub_then_url), other)
+    state = create_model(NAME, pretrained=True, cache_dir=str(tmp_path),
+                         pretrained_cfg_overlay=dict(hub_then_url, state_dict=source.state_dict()))
+    assert same_weights(state, source)
+    path = tmp_path / "file.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    assert same_weights(create_model(NAME, pretrained=True, cache_dir=str(tmp_path),
+                                     pretrained_cfg_overlay=dict(hub_then_url, file=str(path))), source)
+
+
+def test_pretrained_url_errors_and_no_source(tmp_path):
+    absent = (tmp_path / "absent.pth").as_uri()
+    with pytest.raises(CheckpointError, match=f"could not fetch pretrained weights for {NAME} from "
+                                              f"{absent}: .*checkpoint_path=$"):
+        create_model(NAME, pretrained=True, cache_dir=str(tmp_path / "cache"),
+                     pretrained_cfg_overlay=dict(hf_hub_id=None, url=absent))
+    assert not (tmp_path / "cache" / "absent.pth").exists()
+    with pytest.raises(CheckpointError, match="the URL 'https://example.com/' names no file"):
+        create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None,
+                                                                       url="https://example.com/"))
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="names no weights .* keeps its random initialization"):
+        model = create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None))
+    torch.manual_seed(0)
+    assert same_weights(model, create_model(NAME))
+
+
 @pytest.mark.parametrize("source", ["local-dir", "hf-hub"])
 def test_timm_model_sources_load_the_saved_model(source, tmp_path):
     """A CrossViT saved by timm's ``save_for_hf`` (config.json + model.safetensors) loads from
