@@ -105,3 +105,18 @@ def test_attention_maps_checkpointing_and_features_only(pair):
 def test_arguments_of_the_wrong_length_are_named(change, message):
     with pytest.raises(ValueError, match=message):
         CrossViT(**dict(ONE_BRANCH_ARGS, **change))
+
+
+def test_compiles_as_one_graph_with_eagers_gradients(pair):
+    """torch.compile(fullgraph=True) traces the one-branch model's training step (forward and
+    backward graphs) and gives eager's gradients."""
+    _, model = pair
+    model.train()
+    x = torch.randn(2, 3, 48, 48)
+    model(x).square().mean().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().mean().backward()
+    for name, g in eager.items():
+        assert rel_err(model.get_parameter(name).grad, g) < 1e-5, name
