@@ -295,16 +295,14 @@ def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None
             raise ValueError(f"create_model: {name!r}: revisions (@...) of Hub repositories are not "
                              f"supported; download the folder and use local-dir:")
         config_path = Path(hub_file(location, ["config.json"], cache_dir, f"the config of {location}"))
-        source_fields = {"hf_hub_id": location, "hf_hub_filename": None, "file": None}
+        source_fields = {"hf_hub_id": location, "hf_hub_filename": None, "source": "hf-hub"}
     elif source == "local-dir":
         folder = Path(location)
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"create_model: {name!r}: no config.json in {folder}")
-        weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
-        if not weights:
-            raise CheckpointError(f"create_model: {name!r}: no {' or '.join(WEIGHT_FILES)} in {folder}")
-        source_fields = {"file": str(weights[0])}
+        folder_weights(folder, f"create_model: {name!r}")
+        source_fields = {"file": str(folder), "source": "local-dir"}
     else:
         raise ValueError(f"create_model: model source {source + ':'!r} of {name!r} is not known; "
                          f"expected hf-hub: or local-dir:")
@@ -315,6 +313,19 @@ def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None
     if "num_classes" in config:
         pretrained_cfg["num_classes"] = config["num_classes"]
     return config.get("architecture") or "", pretrained_cfg, dict(config.get("model_args") or {})
+
+
+def folder_weights(folder: str | os.PathLike, what: str) -> str:
+    """The weight file of a model folder (timm's ``save_for_hf`` layout): ``model.safetensors``,
+    else ``pytorch_model.bin``; a :class:`CheckpointError` starting with ``what`` where it has
+    neither."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{what}: {folder} is not a folder")
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise CheckpointError(f"{what}: no {' or '.join(WEIGHT_FILES)} in {folder}")
 
 
 def _hub_probe_timeout() -> float:

@@ -6,6 +6,7 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import warnings
 from functools import partial
@@ -189,28 +190,61 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         return outs
 
 
+def _is_sequence(value) -> bool:
+    return isinstance(value, collections.abc.Sequence) and not isinstance(value, str)
+
+
 def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, depth) -> None:
-    """One or two branches, as timm's CrossVit runs (it builds more, but its embedding knows
-    two): ``patch_size``, ``embed_dim`` and ``num_heads`` one entry per branch, ``img_scale`` and
-    ``mlp_ratio`` at least that many, and each ``depth`` entry the branches' depths and then the
-    fusion's (a ValueError naming the argument where not)."""
+    """One or two branches, as timm's CrossVit has CLS tokens and position embeddings for
+    (a third would reuse the second's): ``patch_size`` and ``embed_dim`` one entry per branch;
+    ``num_heads``, ``img_scale``, ``mlp_ratio`` at least that many and each ``depth`` entry the
+    branches' depths and then the fusion's last, as timm reads them (it ignores the rest, so a
+    variant's arguments build its one-branch model). A ValueError naming the argument where not."""
+    for name, value in (("patch_size", patch_size), ("embed_dim", embed_dim),
+                        ("num_heads", num_heads), ("mlp_ratio", mlp_ratio), ("depth", depth)):
+        if not _is_sequence(value):
+            raise ValueError(f"{name} must be a list or tuple with an entry per branch, got {value!r}")
+    if not all(_is_sequence(cfg) for cfg in depth):
+        raise ValueError(f"depth must list each multi-scale block's (branch depths..., fusion depth), "
+                         f"e.g. [[1, 3, 0]] * 3, got {depth!r}")
     branches = len(patch_size)
     if branches not in (1, 2):
         raise ValueError(f"patch_size must have one entry per branch, one or two branches (timm's "
-                         f"CrossVit runs no more), got {tuple(patch_size)}")
-    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if len(value) != branches:
-            raise ValueError(f"{name} must have one entry per branch ({branches}, as patch_size "
-                             f"{tuple(patch_size)}), got {tuple(value)}")
-    for name, value in (("img_scale", img_scale), ("mlp_ratio", mlp_ratio)):
+                         f"CrossVit has CLS tokens and position embeddings for two), got "
+                         f"{tuple(patch_size)}")
+    if len(embed_dim) != branches:
+        raise ValueError(f"embed_dim must have one entry per branch ({branches}, as patch_size "
+                         f"{tuple(patch_size)}), got {tuple(embed_dim)}")
+    for name, value in (("num_heads", num_heads), ("img_scale", img_scale), ("mlp_ratio", mlp_ratio)):
         if len(value) < branches:
             raise ValueError(f"{name} must have an entry for each of the {branches} branches, "
                              f"got {tuple(value)}")
-    for cfg in depth:
-        if len(cfg) != branches + 1:
-            raise ValueError(f"each depth entry must give the {branches} branches' depths and then "
-                             f"the fusion's ({branches + 1} numbers), got {tuple(cfg)} in "
-                             f"{tuple(map(tuple, depth))}")
+    depths = tuple(map(tuple, depth))
+    for cfg in depths:
+        if len(cfg) < max(branches, 2):
+            raise ValueError(f"each depth entry must give the {branches} branches' depths, its last "
+                             f"number the fusion's (at least {max(branches, 2)} numbers), got {cfg} "
+                             f"in {depths}")
+        if min(cfg[:branches]) < 1:
+            raise ValueError(f"each depth entry must give every branch at least one block (timm's "
+                             f"forward fails without), got {cfg} in {depths}")
+    _check_drop_path_schedule(depths, branches)
+
+
+def _check_drop_path_schedule(depths, branches: int) -> None:
+    """timm's drop-path rates: ``sum(cfg[-2:])`` per depth entry, handed out
+    ``max(cfg[:-1]) + cfg[-1]`` at a time; where a branch deeper than the rates left would take
+    more than there are, timm fails with an IndexError: a ValueError naming ``depth`` instead."""
+    total = sum(sum(cfg[-2:]) for cfg in depths)
+    start = 0
+    for i, cfg in enumerate(depths):
+        given = max(0, min(total, start + max(cfg[:-1]) + cfg[-1]) - start)
+        if given < max(cfg[:branches]):
+            raise ValueError(f"depth {depths}: entry {i}, {cfg}, needs {max(cfg[:branches])} "
+                             f"drop-path rates where timm's schedule (the sum of each entry's last "
+                             f"two numbers, {total} in all) has {given} left; timm's CrossVit "
+                             f"cannot build it either")
+        start += max(cfg[:-1]) + cfg[-1]
 
 
 def _compute_num_patches(img_size, patches):

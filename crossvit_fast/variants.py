@@ -1,12 +1,12 @@
 """The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, model_source_config, pretrained_path, url_file
+from .checkpoint import (CheckpointError, folder_weights, load_checkpoint, model_source_config,
+                         pretrained_path, url_file)
 from .features import FeatureGetterNet, default_out_indices
 from .model import CrossViT
 
@@ -115,14 +115,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     model.pretrained_model_args = {}
     model._traits = _timm_traits(model, cfg)
     if pretrained:
-        weights = _pretrained_weights(variant, cfg, cache_dir)
-        if weights is None:
-            warnings.warn(f"create_model: the pretrained config of {variant} names no weights (no "
-                          f"state_dict, file, hf_hub_id or url): the model keeps its random "
-                          f"initialization, as timm's does", stacklevel=2)
-        else:
-            load_checkpoint(model, weights, drop_head=model.num_classes != cfg["num_classes"],
-                            input_convs=cfg["first_conv"], strict=pretrained_strict)
+        load_checkpoint(model, _pretrained_weights(variant, cfg, cache_dir),
+                        drop_head=model.num_classes != cfg["num_classes"],
+                        input_convs=cfg["first_conv"], strict=pretrained_strict)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     if features_only:
@@ -150,21 +145,27 @@ def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[s
                         pretrained_cfg_overlay=pretrained_cfg_overlay, **{**model_args, **kwargs})
 
 
-def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]
-                        ) -> Union[str, Mapping, None]:
-    """What ``pretrained=True`` loads, in timm's order: the config's ``state_dict``, its
-    ``file``, its ``hf_hub_id`` repository's weights (the Hub or its cache), the file at its
-    ``url`` (downloaded once); None where it names none."""
-    if cfg.get("state_dict"):
+def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Union[str, Mapping]:
+    """What ``pretrained=True`` loads, in timm's order: a model source's own weights (its
+    ``source``: the ``hf_hub_id`` repository's, the ``local-dir`` folder's), else the config's
+    ``state_dict``, its ``file``, its ``hf_hub_id`` repository's weights (the Hub or its cache),
+    the file at its ``url`` (downloaded once); a CheckpointError (a RuntimeError, as timm's)
+    where it names none."""
+    source = cfg.get("source")
+    if source == "local-dir":
+        return folder_weights(cfg["file"], f"pretrained weights for {variant}")
+    if cfg.get("state_dict") and source != "hf-hub":
         return cfg["state_dict"]
-    if cfg.get("file"):
+    if cfg.get("file") and source != "hf-hub":
         return cfg["file"]
     if cfg.get("hf_hub_id"):
         return pretrained_path(variant, cache_dir, repo=cfg["hf_hub_id"],
                                filename=cfg.get("hf_hub_filename"))
     if cfg.get("url"):
         return url_file(cfg["url"], cache_dir, f"pretrained weights for {variant}")
-    return None
+    raise CheckpointError(f"No pretrained weights exist for {cfg.get('architecture') or variant}: its "
+                          f"pretrained config names no state_dict, file, hf_hub_id or url. Use "
+                          f"pretrained=False for random init, or pass checkpoint_path=")
 
 
 def _timm_traits(model: CrossViT, cfg: dict) -> dict:

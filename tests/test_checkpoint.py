@@ -299,11 +299,10 @@ def test_pretrained_url_errors_and_no_source(tmp_path):
     with pytest.raises(CheckpointError, match="the URL 'https://example.com/' names no file"):
         create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None,
                                                                        url="https://example.com/"))
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="names no weights .* keeps its random initialization"):
-        model = create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None))
-    torch.manual_seed(0)
-    assert same_weights(model, create_model(NAME))
+    # a config naming no weights: timm raises a RuntimeError (CheckpointError is one)
+    for factory in (create_model, import_timm().create_model):
+        with pytest.raises(RuntimeError, match=f"No pretrained weights exist for {NAME}"):
+            factory(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None))
 
 
 @pytest.mark.parametrize("source", ["local-dir", "hf-hub"])
@@ -328,7 +327,14 @@ def test_timm_model_sources_load_the_saved_model(source, tmp_path):
     model = create_model(name, pretrained=True, cache_dir=cache).eval()
     assert model.num_classes == 7 and model.blocks[0].blocks[0][0].attn.qkv.bias is None
     assert same_weights(model, saved)
-    assert timm.create_model(f"local-dir:{folder}", pretrained=True).num_classes == 7
+    assert model.pretrained_cfg["source"] == source
+    # the source's own weights win over a state_dict or file an overlay names, as in timm
+    other = create_model("crossvit_tiny_240", num_classes=7, qkv_bias=False)
+    overlay = dict(state_dict=other.state_dict())
+    assert same_weights(create_model(name, pretrained=True, cache_dir=cache,
+                                     pretrained_cfg_overlay=overlay), saved)
+    assert same_weights(timm.create_model(f"local-dir:{folder}", pretrained=True,
+                                          pretrained_cfg_overlay=overlay), saved)
 
 
 def test_timm_model_source_errors_name_the_problem(tmp_path):

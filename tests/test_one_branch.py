@@ -95,16 +95,58 @@ def test_attention_maps_checkpointing_and_features_only(pair):
     (dict(patch_size=(12, 16, 8), embed_dim=(24, 24, 24), num_heads=(2, 2, 2)),
      r"patch_size must have one entry per branch, one or two branches.*\(12, 16, 8\)"),
     (dict(embed_dim=(24, 48)), r"embed_dim must have one entry per branch \(1, as patch_size \(12,\)\)"),
-    (dict(num_heads=(2, 2)), r"num_heads must have one entry per branch"),
+    (dict(num_heads=()), r"num_heads must have an entry for each of the 1 branches, got \(\)"),
     (dict(patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2), img_scale=(1.0,)),
      r"img_scale must have an entry for each of the 2 branches, got \(1.0,\)"),
     (dict(mlp_ratio=()), r"mlp_ratio must have an entry for each of the 1 branches"),
-    (dict(depth=((1, 3, 1),)), r"each depth entry must give the 1 branches' depths and then the "
-                               r"fusion's \(2 numbers\), got \(1, 3, 1\)"),
+    (dict(depth=(1, 3, 1)), r"depth must list each multi-scale block's .*got \(1, 3, 1\)"),
+    (dict(patch_size=12), r"patch_size must be a list or tuple with an entry per branch, got 12"),
+    (dict(depth=((1,),)), r"each depth entry must give the 1 branches' depths, its last number "
+                          r"the fusion's \(at least 2 numbers\), got \(1,\)"),
+    (dict(depth=((0, 1),)), r"must give every branch at least one block .*got \(0, 1\)"),
+    (dict(patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2), img_scale=(1.0, 1.0),
+          depth=((2, 1, 1), (2, 1, 1))),
+     r"depth \(\(2, 1, 1\), \(2, 1, 1\)\): entry 1, \(2, 1, 1\), needs 2 drop-path rates where "
+     r"timm's schedule .* 4 in all\) has 1 left"),
 ])
 def test_arguments_of_the_wrong_length_are_named(change, message):
     with pytest.raises(ValueError, match=message):
         CrossViT(**dict(ONE_BRANCH_ARGS, **change))
+
+
+@pytest.mark.parametrize("depth", [((2, 1, 1), (2, 1, 1)), ((0, 1, 1),)])
+def test_depths_refused_here_fail_in_timm_too(depth):
+    """What the depth checks refuse at construction, timm's CrossVit cannot build or run."""
+    timm = import_timm()
+    args = dict(img_size=48, patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2),
+                mlp_ratio=(2, 2, 1), depth=depth, num_classes=10)
+    with pytest.raises(ValueError, match="depth"):
+        CrossViT(**args)
+    with pytest.raises(Exception):
+        timm.models.crossvit.CrossVit(**args).eval()(torch.randn(1, 3, 48, 48))
+
+
+@pytest.mark.parametrize("name, size, change", [
+    # a variant cut to one branch: timm reads num_heads[0] and each depth entry's first and last
+    ("crossvit_9_240", 48, dict(patch_size=(12,), embed_dim=(128,), img_scale=(1.0,))),
+    # two branches with a longer depth entry: timm's drop-path schedule counts max(all but last)
+    # (at 120 px, where timm's second branch, int(120 * 224 / 240) = 112 px, tiles)
+    ("crossvit_tiny_240", 120, dict(depth=[[1, 3, 2, 1]], drop_path_rate=0.3)),
+    # two numbers per entry: timm reads the second as branch 1's depth and the fusion's
+    ("crossvit_tiny_240", 120, dict(depth=[[1, 2], [2, 1]], drop_path_rate=0.3)),
+])
+def test_longer_arguments_are_read_as_timm_reads_them(name, size, change):
+    timm = import_timm()
+    torch.manual_seed(0)
+    reference = timm.create_model(name, img_size=size, **change).eval()
+    model = create_model(name, img_size=size, **change).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates == [m.drop_prob for m in reference.modules() if type(m).__name__ == "DropPath"]
+    assert bool(rates) == ("drop_path_rate" in change)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
 
 
 def test_compiles_as_one_graph_with_eagers_gradients(pair):
