@@ -94,3 +94,17 @@ def test_onnx_graph_forms_no_keys_or_values_over_the_tokens(dynamo, tmp_path):
     torch.onnx.export(ref, (x,), tmp_path / "timm.onnx", dynamo=True)
     saved = product_macs(onnx.load(tmp_path / "timm.onnx")) - product_macs(onnx.load(tmp_path / "ours.onnx"))
     assert saved >= 0.9 * key_value_macs(ours), (saved, key_value_macs(ours))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_onnx_export_of_a_one_branch_model(dynamo, tmp_path):
+    """The one-branch configuration (its CLS over its own patches) exports and runs too."""
+    from .test_one_branch import ONE_BRANCH_ARGS
+    torch.manual_seed(0)
+    model = crossvit_fast.CrossViT(**ONE_BRANCH_ARGS).eval()
+    export_onnx(model, torch.randn(2, 3, 48, 48), tmp_path / "model.onnx", dynamo)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(run_onnx(tmp_path / "model.onnx", x), model.double()(x.double())) < FP32_REL_TOL
