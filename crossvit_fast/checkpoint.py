@@ -260,16 +260,22 @@ def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.P
             f"checkpoint_path=") from err
 
 
+def url_cache_path(url: str, cache_dir: Optional[str | os.PathLike] = None) -> Optional[Path]:
+    """Where :func:`url_file` keeps the file at ``url`` (None where the URL names no file)."""
+    filename = os.path.basename(urlparse(url).path)
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / filename if filename else None
+
+
 def url_file(url: str, cache_dir: Optional[str | os.PathLike] = None, what: str = "a file") -> str:
     """Local path of the file at ``url`` (a pretrained config's ``url``), downloaded once under
     its own name into ``cache_dir``, by default torch hub's ``checkpoints`` folder, where timm
     caches it too; a :class:`CheckpointError` naming ``what`` and the URL where it cannot be
     fetched."""
-    filename = os.path.basename(urlparse(url).path)
-    if not filename:
+    cached = url_cache_path(url, cache_dir)
+    if cached is None:
         raise CheckpointError(f"{what}: the URL {url!r} names no file")
-    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    cached = folder / filename
+    folder = cached.parent
     if not cached.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)

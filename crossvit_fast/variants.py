@@ -1,12 +1,13 @@
 """The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch.nn as nn
 
 from .checkpoint import (CheckpointError, folder_weights, load_checkpoint, model_source_config,
-                         pretrained_path, url_file)
+                         pretrained_path, url_cache_path, url_file)
 from .features import FeatureGetterNet, default_out_indices
 from .model import CrossViT
 
@@ -148,8 +149,9 @@ def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[s
 def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Union[str, Mapping]:
     """What ``pretrained=True`` loads, in timm's order: a model source's own weights (its
     ``source``: the ``hf_hub_id`` repository's, the ``local-dir`` folder's), else the config's
-    ``state_dict``, its ``file``, its ``hf_hub_id`` repository's weights (the Hub or its cache),
-    the file at its ``url`` (downloaded once); a CheckpointError (a RuntimeError, as timm's)
+    ``state_dict``, its ``file``, (with ``TIMM_USE_OLD_CACHE=1``) its ``url``'s file where
+    already cached, its ``hf_hub_id`` repository's weights (the Hub or its cache), the file at
+    its ``url`` (downloaded once); a CheckpointError (a RuntimeError, as timm's)
     where it names none."""
     source = cfg.get("source")
     if source == "local-dir":
@@ -158,6 +160,10 @@ def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Un
         return cfg["state_dict"]
     if cfg.get("file") and source != "hf-hub":
         return cfg["file"]
+    if cfg.get("url") and source != "hf-hub" and _use_old_cache():
+        cached = url_cache_path(cfg["url"])   # timm looks in the default folder only
+        if cached is not None and cached.is_file():
+            return str(cached)
     if cfg.get("hf_hub_id"):
         return pretrained_path(variant, cache_dir, repo=cfg["hf_hub_id"],
                                filename=cfg.get("hf_hub_filename"))
@@ -166,6 +172,15 @@ def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Un
     raise CheckpointError(f"No pretrained weights exist for {cfg.get('architecture') or variant}: its "
                           f"pretrained config names no state_dict, file, hf_hub_id or url. Use "
                           f"pretrained=False for random init, or pass checkpoint_path=")
+
+
+def _use_old_cache() -> bool:
+    """timm's ``TIMM_USE_OLD_CACHE=1``: a ``url``'s file already in torch hub's checkpoints
+    folder wins over the Hub."""
+    try:
+        return int(os.environ.get("TIMM_USE_OLD_CACHE", 0)) > 0
+    except ValueError:
+        return False
 
 
 def _timm_traits(model: CrossViT, cfg: dict) -> dict:

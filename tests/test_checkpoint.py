@@ -289,6 +289,23 @@ def test_pretrained_source_order_is_timms(source, tmp_path):
                                      pretrained_cfg_overlay=dict(hub_then_url, file=str(path))), source)
 
 
+def test_timm_use_old_cache_prefers_a_cached_url(source, tmp_path, monkeypatch):
+    """With TIMM_USE_OLD_CACHE=1 a config's url whose file is already in torch hub's checkpoints
+    folder wins over its hf_hub_id, as in timm; without it the Hub's weights load."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    old_cache = tmp_path / "torch" / "hub" / "checkpoints"
+    old_cache.mkdir(parents=True)
+    torch.save(source.state_dict(), old_cache / "crossvit_9_240.pth")
+    other = create_model(NAME)
+    make_hub_cache(tmp_path, NAME, other.state_dict(), repo_id="myorg/other")
+    overlay = dict(hf_hub_id="myorg/other", url="https://example.com/weights/crossvit_9_240.pth")
+    build = lambda: create_model(NAME, pretrained=True, cache_dir=str(tmp_path),
+                                 pretrained_cfg_overlay=overlay)
+    assert same_weights(build(), other)
+    monkeypatch.setenv("TIMM_USE_OLD_CACHE", "1")
+    assert same_weights(build(), source)
+
+
 def test_pretrained_url_errors_and_no_source(tmp_path):
     absent = (tmp_path / "absent.pth").as_uri()
     with pytest.raises(CheckpointError, match=f"could not fetch pretrained weights for {NAME} from "
