@@ -18,8 +18,15 @@ _naive = False
 
 
 def naive_enabled() -> bool:
-    """True inside :func:`naive_math`."""
-    return _naive
+    """True inside :func:`naive_math`, and under ``torch.func``'s transforms (``vmap``,
+    ``grad``, ``jacrev``, ...: per-sample gradients), which the fused ops' autograd Functions and
+    kernels do not support, so that timm's math runs there as in timm."""
+    return _naive or _functorch_transform_active()
+
+
+def _functorch_transform_active() -> bool:
+    # not read while dynamo traces (it would not trace the query; torch.compile runs no transform)
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
 
 
 @contextlib.contextmanager

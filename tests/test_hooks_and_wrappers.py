@@ -107,3 +107,27 @@ def test_tensors_a_hook_keeps_are_not_overwritten_in_inference(where):
     with torch.no_grad():
         model(torch.randn(2, 3, 48, 48))
     assert kept and all(torch.equal(t, at_hook_time) for t, at_hook_time in kept)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_torch_func_transforms_run_timms_math_per_sample_gradients(fused_cls_projection):
+    """Under ``torch.func`` (vmap, grad: per-sample gradients) the fused ops' Functions and
+    kernels step aside for timm's math (was: "You tried to vmap over AttnPoolFunction"): each
+    sample's gradients equal a plain backward over that sample alone."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model = small_model().eval()
+    x = torch.randn(3, 3, 48, 48)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, sample):
+        return functional_call(model, p, (sample.unsqueeze(0),)).square().mean()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i:i + 1]).square().mean().backward()
+        for name, p in model.named_parameters():
+            assert rel_err(per_sample[name][i], p.grad) < 1e-5, (i, name)
+    with torch.no_grad():
+        assert rel_err(vmap(model)(x.unsqueeze(1)).squeeze(1), model(x)) < 1e-5
