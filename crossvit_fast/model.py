@@ -445,12 +445,20 @@ class CrossViT(NotScriptable, nn.Module):
                              f"(shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"CrossViT: x must be a floating-point image batch, got {x.dtype}")
+        if x.layout != torch.strided or x.is_mkldnn:
+            raise TypeError(f"CrossViT: x must be a dense (strided) tensor, got layout {x.layout}; "
+                            f"convert it with x.to_dense()")
         param = self.cls_token_0
         if x.device != param.device:
             raise ValueError(f"CrossViT: x is on {x.device} but the model is on {param.device}")
-        if x.dtype != param.dtype and autocast_dtype(x.device.type) is None:
-            raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are {param.dtype}; "
-                            f"cast one to the other, or run under torch.autocast")
+        if x.dtype != param.dtype:
+            if autocast_dtype(x.device.type) is None:
+                raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
+                                f"{param.dtype}; cast one to the other, or run under torch.autocast")
+            if torch.float64 in (x.dtype, param.dtype):   # autocast leaves float64 as it is
+                raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
+                                f"{param.dtype}, and autocast does not cast float64; cast one to "
+                                f"the other")
 
     def _branch_sizes(self, x: Tensor) -> List[Tuple[int, int]]:
         """Each branch's image size for input ``x``: the model's (timm: the input is resized to

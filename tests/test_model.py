@@ -167,6 +167,12 @@ def test_bad_images_get_clear_errors():
         model(torch.randn(2, 3, 48, 48, dtype=torch.float16))
     with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
         model(torch.randn(2, 3, 48, 48, device="meta"))
+    with pytest.raises(TypeError, match=r"dense \(strided\) tensor, got layout torch.sparse_coo"):
+        model(torch.randn(2, 3, 48, 48).to_sparse())
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast casts everything but float64
+        with pytest.raises(TypeError, match="x is torch.float64 .* autocast does not cast float64"):
+            model(torch.randn(2, 3, 48, 48, dtype=torch.float64))
+        assert model(torch.randn(2, 3, 48, 48, dtype=torch.float16)).shape == (2, 10)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         small_model(embed_dim=(25, 48))
 
