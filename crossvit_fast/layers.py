@@ -320,11 +320,13 @@ def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
     B, C, H, W = x.shape
     ph, pw = conv.kernel_size
     gh, gw = H // ph, W // pw
-    dtype, cast = x.dtype, autocast_dtype(x.device.type)
-    if cast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = cast
-    patches = (x[:, :, :gh * ph, :gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-               .to(dtype, memory_format=torch.contiguous_format).reshape(B, gh * gw, C * ph * pw))
+    cast = autocast_dtype(x.device.type)
+    patches = x[:, :, :gh * ph, :gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+    if cast is not None and x.dtype != cast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        patches = patches.to(cast, memory_format=torch.contiguous_format)
+    else:   # no cast recorded: a jit.trace replays no conversion of another input dtype
+        patches = patches.contiguous()
+    patches = patches.reshape(B, gh * gw, C * ph * pw)
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 

@@ -138,6 +138,8 @@ def test_jit_trace_on_the_torch_backend_is_aten_only_and_saves(grad, tmp_path):
     torch.jit.save(traced, tmp_path / "model.pt")
     loaded = torch.jit.load(tmp_path / "model.pt")
     assert rel_err(loaded(x), model(x)) < FP32_PAIR_TOL
+    with pytest.raises(RuntimeError, match="dtype"):   # as timm's trace: no cast was recorded
+        loaded(x.double())
     params = dict(model.named_parameters())
     loss = lambda out: out.square().sum()  # noqa: E731
     got = torch.autograd.grad(loss(traced(x)), list(params.values()), allow_unused=True)
