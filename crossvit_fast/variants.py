@@ -9,6 +9,7 @@ import torch.nn as nn
 from .checkpoint import (CheckpointError, folder_weights, load_checkpoint, model_source_config,
                          pretrained_path, url_cache_path, url_file)
 from .features import FeatureGetterNet, default_out_indices
+from .layers import Attention
 from .model import CrossViT
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,7 +59,9 @@ def list_models() -> List[str]:
     return sorted(MODEL_ARGS)
 
 
-# timm.create_model flags that only set timm's layer config; CrossViT's layers ignore them
+# timm.create_model flags that set timm's layer config while the model is built. Of them only
+# ``exportable`` reaches CrossVit's layers (its attention then runs without SDPA); the others
+# pick activation implementations CrossVit does not use.
 _TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
 
 
@@ -101,6 +104,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         tag, pretrained_cfg = pretrained_cfg, None
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
+    exportable = bool(kwargs.get("exportable"))
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
     # what timm keeps of the factory arguments (model._model_args: save_for_hf's model_args)
     model_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")}
@@ -112,6 +116,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         pretrained_cfg = pretrained_cfg.to_dict()   # timm's PretrainedCfg
     cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
     model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
+    if exportable:   # as timm's use_fused_attn() under set_layer_config(exportable=True)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.fused_attn = False
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = {}
     model._traits = _timm_traits(model, cfg)

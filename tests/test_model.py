@@ -38,6 +38,11 @@ def test_create_model_takes_timms_factory_arguments():
                          drop_block_rate=None, scriptable=False, exportable=True, no_jit=None,
                          pretrained_cfg_overlay=None, num_classes=5)
     assert model.num_classes == 5 and model.global_pool == "token"
+    # exportable=True builds the branch attention without SDPA, as timm's layer config does
+    # (its maps then reach attn_drop, where timm's AttentionExtract hooks read them)
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(fused) == 15 and not any(fused)   # 3 blocks x (1 + 4) branch attentions
+    assert all(m.fused_attn for m in create_model("crossvit_tiny_240").modules() if hasattr(m, "fused_attn"))
     with pytest.raises(ValueError, match="timm publishes 'in1k' only"):
         create_model("crossvit_tiny_240.in21k")
 
