@@ -87,6 +87,7 @@ class FeatureGetterNet(nn.ModuleDict):
         self.feature_info = FeatureInfo(copy.deepcopy(model.feature_info), out_indices)
         self.model = model
         self.out_indices = out_indices
+        self.out_map, self.return_dict = out_map, return_dict   # timm's attributes (unused)
         self.output_fmt = output_fmt
         self.norm = norm
 

@@ -30,6 +30,8 @@ def test_features_only_equals_timms(timm, kwargs):
         assert getattr(ours.feature_info, what)() == getattr(ref.feature_info, what)(), what
     assert ours.feature_info.out_indices == ref.feature_info.out_indices
     assert ours.pretrained_cfg == ref.pretrained_cfg and ours.in_chans == 3
+    for attribute in ("out_indices", "out_map", "return_dict", "output_fmt", "norm"):
+        assert getattr(ours, attribute) == getattr(ref, attribute), attribute
     x = torch.randn(1, 3, 240, 240)
     with torch.no_grad():
         got, expected = ours(x), ref(x)
