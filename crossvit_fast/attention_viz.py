@@ -82,8 +82,8 @@ def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], cr
 
 def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
     """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the last fusion
-    block's attention over the other branch's patches (a one-branch model's: its own) (the CLS column dropped), ``[heads, gh, gw]``
-    on that branch's patch grid (sample 0)."""
+    block's attention over the other branch's patches (a one-branch model: its own), the CLS
+    column dropped, ``[heads, gh, gw]`` on that branch's patch grid (sample 0)."""
     grids = [embed.grid_size for embed in model.patch_embed]
     out = []
     for i, stage in enumerate(model.blocks):

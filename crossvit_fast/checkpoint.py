@@ -275,10 +275,9 @@ def url_file(url: str, cache_dir: Optional[str | os.PathLike] = None, what: str 
     cached = url_cache_path(url, cache_dir)
     if cached is None:
         raise CheckpointError(f"{what}: the URL {url!r} names no file")
-    folder = cached.parent
     if not cached.is_file():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(cached), progress=False)
         except Exception as err:
             detail = " ".join(str(err).split()).rstrip(".")

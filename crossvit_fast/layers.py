@@ -125,10 +125,28 @@ def _recording_attn_drop(attn_drop: nn.Module, record: bool):
     return record_then_drop
 
 
+# True while create_model(exportable=True) builds a model, as timm's set_layer_config does.
+_exportable = False
+
+
+@contextlib.contextmanager
+def exportable_layers(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, layers built take timm's ``exportable`` setting: attention without SDPA."""
+    global _exportable
+    saved, _exportable = _exportable, enabled
+    try:
+        yield
+    finally:
+        _exportable = saved
+
+
 def use_fused_attn() -> bool:
-    """The default of :attr:`Attention.fused_attn`, as timm's: timm's own setting where timm
-    is imported (``timm.layers.set_fused_attn``), else its ``TIMM_FUSED_ATTN`` environment
-    variable (``0`` turns SDPA off)."""
+    """The default of :attr:`Attention.fused_attn`, as timm's: off while building exportable
+    layers (:func:`exportable_layers`), else timm's own setting where timm is imported
+    (``timm.layers.set_fused_attn``), else its ``TIMM_FUSED_ATTN`` environment variable (``0``
+    turns SDPA off)."""
+    if _exportable:
+        return False
     timm_config = sys.modules.get("timm.layers.config")
     if timm_config is not None and hasattr(timm_config, "use_fused_attn"):
         return bool(timm_config.use_fused_attn())
@@ -539,7 +557,11 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
         return cls + self.drop_path(out) if stochastic_depth else out
 
 
+def _is_listlike(v) -> bool:
+    """Any iterable but a string (a list, a tuple, a NumPy array), as timm's ``to_2tuple`` tells."""
+    return isinstance(v, Iterable) and not isinstance(v, str)
+
+
 def _pair(v) -> tuple:
-    """``v`` as a tuple: any iterable but a string as it is (a NumPy array too), anything else
-    twice, as timm's ``to_2tuple``."""
-    return tuple(v) if isinstance(v, Iterable) and not isinstance(v, str) else (v, v)
+    """``v`` as a tuple: a list-like as it is, anything else twice, as timm's ``to_2tuple``."""
+    return tuple(v) if _is_listlike(v) else (v, v)

@@ -6,7 +6,6 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 """
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import warnings
 from functools import partial
@@ -20,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
-                     PatchEmbed, _pair, _runs_as_written, patches_along, recording_attention_maps)
+                     PatchEmbed, _is_listlike, _pair, _runs_as_written, patches_along, recording_attention_maps)
 from .ops._common import autocast_dtype
 from .resolution import branch_sizes, resample_pos_embed
 
@@ -190,10 +189,6 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         return outs
 
 
-def _is_sequence(value) -> bool:
-    return isinstance(value, collections.abc.Sequence) and not isinstance(value, str)
-
-
 def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, depth) -> None:
     """One or two branches, as timm's CrossVit has CLS tokens and position embeddings for
     (a third would reuse the second's): ``patch_size`` and ``embed_dim`` one entry per branch;
@@ -202,9 +197,9 @@ def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, dept
     variant's arguments build its one-branch model). A ValueError naming the argument where not."""
     for name, value in (("patch_size", patch_size), ("embed_dim", embed_dim),
                         ("num_heads", num_heads), ("mlp_ratio", mlp_ratio), ("depth", depth)):
-        if not _is_sequence(value):
+        if not _is_listlike(value):
             raise ValueError(f"{name} must be a list or tuple with an entry per branch, got {value!r}")
-    if not all(_is_sequence(cfg) for cfg in depth):
+    if not all(_is_listlike(cfg) for cfg in depth):
         raise ValueError(f"depth must list each multi-scale block's (branch depths..., fusion depth), "
                          f"e.g. [[1, 3, 0]] * 3, got {depth!r}")
     branches = len(patch_size)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from .checkpoint import (CheckpointError, folder_weights, load_checkpoint, model_source_config,
                          pretrained_path, url_cache_path, url_file)
 from .features import FeatureGetterNet, default_out_indices
-from .layers import Attention
+from .layers import exportable_layers
 from .model import CrossViT
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,11 +115,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
         pretrained_cfg = pretrained_cfg.to_dict()   # timm's PretrainedCfg
     cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
-    model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
-    if exportable:   # as timm's use_fused_attn() under set_layer_config(exportable=True)
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.fused_attn = False
+    with exportable_layers(exportable):   # as timm builds under set_layer_config(exportable=...)
+        model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = {}
     model._traits = _timm_traits(model, cfg)

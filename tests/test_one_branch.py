@@ -1,6 +1,7 @@
 """The one-branch configuration timm's CrossVit also builds (one ``patch_size``): its CLS token,
 projected, attends over its own patch tokens. Same keys, logits, intermediates and gradients as
 timm's; every backend; the arguments' lengths checked."""
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,8 @@ def test_depths_refused_here_fail_in_timm_too(depth):
     ("crossvit_tiny_240", 120, dict(depth=[[1, 3, 2, 1]], drop_path_rate=0.3)),
     # two numbers per entry: timm reads the second as branch 1's depth and the fusion's
     ("crossvit_tiny_240", 120, dict(depth=[[1, 2], [2, 1]], drop_path_rate=0.3)),
+    # any list-like timm takes, a NumPy array too
+    ("crossvit_tiny_240", 120, dict(embed_dim=np.array([96, 192]))),
 ])
 def test_longer_arguments_are_read_as_timm_reads_them(name, size, change):
     timm = import_timm()
