@@ -10,6 +10,7 @@ so does every block norm under ``torch.compile``, which fuses them itself.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import sys
 import threading
@@ -348,6 +349,18 @@ def patchify_linear(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
+def _head_count(module: str, dim, num_heads) -> int:
+    """``num_heads`` as a Python int dividing ``dim``: an integer of any kind (a NumPy integer
+    from an array of per-branch counts, as timm takes) is accepted; the fused ops need an int."""
+    try:
+        heads = operator.index(num_heads)
+    except TypeError:
+        raise TypeError(f"{module}: num_heads must be an integer, got {num_heads!r}") from None
+    if heads <= 0 or dim % heads:
+        raise ValueError(f"{module}: dim ({dim}) must be divisible by num_heads ({num_heads})")
+    return heads
+
+
 class Attention(nn.Module):
     """Multi-head self-attention of the branch blocks (timm's ``Attention``).
 
@@ -359,8 +372,7 @@ class Attention(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if dim % num_heads:
-            raise ValueError(f"Attention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        num_heads = _head_count("Attention", dim, num_heads)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
@@ -485,8 +497,8 @@ class CrossAttention(NotScriptable, nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        self.num_heads = _head_count("CrossAttention", dim, num_heads)
+        self.scale = (dim // self.num_heads) ** -0.5
         self.wq = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.wk = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.wv = nn.Linear(dim, dim, bias=qkv_bias, **dd)

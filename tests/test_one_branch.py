@@ -137,6 +137,9 @@ def test_depths_refused_here_fail_in_timm_too(depth):
     ("crossvit_tiny_240", 120, dict(depth=[[1, 2], [2, 1]], drop_path_rate=0.3)),
     # any list-like timm takes, a NumPy array too
     ("crossvit_tiny_240", 120, dict(embed_dim=np.array([96, 192]))),
+    # NumPy head counts (the fused cross-attention takes them as ints)
+    ("crossvit_tiny_240", 120, dict(num_heads=np.array([3, 3]))),
+    ("crossvit_tiny_240", 120, dict(num_heads=(np.int32(3), np.int64(3)))),
 ])
 def test_longer_arguments_are_read_as_timm_reads_them(name, size, change):
     timm = import_timm()
@@ -150,6 +153,12 @@ def test_longer_arguments_are_read_as_timm_reads_them(name, size, change):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert rel_err(model(x), reference(x)) < FP32_PAIR_TOL
+
+
+def test_non_integer_num_heads_is_named():
+    """timm fails in the forward (a reshape by a float); we say so at construction."""
+    with pytest.raises(TypeError, match="num_heads must be an integer, got 3.0"):
+        create_model("crossvit_tiny_240", img_size=120, num_heads=(3.0, 3.0))
 
 
 def test_compiles_as_one_graph_with_eagers_gradients(pair):
