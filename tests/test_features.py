@@ -29,6 +29,11 @@ def test_features_only_equals_timms(timm, kwargs):
     for what in ("channels", "reduction", "module_name"):
         assert getattr(ours.feature_info, what)() == getattr(ref.feature_info, what)(), what
     assert ours.feature_info.out_indices == ref.feature_info.out_indices
+    for args in ({}, dict(keys=["num_chs", "module"]), dict(idx=1), dict(idx=[0, 5], keys=["index"])):
+        assert ours.feature_info.get_dicts(**args) == ref.feature_info.get_dicts(**args), args
+    for out_indices in (2, (1, 4)):
+        other, ref_other = (f.feature_info.from_other(out_indices) for f in (ours, ref))
+        assert (other.out_indices, other.info) == (ref_other.out_indices, ref_other.info)
     assert ours.pretrained_cfg == ref.pretrained_cfg and ours.in_chans == 3
     for attribute in ("out_indices", "out_map", "return_dict", "output_fmt", "norm"):
         assert getattr(ours, attribute) == getattr(ref, attribute), attribute
