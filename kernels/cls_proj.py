@@ -54,9 +54,11 @@ def _cls_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr,
                          M, Cin, Cout, s_x, eps: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                          ACC: tl.constexpr, DOT: tl.constexpr):
-    """Grid ``(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))``; ``W`` is ``[Cout, Cin]`` contiguous."""
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    """Grid ``(cdiv(M, BLOCK_M), cdiv(Cout, BLOCK_O))``: rows on the first axis, which has no
+    65535 limit (any ``[..., Cin]`` input may be flattened here); ``W`` is ``[Cout, Cin]``
+    contiguous."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mean = tl.zeros([BLOCK_M], ACC)
     m2 = tl.zeros([BLOCK_M], ACC)
     for c0 in range(0, Cin, BLOCK_K):
@@ -79,7 +81,7 @@ def _cls_proj_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, y_ptr, mean_ptr,
     y = acc + tl.load(b_ptr + outs, mask=outs < Cout, other=0.0)[None, :]
     tl.store(y_ptr + rows[:, None] * Cout + outs[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (outs < Cout)[None, :])
-    if tl.program_id(0) == 0:
+    if tl.program_id(1) == 0:
         tl.store(mean_ptr + rows, mean, mask=rows < M)
         tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
@@ -156,7 +158,7 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     acc, ACC, DOT, x, ln_weight, ln_bias, weight, bias = _prepare(x, ln_weight, ln_bias, weight, bias)
     y = x.new_empty((M, Cout))
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
-    launch(_cls_proj_fwd_kernel)[(cdiv(Cout, BLOCK_O), cdiv(M, BLOCK_M))](
+    launch(_cls_proj_fwd_kernel)[(cdiv(M, BLOCK_M), cdiv(Cout, BLOCK_O))](
         x, ln_weight, ln_bias, weight, bias, y, mean, rstd, M, Cin, Cout, x.stride(0), eps,
         BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=_tile(Cin, BLOCK_K),
         ACC=ACC, DOT=DOT, num_warps=4)

@@ -350,6 +350,16 @@ def test_layer_norm_448_strided_rows(dtype):
         assert_rel_close(g, e, max(tol, tolerance(dtype, [2 * rel_err(dy.to(dtype), dy)])), name)
 
 
+def test_cls_proj_puts_rows_on_the_unlimited_grid_axis():
+    """The row blocks go on grid axis 0 (up to 2**31 - 1 programs; axes 1 and 2 stop at 65535,
+    about a million rows of 16): the public op flattens any ``[..., Cin]`` input into rows."""
+    x = torch.randn(50, 24, device=DEVICE)
+    with spied("cls_proj_fwd") as spies:
+        tb.cls_proj_fwd(x, torch.ones(24, device=DEVICE), torch.zeros(24, device=DEVICE),
+                        torch.randn(72, 24, device=DEVICE), torch.zeros(72, device=DEVICE), EPS)
+    assert spies["cls_proj_fwd"].grids == [(4, 3)]   # cdiv(50 rows, 16), cdiv(72 outputs, 32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 448, 224), (17, 100, 72), (2, 20, 200), (5, 130, 20)],
                          ids=["crossvit_18", "rows_over_a_block", "narrow_in", "narrow_out"])
