@@ -585,8 +585,7 @@ AttnPoolPlan make_plan(const void* kernel, int B, int tokens, int threads, size_
   plan.smem_limit = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   plan.chunk = round_up(tokens, tile);
   if (smem > plan.smem_limit) return plan;  // the caller reports it
-  plan.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem));
+  plan.error = allow_smem(kernel, smem);
   int per_sm = 0;
   if (plan.error == cudaSuccess)
     plan.error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);

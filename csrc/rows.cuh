@@ -278,13 +278,6 @@ inline int row_warps(int C, int rows_per_warp, int max_warps) {
   return fit < 1 ? 1 : (fit > max_warps ? max_warps : fit);
 }
 
-// Sets the kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
-inline cudaError_t allow_smem(const void* kernel, size_t bytes) {
-  if (bytes <= (48u << 10)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 constexpr int kRowFwdMaxWarps = 8;
 constexpr int kRowBwdMaxWarps = 4;
 
