@@ -2,7 +2,7 @@
 # The checks that need a GPU, time-boxed for a briefly lent device machine:
 #
 #   OUT=/tmp/gpu DEADLINE_S=500 [STEPS="ext warm tests sanitize|sanitize_triton|sanitize_cuda diagnose tune
-#     model_profile profile_compiled host race e2e kernels"] [TESTS="pytest args"] \
+#     model_profile profile_compiled host race graphs_ab e2e kernels"] [TESTS="pytest args"] \
 #     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
 #     bash scripts/gpu_check.sh
 #
@@ -24,7 +24,7 @@
 #
 # The next session's call for issue 18 (about 9 minutes on an H200): the compile race with every
 # row, then the batch-64 sweep of all variants, each warmed in parallel first:
-#   STEPS="ext warm tests sanitize_triton race profile_compiled" TESTS_S=120 RACE_S=240 \
+#   STEPS="ext warm tests sanitize_triton race graphs_ab profile_compiled" TESTS_S=120 RACE_S=240 \
 #     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 bash scripts/gpu_check.sh
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
 # Issue 19's kernel timing (about 4 minutes; the channel-tiled token pass has never run on a GPU, so
@@ -120,6 +120,10 @@ fi
 # issue 11's end-to-end rows, each against timm run the same way (compiled, graphed)
 # (its six compilations take about 350 s on an H100 without warm caches)
 step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset "$RACE_PRESET" --out "$WORK/results"
+# CUDA-graph replays at batch 1 (crossvit_tiny_240, fp32 and bf16): timm, crossvit_fast, and
+# crossvit_fast with its CLS projections fused under the capture too (the A/B that decides it)
+step graphs_ab && phase graphs_ab "${GRAPHS_AB_S:-60}" python3 scripts/graphs_ab.py --out "$WORK/results" \
+  ${GRAPHS_AB_ARGS:-}
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
 # time, inductor's code (into results/compiled/)
 # (each of its 8 rows compiles a model: limit it with PROFILE_COMPILED_ARGS="--workloads train --modes default")

@@ -1,4 +1,5 @@
 """The GPU scripts' CPU-checkable parts (what a lent GPU's minutes should not be spent finding)."""
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -26,3 +27,36 @@ def test_profile_compiled_counts_recompiles_and_their_reasons():
     assert got["recompiles"] == 1 and got["graphs"] == 2 and not got["graph_breaks"]
     assert any("rank" in reason for reason in got["recompile_reasons"]), got
     torch._dynamo.reset()
+
+
+def test_graphs_ab_rows_fuse_the_cls_projection_only_where_named(monkeypatch):
+    """The A/B rows of scripts/graphs_ab.py on the CPU, with a pass-through in place of
+    GraphedInference: the fused row (and only it) runs the fused CLS projection, the library's
+    setting is back after each call, and every row gives timm's logits."""
+    from crossvit_fast import create_model, layers, ops
+
+    from .timm_import import import_timm
+    ab = _script("graphs_ab")
+    timm = import_timm()
+    torch.manual_seed(0)
+    reference = timm.create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
+    model = create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
+    model.load_state_dict(reference.state_dict())
+    fused_calls = []
+    projection = ops.cls_projection
+    monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: fused_calls.append(1) or projection(*a, **k))
+    calls = ab.implementations(reference, model, graphed=lambda m: m, autocast=contextlib.nullcontext)
+    assert list(calls) == ["timm+graphs", "fast+graphs", ab.FUSED]
+    x = torch.randn(2, 3, 120, 120)
+    with torch.no_grad():
+        expected = reference(x)
+        for name, call in calls.items():
+            fused_calls.clear()
+            assert ab.relative_error(call(x), expected) < 1e-5, name
+            assert len(fused_calls) == (12 if name == ab.FUSED else 0), name   # 3 blocks x 2 x 2
+            assert layers.FUSED_CLS_PROJECTION is False
+    assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
+    row = dict(variant="v", dtype="fp32", batch=1, impl=ab.FUSED, back_to_back_s=1.5e-3,
+               latency_s=2e-3, gpu_s=None, kernels=0, vs_timm=1.25, rel_err_vs_timm_fp32=3e-7)
+    assert ab.table([row]).splitlines()[-1] == \
+        f"| v | fp32 | 1 | {ab.FUSED} | 1500.0 | 2000.0 | — | 0 | 1.25x | 3.0e-07 |"

@@ -1,0 +1,190 @@
+"""CUDA-graph replays at small batch: timm against crossvit_fast under the same capture, and
+crossvit_fast with its CLS projections fused under the capture too (GPU only).
+
+A replay spends no host time per kernel, so its time is the GPU's: at batch 1 the sum of about
+230 small kernels of a few µs each for crossvit_tiny_240, where issue 18 asks for 1.25x timm
+under the same capture (1.02x at dc1b136: bench/results/gpu-check-nvidia-h200.md).
+``GraphedInference`` already fuses every block norm under its capture. The fused CLS projection
+(LayerNorm, GELU and Linear in one kernel: 24 kernels fewer per crossvit_tiny_240 forward) is off
+by default because it lost at batch 256 in bf16 (bench/results/gpu-check-nvidia-h100.md, run 9);
+whether it pays in a small-batch replay is what this measures.
+
+Per variant, dtype (fp32, or bf16 autocast) and batch, for each implementation: the time per
+replay back to back (rounds interleaved across the implementations, median), the synchronized
+latency per call (median), the GPU time and kernel count of one replay (profiler), and the
+relative error of its logits against timm's eager fp32 forward (crossvit_fast's where timm does
+not import).
+
+    python scripts/graphs_ab.py [--variants crossvit_tiny_240] [--batches 1] [--dtypes fp32,bf16]
+        [--out DIR]
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+import crossvit_fast
+from crossvit_fast import layers
+from crossvit_fast.benchmarking import environment
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
+from bench.common import device_slug, markdown_table  # noqa: E402
+from bench.e2e import load_timm  # noqa: E402
+
+FUSED = "fast+graphs, CLS projection fused"
+
+
+@contextlib.contextmanager
+def cls_projection_fused(enabled: bool):
+    """Inside the block, the CLS projections run as the fused op (``enabled``) or as timm's
+    modules; the library's setting comes back after it."""
+    saved, layers.FUSED_CLS_PROJECTION = layers.FUSED_CLS_PROJECTION, enabled
+    try:
+        yield
+    finally:
+        layers.FUSED_CLS_PROJECTION = saved
+
+
+def implementations(timm_model, fast_model, graphed: Callable, autocast: Callable
+                    ) -> Dict[str, Callable]:
+    """name → ``call(x)`` for each implementation. ``graphed`` wraps a model for replay
+    (``GraphedInference``; the first call of a shape captures), ``autocast`` is the dtype's
+    context. The fused projection's setting is held around every call of its row, so that it
+    is the one in force whenever a capture happens; a replay does not read it."""
+    rows = {"fast+graphs": (graphed(fast_model), False), FUSED: (graphed(fast_model), True)}
+    if timm_model is not None:
+        rows = {"timm+graphs": (graphed(timm_model), False), **rows}
+
+    def call_of(model, fused):
+        def call(x):
+            with cls_projection_fused(fused), autocast():
+                return model(x)
+        return call
+    return {name: call_of(model, fused) for name, (model, fused) in rows.items()}
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖out − reference‖ / ‖reference‖, in float64."""
+    out, reference = out.double(), reference.double()
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def replay_times(calls: Dict[str, Callable], x, rounds: int = 7, per_round: int = 50):
+    """Median seconds per call back to back (one synchronize per round) and per synchronized
+    call, each implementation's rounds interleaved with the others' so that a drift in the
+    host's or GPU's speed falls on all alike."""
+    back_to_back = {name: [] for name in calls}
+    latency = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                call(x)
+            torch.cuda.synchronize()
+            back_to_back[name].append((time.perf_counter() - start) / per_round)
+            for _ in range(5):
+                start = time.perf_counter()
+                call(x)
+                torch.cuda.synchronize()
+                latency[name].append(time.perf_counter() - start)
+    return ({n: statistics.median(t) for n, t in back_to_back.items()},
+            {n: statistics.median(t) for n, t in latency.items()})
+
+
+def replay_kernels(call: Callable, x):
+    """(GPU seconds, count) of the kernels and copies of one call (those of a replayed graph
+    included, and the input and output copies around it), from the profiler; (None, 0) where
+    the profiler sees none of them."""
+    from torch.profiler import ProfilerActivity, profile
+    call(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call(x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return None, 0
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e6, len(kernels)
+
+
+def measure(variant: str, dtype: str, batch: int, timm) -> list:
+    torch.manual_seed(0)
+    fast_model = crossvit_fast.create_model(variant).cuda().eval()
+    timm_model = None
+    if timm is not None:
+        timm_model = timm.create_model(variant).cuda().eval()
+        fast_model.load_state_dict(timm_model.state_dict())
+    reference_model = timm_model if timm_model is not None else fast_model
+    size = reference_model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    with torch.no_grad():
+        reference = reference_model(x).float()
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == "bf16"
+                else contextlib.nullcontext)
+    calls = implementations(timm_model, fast_model, crossvit_fast.GraphedInference, autocast)
+    errors = {name: relative_error(call(x), reference) for name, call in calls.items()}  # captures
+    back_to_back, latency = replay_times(calls, x)
+    rows = []
+    for name, call in calls.items():
+        gpu_s, kernels = replay_kernels(call, x)
+        rows.append(dict(variant=variant, dtype=dtype, batch=batch, impl=name,
+                         back_to_back_s=back_to_back[name], latency_s=latency[name],
+                         gpu_s=gpu_s, kernels=kernels, rel_err_vs_timm_fp32=errors[name]))
+    peer = rows[0]["back_to_back_s"] if timm_model is not None else None
+    for row in rows:
+        row["vs_timm"] = peer / row["back_to_back_s"] if peer else None
+    return rows
+
+
+def table(rows: list) -> str:
+    def us(s):
+        return "—" if s is None else f"{s * 1e6:.1f}"
+    return markdown_table(
+        ["variant", "dtype", "batch", "implementation", "µs/replay (back to back)",
+         "µs latency", "GPU µs", "kernels", "vs timm+graphs", "rel. error vs timm fp32"],
+        [[r["variant"], r["dtype"], r["batch"], r["impl"], us(r["back_to_back_s"]),
+          us(r["latency_s"]), us(r["gpu_s"]), r["kernels"],
+          "—" if r["vs_timm"] is None else f"{r['vs_timm']:.2f}x",
+          f"{r['rel_err_vs_timm_fp32']:.1e}"] for r in rows])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="crossvit_tiny_240")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("graphs_ab: needs a CUDA GPU (CUDA graphs)", file=sys.stderr)
+        return 2
+    timm, reason = load_timm()
+    if timm is None:
+        print("timm left out:", reason)
+    rows = []
+    for variant in args.variants.split(","):
+        for dtype in args.dtypes.split(","):
+            for batch in map(int, args.batches.split(",")):
+                rows += measure(variant, dtype, batch, timm)
+                print(table(rows[-3:]), flush=True)
+    env = environment("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"graphs-ab-{device_slug(env['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    stem.with_suffix(".md").write_text(
+        f"# CUDA-graph replays: {env['device']}, torch {env['torch']}, Triton {env['triton']}, "
+        f"commit {env['commit']}\n\n{table(rows)}\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
