@@ -98,10 +98,10 @@ def replay_times(calls: Dict[str, Callable], x, rounds: int = 7, per_round: int 
             {n: statistics.median(t) for n, t in latency.items()})
 
 
-def replay_kernels(call: Callable, x):
-    """(GPU seconds, count) of the kernels and copies of one call (those of a replayed graph
-    included, and the input and output copies around it), from the profiler; (None, 0) where
-    the profiler sees none of them."""
+def replay_kernels(call: Callable, x, top: int = 12):
+    """(GPU seconds, count, the ``top`` kernels by GPU time as (name, calls, seconds)) of the
+    kernels and copies of one call (those of a replayed graph included, and the input and
+    output copies around it), from the profiler; (None, 0, []) where it sees none of them."""
     from torch.profiler import ProfilerActivity, profile
     call(x)
     torch.cuda.synchronize()
@@ -110,8 +110,15 @@ def replay_kernels(call: Callable, x):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not kernels:
-        return None, 0
-    return sum(e.time_range.elapsed_us() for e in kernels) / 1e6, len(kernels)
+        return None, 0, []
+    by_name: Dict[str, list] = {}
+    for e in kernels:
+        calls_and_us = by_name.setdefault(e.name, [0, 0.0])
+        calls_and_us[0] += 1
+        calls_and_us[1] += e.time_range.elapsed_us()
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    return (sum(us for _, us in by_name.values()) / 1e6, len(kernels),
+            [(name, n, us / 1e6) for name, (n, us) in ranked])
 
 
 def measure(variant: str, dtype: str, batch: int, timm) -> list:
@@ -133,10 +140,15 @@ def measure(variant: str, dtype: str, batch: int, timm) -> list:
     back_to_back, latency = replay_times(calls, x)
     rows = []
     for name, call in calls.items():
-        gpu_s, kernels = replay_kernels(call, x)
+        gpu_s, kernels, top = replay_kernels(call, x)
         rows.append(dict(variant=variant, dtype=dtype, batch=batch, impl=name,
                          back_to_back_s=back_to_back[name], latency_s=latency[name],
-                         gpu_s=gpu_s, kernels=kernels, rel_err_vs_timm_fp32=errors[name]))
+                         gpu_s=gpu_s, kernels=kernels, rel_err_vs_timm_fp32=errors[name],
+                         top_kernels=top))
+        print(f"{variant} {dtype} batch {batch}, {name}: {kernels} kernels and copies, the most "
+              f"GPU time first:")
+        for kernel, n, seconds in top:
+            print(f"  {seconds * 1e6:8.1f} µs  {n:4d}x  {kernel[:110]}")
     peer = rows[0]["back_to_back_s"] if timm_model is not None else None
     for row in rows:
         row["vs_timm"] = peer / row["back_to_back_s"] if peer else None
