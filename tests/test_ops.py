@@ -1,4 +1,5 @@
 """The fused custom ops against the naive reference (timm's math), forward and every gradient."""
+import numpy as np
 import pytest
 import torch
 
@@ -311,14 +312,29 @@ def test_cross_attention_rejects_bad_shapes_and_dtypes():
         ops.cls_cross_attention(cls, patches.half(), **params, **cfg)
     with pytest.raises(TypeError, match="cls must be float32"):
         ops.cls_cross_attention(cls.int(), patches, **params, **cfg)
-    with pytest.raises(ValueError, match="num_heads must be a positive divisor"):
-        ops.cls_cross_attention(cls, patches, **params, num_heads=5, scale=0.1)
+    for heads in (5, 0, 2.0, "2"):
+        with pytest.raises(ValueError, match="num_heads must be a positive integer dividing C=24"):
+            ops.cls_cross_attention(cls, patches, **params, num_heads=heads, scale=0.1)
     bad = dict(params, wk_weight=params["wk_weight"][:, :20])
     with pytest.raises(ValueError, match=r"wk_weight must be \[24, 24\]"):
         ops.cls_cross_attention(cls, patches, **bad, **cfg)
     bad = dict(params, proj_bias=params["proj_bias"][:3])
     with pytest.raises(ValueError, match=r"proj_bias must have shape \(24,\)"):
         ops.cls_cross_attention(cls, patches, **bad, **cfg)
+
+
+def test_ops_take_any_integer_head_count():
+    """A NumPy or 0-d tensor head count is the int it holds (timm's reshapes take them)."""
+    cls, patches, params, cfg = cross_inputs(2, 5, 24, 2, True, dtype=torch.float32)
+    params = {k: (v.float() if v is not None else None) for k, v in params.items()}
+    expected = ops.cls_cross_attention(cls, patches, **params, **cfg)
+    maps = ops.cls_attention_maps(cls, patches, *(params[k] for k in (
+        "norm_weight", "norm_bias", "wq_weight", "wq_bias", "wk_weight")), **cfg)
+    for heads in (np.int64(cfg["num_heads"]), torch.tensor(cfg["num_heads"])):
+        config = dict(cfg, num_heads=heads)
+        assert torch.equal(ops.cls_cross_attention(cls, patches, **params, **config), expected)
+        assert torch.equal(ops.cls_attention_maps(cls, patches, *(params[k] for k in (
+            "norm_weight", "norm_bias", "wq_weight", "wq_bias", "wk_weight")), **config), maps)
 
 
 def test_ops_reject_a_device_mix():

@@ -47,7 +47,8 @@ def cls_attention_maps(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_b
     do not enter). Under autocast the scores use the autocast dtype's products as the
     cross-attention op's token pass does, so the maps are that pass's softmax.
     """
-    x0 = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight, wk_weight=wk_weight)
+    x0, num_heads = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight,
+                                     wk_weight=wk_weight)
     C = x0.shape[1]
     check_vector(OP, "norm_weight", norm_weight, C)
     check_vector(OP, "norm_bias", norm_bias, C)

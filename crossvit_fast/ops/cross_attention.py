@@ -19,6 +19,7 @@ switch-off, so a compiled model computes these products' gradients in the autoca
 timm's Linears do under autocast (about 1e-2 relative in bf16, against 1e-7 in eager).
 """
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -229,10 +230,11 @@ def autocast_dot_dtype(x0: Tensor) -> Optional[torch.dtype]:
 
 
 def checked_cls_rows(op: str, cls: Tensor, patches: Tensor, num_heads: int, **weights: Tensor
-                     ) -> Tensor:
-    """``cls`` as ``[B, C]`` rows, once ``cls``, ``patches``, ``num_heads`` and the ``[C, C]``
-    projection ``weights`` (by name) are checked to fit together; a clear error naming ``op``
-    and the argument otherwise."""
+                     ) -> Tuple[Tensor, int]:
+    """``(cls as [B, C] rows, num_heads as a Python int)``, once ``cls``, ``patches``,
+    ``num_heads`` (an integer of any kind: a NumPy integer too) and the ``[C, C]`` projection
+    ``weights`` (by name) are checked to fit together; a clear error naming ``op`` and the
+    argument otherwise."""
     for name, t in (("cls", cls), ("patches", patches), *weights.items()):
         check_float_tensor(name, t, op)
     if cls.dim() not in (2, 3) or (cls.dim() == 3 and cls.shape[1] != 1):
@@ -244,12 +246,17 @@ def checked_cls_rows(op: str, cls: Tensor, patches: Tensor, num_heads: int, **we
                          f"got shape {tuple(patches.shape)}")
     if patches.dtype != x0.dtype:
         raise TypeError(f"{op}: patches dtype {patches.dtype} must match cls dtype {x0.dtype}")
-    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
-        raise ValueError(f"{op}: num_heads must be a positive divisor of C={C}, got {num_heads}")
+    try:
+        heads = operator.index(num_heads)
+    except TypeError:
+        heads = 0
+    if heads <= 0 or C % heads:
+        raise ValueError(f"{op}: num_heads must be a positive integer dividing C={C}, "
+                         f"got {num_heads!r}")
     for name, w in weights.items():
         if tuple(w.shape) != (C, C):
             raise ValueError(f"{op}: {name} must be [{C}, {C}], got {tuple(w.shape)}")
-    return x0
+    return x0, heads
 
 
 def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -273,8 +280,9 @@ def cls_cross_attention(cls: Tensor, patches: Tensor, norm_weight: Tensor, norm_
     Returns:
         the updated CLS token, shaped like ``cls``.
     """
-    x0 = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight, wk_weight=wk_weight,
-                          wv_weight=wv_weight, proj_weight=proj_weight)
+    x0, num_heads = checked_cls_rows(OP, cls, patches, num_heads, wq_weight=wq_weight,
+                                     wk_weight=wk_weight, wv_weight=wv_weight,
+                                     proj_weight=proj_weight)
     C = x0.shape[1]
     check_vector(OP, "norm_weight", norm_weight, C)
     check_vector(OP, "norm_bias", norm_bias, C)
