@@ -259,10 +259,9 @@ void check_rows(const char* op, const char* name, const Tensor& t) {
               " must have a non-empty last dim, got shape ", t.sizes());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x,
-                                                          const std::optional<Tensor>& residual,
-                                                          const Tensor& weight, const Tensor& bias,
-                                                          double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(
+    const Tensor& x, const std::optional<Tensor>& residual, const Tensor& weight,
+    const Tensor& bias, double eps, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "crossvit_fast_cuda::layer_norm_fwd";
   const at::Device device = x.device();
   check_device(op, "x", x, device);
@@ -286,11 +285,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x,
   const c10::DeviceGuard guard(device);
   const Tensor w = as_f32(weight), b = as_f32(bias);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor y = at::empty({M, C}, x.options());
+  Tensor y = at::empty({M, C}, x.options().dtype(out_dtype.value_or(x.scalar_type())));
   Tensor h = has_res ? at::empty({M, C}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
   cvf::LayerNormFwdArgs a{};
   a.dtype = dtype;
+  a.out_dtype = activation_dtype(op, "out_dtype", y);
   a.x = x.data_ptr();
   a.x_stride = row_stride(x);
   a.residual = has_res ? residual->data_ptr() : nullptr;
@@ -470,8 +470,8 @@ TORCH_LIBRARY(crossvit_fast_cuda, m) {
         "Tensor beta, Tensor z, Tensor lse, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("attn_weights(Tensor x0, Tensor patches, Tensor kt, Tensor gamma, Tensor beta, "
         "Tensor lse, float eps) -> Tensor");
-  m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps, "
+        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, "
         "Tensor rstd) -> (Tensor, Tensor, Tensor)");
   m.def("cls_proj_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor bias, "

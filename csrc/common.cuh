@@ -62,20 +62,23 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int c, int
 }
 
 // Stores the K values `in` to elements [c, c + K) of `row` (rounded to TOut), skipping those past
-// `n`. With `vec`, K * sizeof(TOut) must be a multiple of 16 and row + c 16-byte aligned.
+// `n`. With `vec`, the chunk moves as 16-byte words, or as 8-byte ones where it is 8 bytes long
+// (4 fp32 values written as fp16/bf16), and row + c must be aligned to the word.
 template <typename TOut, int K>
 __device__ __forceinline__ void store_chunk(TOut* __restrict__ row, int c, int n, bool vec,
                                             const float (&in)[K]) {
-  static_assert((K * sizeof(TOut)) % 16 == 0, "a chunk store moves whole 16-byte words");
+  constexpr int kBytes = K * static_cast<int>(sizeof(TOut));
+  static_assert(kBytes % 8 == 0, "a chunk store moves whole 8- or 16-byte words");
+  using Word = typename std::conditional<kBytes % 16 == 0, uint4, uint2>::type;
   if (vec) {
-    constexpr int kPerWord = 16 / sizeof(TOut);
+    constexpr int kPerWord = sizeof(Word) / sizeof(TOut);
 #pragma unroll
     for (int w = 0; w < K / kPerWord; ++w) {
-      uint4 raw;
+      Word raw;
       TOut* e = reinterpret_cast<TOut*>(&raw);
 #pragma unroll
       for (int i = 0; i < kPerWord; ++i) e[i] = from_float<TOut>(in[w * kPerWord + i]);
-      *reinterpret_cast<uint4*>(row + c + w * kPerWord) = raw;
+      *reinterpret_cast<Word*>(row + c + w * kPerWord) = raw;
     }
   } else {
 #pragma unroll

@@ -75,14 +75,15 @@ cudaError_t attn_weights(const AttnPoolArgs& args, const float* lse, float* out,
 // ---- LayerNorm with an optional residual add --------------------------------------------------
 
 struct LayerNormFwdArgs {
-  DType dtype;
+  DType dtype;            // of x, residual and h
+  DType out_dtype;        // of y
   const void* x;          // [M, C], row stride x_stride
   int64_t x_stride;
   const void* residual;   // [M, C] or null, row stride r_stride
   int64_t r_stride;
   const float* weight;    // [C]
   const float* bias;      // [C]
-  void* y;                // [M, C]
+  void* y;                // [M, C] in out_dtype
   void* h;                // [M, C] = x + residual rounded to dtype; written only with a residual
   float* mean;            // [M]
   float* rstd;            // [M]

@@ -1,4 +1,6 @@
-// LayerNorm with an optional residual add, forward and backward (kernels in rows.cuh).
+// LayerNorm with an optional residual add, forward and backward (kernels in rows.cuh). The
+// forward writes y in its own dtype (e.g. bf16 for an fp32 residual stream under autocast), in
+// the same pass.
 #include "rows.cuh"
 
 namespace cvf {
@@ -23,8 +25,12 @@ cudaError_t layer_norm_fwd(const LayerNormFwdArgs& a, cudaStream_t stream) {
     p.eps = a.eps;
     p.vec_in = a.C % V == 0 && a.x_stride % V == 0 && aligned16(a.x) &&
                (!a.residual || (a.r_stride % V == 0 && aligned16(a.residual)));
+    // y's chunks of V values are 8 or 16 bytes: 16-byte aligned rows of a multiple of V fit both
     p.vec_out = a.C % V == 0 && aligned16(a.y) && (!a.residual || aligned16(a.h));
-    return launch_row_norm_fwd<T, T, false>(p, stream);
+    return dispatch_dtype(a.out_dtype, [&](auto out_tag) {
+      using TOut = typename decltype(out_tag)::type;
+      return launch_row_norm_fwd<T, TOut, false>(p, stream);
+    });
   });
 }
 

@@ -43,7 +43,7 @@ struct RowFwdParams {
   int M, C;
   float eps;
   bool vec_in;           // x and residual rows can be read in 16-byte chunks
-  bool vec_out;          // y and h rows can be written in 16-byte chunks
+  bool vec_out;          // y and h rows can be written in whole chunks (16-byte aligned rows)
 };
 
 __device__ __forceinline__ float gelu(float u) {

@@ -150,6 +150,27 @@ def test_layer_norm_low_precision_x_onto_fp32_residual(backend, x_dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("x_dtype, out_dtype", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),   # fp32 stream, autocast
+    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("C", [96, 98], ids=["C96", "C98"])    # 16-byte chunks, element stores
+def test_layer_norm_out_dtype_rounds_once(backend, x_dtype, out_dtype, C):
+    """``y`` written in ``out_dtype`` is the fp32 result rounded once to it (not first to the
+    activation dtype), in the same call; ``h`` stays in the activation dtype."""
+    impl = backends.implementation(backend)
+    x, res = (torch.randn(37, C, device=DEVICE).to(x_dtype) for _ in range(2))
+    w, b = 1 + 0.3 * torch.randn(C, device=DEVICE), 0.3 * torch.randn(C, device=DEVICE)
+    y32, h32, _, _ = impl.layer_norm_fwd(x, res, w, b, EPS, torch.float32)
+    y, h, _, _ = impl.layer_norm_fwd(x, res, w, b, EPS, out_dtype)
+    assert y.dtype == out_dtype and h.dtype == x_dtype and torch.equal(h, h32)
+    if backend == "triton" and DEVICE == "cpu" and out_dtype == torch.bfloat16:
+        # Triton's interpreter truncates fp32 to bf16 (compiled Triton rounds to nearest even)
+        assert ((y.float() - y32) / y32.abs().clamp(min=1e-3)).abs().max() <= 2 ** -7
+    else:
+        assert torch.equal(y, y32.to(out_dtype))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PROJ_SHAPES, ids=str)
 def test_cls_proj(backend, dtype, shape):

@@ -114,9 +114,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if residual is not None and residual.dtype != x.dtype:   # the kernels take one dtype
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps)
-    if out_dtype is not None:   # the kernel writes the activation dtype
-        y = y.to(out_dtype)
+    y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
     return y, (x if residual is None else h), mean, rstd
 
 
