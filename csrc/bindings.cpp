@@ -285,7 +285,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(
   const c10::DeviceGuard guard(device);
   const Tensor w = as_f32(weight), b = as_f32(bias);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor y = at::empty({M, C}, x.options().dtype(out_dtype.value_or(x.scalar_type())));
+  const at::ScalarType y_dtype = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(y_dtype == at::kFloat || y_dtype == at::kHalf || y_dtype == at::kBFloat16, op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", y_dtype);
+  Tensor y = at::empty({M, C}, x.options().dtype(y_dtype));
   Tensor h = has_res ? at::empty({M, C}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
   cvf::LayerNormFwdArgs a{};

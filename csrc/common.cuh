@@ -172,13 +172,15 @@ inline int device_attribute(cudaDeviceAttr attr) {
 
 // Lets `kernel` launch with more than the default 48 KiB of dynamic shared memory when `bytes`
 // needs it. The limit is raised to the device's opt-in maximum, the same value from every
-// call: were it set to each call's own size, a host thread launching a smaller configuration
-// of the same kernel could lower it between another thread's setting and its launch.
+// call, and only where it is below `bytes` (once raised, a call costs one attribute query):
+// were it set to each call's own size, a host thread launching a smaller configuration of the
+// same kernel could lower it between another thread's setting and its launch.
 inline cudaError_t allow_smem(const void* kernel, size_t bytes) {
   if (bytes <= (48u << 10)) return cudaSuccess;
   cudaFuncAttributes attributes;
   cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || static_cast<size_t>(attributes.maxDynamicSharedSizeBytes) >= bytes)
+    return err;
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               optin - static_cast<int>(attributes.sharedSizeBytes));

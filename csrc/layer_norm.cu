@@ -25,7 +25,8 @@ cudaError_t layer_norm_fwd(const LayerNormFwdArgs& a, cudaStream_t stream) {
     p.eps = a.eps;
     p.vec_in = a.C % V == 0 && a.x_stride % V == 0 && aligned16(a.x) &&
                (!a.residual || (a.r_stride % V == 0 && aligned16(a.residual)));
-    // y's chunks of V values are 8 or 16 bytes: 16-byte aligned rows of a multiple of V fit both
+    // y's chunks of V values are 8 or 16 bytes; with C a multiple of V, each starts at a multiple
+    // of its size from the 16-byte aligned base
     p.vec_out = a.C % V == 0 && aligned16(a.y) && (!a.residual || aligned16(a.h));
     return dispatch_dtype(a.out_dtype, [&](auto out_tag) {
       using TOut = typename decltype(out_tag)::type;

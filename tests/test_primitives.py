@@ -152,7 +152,8 @@ def test_layer_norm_low_precision_x_onto_fp32_residual(backend, x_dtype):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("x_dtype, out_dtype", [
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16),   # fp32 stream, autocast
-    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float64)], ids=str)              # (the ops take float64 out too)
 @pytest.mark.parametrize("C", [96, 98], ids=["C96", "C98"])    # 16-byte chunks, element stores
 def test_layer_norm_out_dtype_rounds_once(backend, x_dtype, out_dtype, C):
     """``y`` written in ``out_dtype`` is the fp32 result rounded once to it (not first to the

@@ -114,8 +114,11 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if residual is not None and residual.dtype != x.dtype:   # the kernels take one dtype
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
-    return y, (x if residual is None else h), mean, rstd
+    # the kernels write fp32/fp16/bf16; a float64 y is the fp32 one widened (exactly)
+    wide = out_dtype == torch.float64
+    y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps,
+                                             torch.float32 if wide else out_dtype)
+    return (y.double() if wide else y), (x if residual is None else h), mean, rstd
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
