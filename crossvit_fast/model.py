@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import backends, layers, reference
+from . import backends, branch_streams, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
                      PatchEmbed, _is_listlike, _pair, _runs_as_written, patches_along, recording_attention_maps)
 from .ops._common import autocast_dtype
@@ -178,15 +178,32 @@ class MultiScaleBlock(NotScriptable, nn.Module):
             x = checkpoint_module(block, x)
         return x
 
+    def _exchange(self, i: int, outs_b: List[Tensor], proj_cls: Tensor) -> Tensor:
+        """Branch ``i``'s tokens after the CLS exchange: its projected CLS token ``proj_cls``
+        cross-attends over the other branch's patches and, projected back, takes the place of
+        its CLS token."""
+        other = outs_b[(i + 1) % self.num_branches]
+        fused_cls = self._cross_attend(self.fusion[i], proj_cls, other[:, 1:])
+        return self._with_cls(i, self.revert_projs[i](fused_cls), outs_b[i])
+
+    def _concurrent(self, x: List[Tensor]) -> bool:
+        """Whether the two branches run on two CUDA streams (:mod:`crossvit_fast.branch_streams`):
+        asked for, two branches of blocks, inference, no attention maps recorded, and nothing
+        hooked in the block (hooks would see another order)."""
+        return (branch_streams.enabled_for(x[0]) and self.num_branches == 2
+                and self.blocks is not None and len(self.blocks) == 2
+                and not torch.is_grad_enabled() and layers._recording()[0] is None
+                and _runs_as_written(*self.modules()))
+
     def forward(self, x: List[Tensor]) -> List[Tensor]:
+        if self._concurrent(x):
+            # branch 0's blocks, then its exchange, on a second stream beside branch 1's
+            outs_b = branch_streams.run_pair(lambda i: self._run_branch(self.blocks[i], x[i]), x)
+            return branch_streams.run_pair(
+                lambda i: self._exchange(i, outs_b, self.projs[i](outs_b[i][:, 0:1])), outs_b)
         outs_b = [self._run_branch(block, x[i]) for i, block in enumerate(self.blocks)]
         proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
-        outs = []
-        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
-            other = outs_b[(i + 1) % self.num_branches]
-            fused_cls = self._cross_attend(fusion, proj_cls_token[i], other[:, 1:])
-            outs.append(self._with_cls(i, revert_proj(fused_cls), outs_b[i]))
-        return outs
+        return [self._exchange(i, outs_b, proj_cls_token[i]) for i in range(self.num_branches)]
 
 
 def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, depth) -> None:

@@ -79,7 +79,7 @@ if step warm; then
 fi
 
 GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_attention_maps.py tests/test_backend_models.py
-  tests/test_ops.py tests/test_cuda_graphs.py tests/test_csrc_compile.py tests/test_compile.py
+  tests/test_ops.py tests/test_cuda_graphs.py tests/test_branch_streams.py tests/test_csrc_compile.py tests/test_compile.py
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
 # SIGINT at the limit: pytest then still prints its summary with the failures' tracebacks (a
@@ -121,7 +121,8 @@ fi
 # (its six compilations take about 350 s on an H100 without warm caches)
 step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset "$RACE_PRESET" --out "$WORK/results"
 # CUDA-graph replays at batch 1 (crossvit_tiny_240, fp32 and bf16): timm, crossvit_fast, and
-# crossvit_fast with its CLS projections fused under the capture too (the A/B that decides it)
+# crossvit_fast with its CLS projections fused, its branches on two streams, or both, under the
+# capture (the A/B that decides their defaults)
 step graphs_ab && phase graphs_ab "${GRAPHS_AB_S:-60}" python3 scripts/graphs_ab.py --out "$WORK/results" \
   ${GRAPHS_AB_ARGS:-}
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel

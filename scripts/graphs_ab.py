@@ -1,17 +1,21 @@
 """CUDA-graph replays at small batch: timm against crossvit_fast under the same capture, and
-crossvit_fast with its CLS projections fused under the capture too (GPU only).
+crossvit_fast with its CLS projections fused, its two branches on two streams, or both, under
+the capture (GPU only).
 
 A replay spends no host time per kernel, so its time is the GPU's: at batch 1 the sum of about
 230 small kernels of a few µs each for crossvit_tiny_240, where issue 18 asks for 1.25x timm
 under the same capture (1.02x at dc1b136: bench/results/gpu-check-nvidia-h200.md).
 ``GraphedInference`` already fuses every block norm under its capture. The fused CLS projection
 (LayerNorm, GELU and Linear in one kernel: 24 kernels fewer per crossvit_tiny_240 forward) is off
-by default because it lost at batch 256 in bf16 (bench/results/gpu-check-nvidia-h100.md, run 9);
-whether it pays in a small-batch replay is what this measures.
+by default because it lost at batch 256 in bf16 (bench/results/gpu-check-nvidia-h100.md, run 9).
+The branches' blocks and CLS exchanges are independent, and at batch 1 each kernel fills a
+fraction of the GPU: on two streams (crossvit_fast.branch_streams) they can overlap. Both are
+off by default until this measures them.
 
 Per variant, dtype (fp32, or bf16 autocast) and batch, for each implementation: the time per
 replay back to back (rounds interleaved across the implementations, median), the synchronized
-latency per call (median), the GPU time and kernel count of one replay (profiler), and the
+latency per call (median), the summed kernel time and kernel count of one replay (profiler;
+kernels that overlap on two streams each count in full), and the
 relative error of its logits against timm's eager fp32 forward (crossvit_fast's where timm does
 not import).
 
@@ -31,13 +35,18 @@ import torch
 
 import crossvit_fast
 from crossvit_fast import layers
+from crossvit_fast.branch_streams import concurrent_branches
 from crossvit_fast.benchmarking import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.common import device_slug, markdown_table  # noqa: E402
 from bench.e2e import load_timm  # noqa: E402
 
-FUSED = "fast+graphs, CLS projection fused"
+# crossvit_fast's rows: name → (CLS projections fused, branches on two streams) under the capture
+SETTINGS = {"fast+graphs": (False, False),
+            "fast+graphs, CLS projection fused": (True, False),
+            "fast+graphs, branches on two streams": (False, True),
+            "fast+graphs, both": (True, True)}
 
 
 @contextlib.contextmanager
@@ -55,18 +64,17 @@ def implementations(timm_model, fast_model, graphed: Callable, autocast: Callabl
                     ) -> Dict[str, Callable]:
     """name → ``call(x)`` for each implementation. ``graphed`` wraps a model for replay
     (``GraphedInference``; the first call of a shape captures), ``autocast`` is the dtype's
-    context. The fused projection's setting is held around every call of its row, so that it
-    is the one in force whenever a capture happens; a replay does not read it."""
-    rows = {"fast+graphs": (graphed(fast_model), False), FUSED: (graphed(fast_model), True)}
-    if timm_model is not None:
-        rows = {"timm+graphs": (graphed(timm_model), False), **rows}
-
-    def call_of(model, fused):
+    context. A row's settings are held around every call of it, so that they are in force
+    whenever a capture happens; a replay does not read them."""
+    def call_of(model, fused, streams):
         def call(x):
-            with cls_projection_fused(fused), autocast():
+            with cls_projection_fused(fused), concurrent_branches(streams), autocast():
                 return model(x)
         return call
-    return {name: call_of(model, fused) for name, (model, fused) in rows.items()}
+    calls = {} if timm_model is None else {"timm+graphs": call_of(graphed(timm_model), False, False)}
+    for name, (fused, streams) in SETTINGS.items():
+        calls[name] = call_of(graphed(fast_model), fused, streams)
+    return calls
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
         for dtype in args.dtypes.split(","):
             for batch in map(int, args.batches.split(",")):
                 rows += measure(variant, dtype, batch, timm)
-                print(table(rows[-3:]), flush=True)
+                print(table(rows[-len(SETTINGS) - 1:]), flush=True)
     env = environment("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,13 @@ def test_profile_compiled_counts_recompiles_and_their_reasons():
     torch._dynamo.reset()
 
 
-def test_graphs_ab_rows_fuse_the_cls_projection_only_where_named(monkeypatch):
+def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
     """The A/B rows of scripts/graphs_ab.py on the CPU, with a pass-through in place of
-    GraphedInference: the fused row (and only it) runs the fused CLS projection, the library's
-    setting is back after each call, and every row gives timm's logits."""
-    from crossvit_fast import create_model, layers, ops
+    GraphedInference: each row runs the fused CLS projection and the two-stream path where its
+    name says so (and only there), the library's settings are back after each call, and every
+    row gives timm's logits."""
+    from crossvit_fast import branch_streams, create_model, layers, ops
+    from crossvit_fast.model import MultiScaleBlock
 
     from .timm_import import import_timm
     ab = _script("graphs_ab")
@@ -42,21 +44,26 @@ def test_graphs_ab_rows_fuse_the_cls_projection_only_where_named(monkeypatch):
     reference = timm.create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
     model = create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
     model.load_state_dict(reference.state_dict())
-    fused_calls = []
-    projection = ops.cls_projection
+    fused_calls, concurrent = [], []
+    projection, is_concurrent = ops.cls_projection, MultiScaleBlock._concurrent
     monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: fused_calls.append(1) or projection(*a, **k))
+    monkeypatch.setattr(MultiScaleBlock, "_concurrent",
+                        lambda self, x: concurrent.append(is_concurrent(self, x)) or concurrent[-1])
     calls = ab.implementations(reference, model, graphed=lambda m: m, autocast=contextlib.nullcontext)
-    assert list(calls) == ["timm+graphs", "fast+graphs", ab.FUSED]
+    assert list(calls) == ["timm+graphs", *ab.SETTINGS]
     x = torch.randn(2, 3, 120, 120)
     with torch.no_grad():
         expected = reference(x)
         for name, call in calls.items():
-            fused_calls.clear()
+            fused_calls.clear(), concurrent.clear()
             assert ab.relative_error(call(x), expected) < 1e-5, name
-            assert len(fused_calls) == (12 if name == ab.FUSED else 0), name   # 3 blocks x 2 x 2
-            assert layers.FUSED_CLS_PROJECTION is False
+            fused, streams = ab.SETTINGS.get(name, (False, False))
+            assert len(fused_calls) == (12 if fused else 0), name        # 3 blocks x 2 x 2
+            assert concurrent == ([streams] * 3 if name != "timm+graphs" else []), name
+            assert layers.FUSED_CLS_PROJECTION is False and branch_streams.CONCURRENT_BRANCHES is False
     assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
-    row = dict(variant="v", dtype="fp32", batch=1, impl=ab.FUSED, back_to_back_s=1.5e-3,
+    name = "fast+graphs, both"
+    row = dict(variant="v", dtype="fp32", batch=1, impl=name, back_to_back_s=1.5e-3,
                latency_s=2e-3, gpu_s=None, kernels=0, vs_timm=1.25, rel_err_vs_timm_fp32=3e-7)
     assert ab.table([row]).splitlines()[-1] == \
-        f"| v | fp32 | 1 | {ab.FUSED} | 1500.0 | 2000.0 | — | 0 | 1.25x | 3.0e-07 |"
+        f"| v | fp32 | 1 | {name} | 1500.0 | 2000.0 | — | 0 | 1.25x | 3.0e-07 |"
