@@ -17,58 +17,70 @@ read it. Off CUDA the two calls run one after the other, on the same code path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Sequence
+import threading
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 from torch import Tensor
 
-# Whether multi-scale blocks run their two branches on two streams (CUDA tensors only).
-CONCURRENT_BRANCHES = False
-
-_side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+# Per thread: whether multi-scale blocks run their two branches on two streams (CUDA tensors
+# only), and each device's side stream. Per thread, so that one thread's capture (which takes
+# its side stream into the graph) never meets another thread's work on the same stream.
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def concurrent_branches(enabled: bool = True) -> Iterator[None]:
-    """Inside the block, multi-scale blocks run their two branches on two CUDA streams
-    (``enabled``) or one after the other; the previous setting comes back after it."""
-    global CONCURRENT_BRANCHES
-    saved, CONCURRENT_BRANCHES = CONCURRENT_BRANCHES, enabled
+    """Inside the block, in this thread, multi-scale blocks run their two branches on two CUDA
+    streams (``enabled``) or one after the other; the previous setting comes back after it."""
+    saved, _local.enabled = enabled_here(), enabled
     try:
         yield
     finally:
-        CONCURRENT_BRANCHES = saved
+        _local.enabled = saved
+
+
+def enabled_here() -> bool:
+    """Whether :func:`concurrent_branches` is in force in this thread."""
+    return getattr(_local, "enabled", False)
 
 
 def enabled_for(x: Tensor) -> bool:
-    """Whether work on ``x`` runs its branches concurrently: asked for, and not where streams
-    cannot be recorded (``torch.compile``, ``torch.jit.trace``)."""
-    return (CONCURRENT_BRANCHES and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing())
+    """Whether work on ``x`` runs its branches concurrently: asked for in this thread, and not
+    where streams cannot be recorded (``torch.compile``, ``torch.jit.trace``)."""
+    return enabled_here() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The second stream of ``device``, made once (a stream per call would leak handles)."""
-    stream = _side_streams.get(device)
+    """This thread's second stream on ``device``, made once (from torch's stream pool)."""
+    streams = getattr(_local, "side_streams", None)
+    if streams is None:
+        streams = _local.side_streams = {}
+    stream = streams.get(device)
     if stream is None:
-        stream = _side_streams[device] = torch.cuda.Stream(device)
+        stream = streams[device] = torch.cuda.Stream(device)
     return stream
 
 
-def run_pair(step: Callable[[int], Tensor], reads: Sequence[Tensor]) -> List[Tensor]:
-    """``[step(0), step(1)]``, ``step(0)`` on the side stream and ``step(1)`` on the current
-    one where ``reads`` (every tensor either step reads that was made before) are CUDA tensors;
-    one after the other otherwise."""
-    device = reads[0].device
+def run_pair(step: Callable[[int], Tensor], side_reads: Sequence[Tensor]) -> List[Tensor]:
+    """``[step(0), step(1)]``: ``step(0)`` on this thread's side stream and ``step(1)`` on the
+    current one, on CUDA; one after the other elsewhere, or where the pool's side stream is the
+    current stream. ``side_reads``: the tensors made before that ``step(0)`` reads (its first
+    is also the device's witness)."""
+    device = side_reads[0].device
     if device.type != "cuda":
         return [step(0), step(1)]
     current, side = torch.cuda.current_stream(device), _side_stream(device)
+    if side == current:
+        return [step(0), step(1)]
     side.wait_stream(current)
-    for t in reads:
+    for t in side_reads:
         t.record_stream(side)
-    with torch.cuda.stream(side):
-        first = step(0)
-    second = step(1)
-    current.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            first = step(0)
+        second = step(1)
+    finally:   # joined even where a step raises: a capture must end with every fork joined
+        current.wait_stream(side)
     first.record_stream(current)
     return [first, second]

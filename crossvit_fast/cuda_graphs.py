@@ -14,12 +14,22 @@ parameter tensor for a new one (``model.weight = nn.Parameter(...)``) is not (ca
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from . import branch_streams, layers
 from .layers import always_fuse_norms
+
+
+def _uncached_autocast():
+    """The caller's CUDA autocast setting with its cast cache off (a no-op without autocast),
+    as ``torch.cuda.make_graphed_callables`` requires."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 class GraphedInference(nn.Module):
@@ -37,16 +47,23 @@ class GraphedInference(nn.Module):
 
     @staticmethod
     def _key(x: Tensor) -> Tuple:
+        """What a captured graph holds fixed: the input's shape, dtype and device, the autocast
+        setting, and the settings that choose the forward's kernels (the fused CLS projection,
+        the branches on two streams)."""
         autocast = torch.is_autocast_enabled("cuda")
         return (tuple(x.shape), x.dtype, x.device,
-                autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+                autocast, torch.get_autocast_dtype("cuda") if autocast else None,
+                layers.FUSED_CLS_PROJECTION, branch_streams.enabled_here())
 
     def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = x.clone()
         stream = torch.cuda.Stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
-        # A replay costs no host time per kernel, so the fused norms pay at every size.
-        with always_fuse_norms():
+        # A replay costs no host time per kernel, so the fused norms pay at every size. Under
+        # autocast the weights' casts are made afresh in the graph, not read from autocast's
+        # cache: those cached copies are freed when the caller's autocast block ends (a graph
+        # reading them would read reused memory), and would not follow in-place weight changes.
+        with always_fuse_norms(), _uncached_autocast():
             with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
                 for _ in range(self.warmup_iters):
                     self.model(static_in)

@@ -198,9 +198,11 @@ class MultiScaleBlock(NotScriptable, nn.Module):
     def forward(self, x: List[Tensor]) -> List[Tensor]:
         if self._concurrent(x):
             # branch 0's blocks, then its exchange, on a second stream beside branch 1's
-            outs_b = branch_streams.run_pair(lambda i: self._run_branch(self.blocks[i], x[i]), x)
+            outs_b = branch_streams.run_pair(lambda i: self._run_branch(self.blocks[i], x[i]),
+                                             side_reads=[x[0]])
             return branch_streams.run_pair(
-                lambda i: self._exchange(i, outs_b, self.projs[i](outs_b[i][:, 0:1])), outs_b)
+                lambda i: self._exchange(i, outs_b, self.projs[i](outs_b[i][:, 0:1])),
+                side_reads=[outs_b[1]])   # (outs_b[0] was made on the side stream)
         outs_b = [self._run_branch(block, x[i]) for i, block in enumerate(self.blocks)]
         proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
         return [self._exchange(i, outs_b, proj_cls_token[i]) for i in range(self.num_branches)]

@@ -33,3 +33,40 @@ def test_replays_match_eager_and_follow_new_inputs_and_weights():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert rel_err(fast(x), model(x)) < 1e-2
     assert len(fast._graphs) == 3
+
+
+@gpu
+def test_autocast_replays_do_not_read_autocasts_freed_weight_casts():
+    """Under autocast the graph makes the weights' casts itself: autocast's cached copies are
+    freed when the caller's autocast block ends, and their memory is reused (here by a second
+    capture and by filler tensors), while the first graph keeps replaying."""
+    model = small_model().cuda().eval()
+    fast = GraphedInference(model)
+    x1, x4 = (torch.randn(b, 3, 48, 48, device="cuda") for b in (1, 4))
+    for x in (x1, x4):                              # each captured in its own autocast block
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast(x)
+    # small blocks, as the small model's weight casts are: the allocator's small-block pool
+    filler = [torch.full((n,), float("nan"), device="cuda") for n in range(64, 8192, 16)]  # noqa: F841
+    with torch.no_grad():
+        model.head[0].weight.mul_(2)                # an in-place change the casts must follow
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, expected = fast(x1), model(x1)
+    assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-2
+
+
+@gpu
+def test_a_capture_follows_the_kernel_settings_it_was_made_with():
+    from crossvit_fast import branch_streams, layers
+    model = small_model().cuda().eval()
+    fast = GraphedInference(model)
+    x = torch.randn(1, 3, 48, 48, device="cuda")
+    fast(x)
+    with branch_streams.concurrent_branches():
+        fast(x)
+    saved, layers.FUSED_CLS_PROJECTION = layers.FUSED_CLS_PROJECTION, True
+    try:
+        fast(x)
+    finally:
+        layers.FUSED_CLS_PROJECTION = saved
+    assert len(fast._graphs) == 3

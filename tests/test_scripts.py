@@ -60,7 +60,7 @@ def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
             fused, streams = ab.SETTINGS.get(name, (False, False))
             assert len(fused_calls) == (12 if fused else 0), name        # 3 blocks x 2 x 2
             assert concurrent == ([streams] * 3 if name != "timm+graphs" else []), name
-            assert layers.FUSED_CLS_PROJECTION is False and branch_streams.CONCURRENT_BRANCHES is False
+            assert layers.FUSED_CLS_PROJECTION is False and not branch_streams.enabled_here()
     assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
     name = "fast+graphs, both"
     row = dict(variant="v", dtype="fp32", batch=1, impl=name, back_to_back_s=1.5e-3,
