@@ -12,7 +12,9 @@ The streams' ordering and the caching allocator's are kept as ``torch.cuda.Strea
 side stream waits for the current one before it starts, the current one waits for it before
 reading its results, and each tensor read on a stream it was not allocated on is recorded
 there (``Tensor.record_stream``), so that its memory is not reused while that stream may still
-read it. Off CUDA the two calls run one after the other, on the same code path.
+read it. Off CUDA the two calls run one after the other, on the same code path. The side
+stream comes from torch's stream pool, which other code may be handed too (work there is then
+ordered behind theirs, not lost); where it is the current stream, the steps run in turn.
 """
 from __future__ import annotations
 
