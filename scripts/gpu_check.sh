@@ -27,6 +27,8 @@
 #   STEPS="ext warm tests sanitize_triton race graphs_ab profile_compiled" TESTS_S=120 RACE_S=240 \
 #     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 bash scripts/gpu_check.sh
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
+# (the first call may end before graphs_ab and profile_compiled: H200 run 1 ended after its race;
+# then, on the still-warm machine: STEPS="graphs_ab profile_compiled" GRAPHS_AB_S=60 ...)
 # Issue 19's kernel timing (about 4 minutes; the channel-tiled token pass has never run on a GPU, so
 # its tests go first): each fused op at crossvit_18_240's shapes, batch 32 and 256, bf16, on the
 # Triton and CUDA backends against eager and compiled naive, with fractions of copy bandwidth:
