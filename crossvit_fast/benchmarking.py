@@ -67,6 +67,24 @@ def back_to_back_time(fn: Callable[[], object], device: torch.device | str, step
     return times
 
 
+def interleaved_back_to_back(fns: Dict[str, Callable[[], object]], device: torch.device | str,
+                            steps: int = 10, rounds: int = 6) -> Dict[str, float]:
+    """Median seconds per call of each of ``fns`` (by name), run ``steps`` times back to back
+    with one synchronize, once per round, the rounds of all of them interleaved: a drift in the
+    host's or the GPU's speed (large on a lent device machine) then falls on each alike."""
+    device = torch.device(device)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def kernel_time(fn: Callable[[], object], device: torch.device | str, iters: int = 10) -> Optional[float]:
     """GPU seconds per call of ``fn``: the device time of every kernel (and copy) it launches,
     from the profiler, summed over ``iters`` calls after one warm-up call; None off CUDA.

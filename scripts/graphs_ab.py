@@ -27,7 +27,7 @@ import contextlib
 import json
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -36,7 +36,7 @@ import torch
 import crossvit_fast
 from crossvit_fast import layers
 from crossvit_fast.branch_streams import concurrent_branches
-from crossvit_fast.benchmarking import environment
+from crossvit_fast.benchmarking import environment, interleaved_back_to_back, time_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.common import device_slug, markdown_table  # noqa: E402
@@ -83,29 +83,6 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out - reference).norm() / reference.norm()).item()
 
 
-def replay_times(calls: Dict[str, Callable], x, rounds: int = 7, per_round: int = 50):
-    """Median seconds per call back to back (one synchronize per round) and per synchronized
-    call, each implementation's rounds interleaved with the others' so that a drift in the
-    host's or GPU's speed falls on all alike."""
-    back_to_back = {name: [] for name in calls}
-    latency = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(per_round):
-                call(x)
-            torch.cuda.synchronize()
-            back_to_back[name].append((time.perf_counter() - start) / per_round)
-            for _ in range(5):
-                start = time.perf_counter()
-                call(x)
-                torch.cuda.synchronize()
-                latency[name].append(time.perf_counter() - start)
-    return ({n: statistics.median(t) for n, t in back_to_back.items()},
-            {n: statistics.median(t) for n, t in latency.items()})
-
-
 def replay_kernels(call: Callable, x, top: int = 12):
     """(GPU seconds, count, the ``top`` kernels by GPU time as (name, calls, seconds)) of the
     kernels and copies of one call (those of a replayed graph included, and the input and
@@ -146,7 +123,11 @@ def measure(variant: str, dtype: str, batch: int, timm) -> list:
     calls = implementations(timm_model, fast_model, crossvit_fast.GraphedInference, autocast)
     for call in calls.values():
         call(x)                                                          # captures
-    back_to_back, latency = replay_times(calls, x)
+    # back to back: rounds interleaved across the implementations; latency: each call on its own
+    back_to_back = interleaved_back_to_back({name: partial(call, x) for name, call in calls.items()},
+                                            "cuda", steps=50, rounds=7)
+    latency = {name: statistics.median(time_fn(partial(call, x), "cuda", iters=35))
+               for name, call in calls.items()}
     # on replays after many others, each call in an autocast block of its own
     errors = {name: relative_error(call(x), reference) for name, call in calls.items()}
     rows = []

@@ -9,9 +9,7 @@ through the fused op (``layers.always_fuse_norms``): the A/B of ``layers.FUSED_N
     python scripts/profile_model.py [variant]
 """
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import crossvit_fast
 from crossvit_fast import layers
+from crossvit_fast.benchmarking import interleaved_back_to_back
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, for bench/
 from bench.e2e import load_timm  # noqa: E402
@@ -68,7 +67,7 @@ def main() -> None:
             steps[name] = with_context(step_fn(model, mode, batch), context)
             for _ in range(3):
                 steps[name]()
-        walls = interleaved_walls(steps)
+        walls = interleaved_back_to_back(steps, "cuda", steps=4, rounds=6)
         for name, step in steps.items():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
@@ -82,20 +81,6 @@ def main() -> None:
         del steps
         torch.cuda.empty_cache()
 
-
-def interleaved_walls(steps, rounds=6, per_round=4):
-    """Median seconds per step of each model, timed in alternating rounds so that a drift in the
-    host's speed (large on the lent device machine) falls on every model alike."""
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                step()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / per_round)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 if __name__ == "__main__":
     main()

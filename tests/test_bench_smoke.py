@@ -177,3 +177,12 @@ def test_kernel_time_counts_gpu_time_only():
 
 def test_kernel_time_is_none_off_cuda():
     assert kernel_time(lambda: None, "cpu") is None
+
+
+def test_interleaved_back_to_back_alternates_rounds_and_takes_medians():
+    from crossvit_fast.benchmarking import interleaved_back_to_back
+    order = []
+    medians = interleaved_back_to_back({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                       "cpu", steps=2, rounds=3)
+    assert order == ["a", "a", "b", "b"] * 3
+    assert set(medians) == {"a", "b"} and all(m > 0 for m in medians.values())
