@@ -32,8 +32,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from crossvit_fast.layers import FUSED_CLS_EXCHANGE_MAX_BATCH
+
 from . import cuda_plan
-from .shapes import op_cases
+from .shapes import branches, op_cases
 
 # (name, SMs of the representative part, shared memory a block may opt into, bytes)
 TARGETS: Dict[int, Tuple[str, int, int]] = {
@@ -70,8 +72,8 @@ class _Recorder:
 
 
 def _kernel_modules():
-    from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
-    return attn_pool, attn_weights, cls_proj, layer_norm
+    from crossvit_fast.kernels import attn_pool, attn_weights, cls_exchange, cls_proj, layer_norm
+    return attn_pool, attn_weights, cls_exchange, cls_proj, layer_norm
 
 
 @contextlib.contextmanager
@@ -100,7 +102,8 @@ def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, Call
     """``(op, call)`` for each fused-op launch wrapper the model calls at ``batch`` in ``mode``,
     on meta tensors, at the op shapes of :func:`bench.shapes.op_cases`: the token pass forward,
     backward and maps of each fusion direction, the CLS projections, and the block LayerNorm
-    (with residual) forward and backward of each branch."""
+    (with residual) forward and backward of each branch, and the fused CLS exchange of each
+    direction (inference without autocast, up to its batch limit)."""
     from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
     dtype, dot, res_dtype, out_dtype = MODES[mode]
     acc = torch.float32
@@ -130,12 +133,32 @@ def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, Call
             yield f"add+LayerNorm fwd C{C}", partial(layer_norm.layer_norm_fwd, x, r, w, w, 1e-6, out_dtype)
             yield f"add+LayerNorm bwd C{C}", partial(layer_norm.layer_norm_bwd, empty(M, C, dtype=out_dtype or h.dtype),
                                                      h, h, w, stat, stat)
+    if mode != "autocast" and batch <= FUSED_CLS_EXCHANGE_MAX_BATCH:
+        yield from _exchange_calls(variant, batch, dtype, empty)
+
+
+def _exchange_calls(variant: str, batch: int, dtype: torch.dtype, empty
+                    ) -> Iterator[Tuple[str, Callable[[], object]]]:
+    """The fused CLS exchange of each direction of ``variant`` that the kernel takes."""
+    from crossvit_fast.kernels import cls_exchange as ex
+    for own, other in itertools.permutations(branches(variant)):
+        Ci, Cj, H = own.width, other.width, other.heads
+        if not ex.fits(Ci, Cj, H):
+            continue
+        def proj(c_in, c_out):
+            return ex.Projection(empty(c_in, dtype=dtype), empty(c_in, dtype=dtype), 1e-6,
+                                 empty(c_out, c_in, dtype=dtype), empty(c_out, dtype=dtype))
+        w, v = empty(Cj, Cj, dtype=dtype), empty(Cj, dtype=dtype)
+        attn = ex.CrossAttention(v, v, 1e-6, w, v, w, w, v, w, v, H, (Cj // H) ** -0.5)
+        yield f"CLS exchange {Ci}->{Cj} H{H}", partial(
+            ex.cls_exchange, empty(batch, Ci, dtype=dtype), empty(batch, other.patches, Cj, dtype=dtype),
+            empty(batch, Ci, dtype=dtype), proj(Ci, Cj), attn, proj(Cj, Ci))
 
 
 def _signature(kernel, args, kwargs) -> Tuple[dict, dict, dict, dict]:
     """Triton's (signature, constexprs, attrs) for a launch, typed as inductor types it, and the
     launch options."""
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound = dict(zip(kernel.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}

@@ -44,6 +44,14 @@ FUSED_NORM_MIN_ELEMENTS = 1 << 24
 FUSED_CLS_PROJECTION = False
 
 
+# Inference without autocast on the Triton backend, up to this batch, runs each branch's whole
+# CLS exchange (projection, cross-attention, projection back) as one kernel where this is True
+# (crossvit_fast.kernels.cls_exchange): about 16 kernels fewer per direction, whose launch
+# latencies set a batch-1 forward's time. Off until scripts/graphs_ab.py has timed it on a GPU.
+FUSED_CLS_EXCHANGE = False
+FUSED_CLS_EXCHANGE_MAX_BATCH = 16
+
+
 @contextlib.contextmanager
 def always_fuse_norms() -> Iterator[None]:
     """Inside the block, every block norm runs the fused op whatever its size: for code whose
@@ -476,7 +484,12 @@ class ClsProjection(NotScriptable, nn.Sequential):
     """
 
     def _fusable(self) -> bool:
-        if not FUSED_CLS_PROJECTION or len(self) != 3:
+        return FUSED_CLS_PROJECTION and self.fused_math_applies()
+
+    def fused_math_applies(self) -> bool:
+        """Whether a fused kernel may compute this projection from its parameters: timm's
+        LayerNorm, exact GELU and Linear with a bias, none of them hooked or replaced."""
+        if len(self) != 3:
             return False
         norm, act, linear = self
         return (_fusable_norm(norm) and type(act) is nn.GELU and act.approximate == "none"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import backends, branch_streams, layers, reference
+from . import backends, branch_streams, fused_exchange, layers, reference
 from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, LayerNorm, NotScriptable,
                      PatchEmbed, _is_listlike, _pair, _runs_as_written, patches_along, recording_attention_maps)
 from .ops._common import autocast_dtype
@@ -149,15 +149,20 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         Nobody else holds it where it is the result of BlockChain's fused path (``x + mlp``,
         made there: plain Blocks, no hooks) and no hook on the CLS projection kept the view of
         row 0 it was given. The other branch reads only ``tokens[:, 1:]``."""
-        blocks = self.blocks[i]
-        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and type(blocks) is BlockChain and len(blocks) > 0
-                and all(type(b) is Block for b in blocks)
-                and _runs_as_written(blocks, *blocks, *self.projs[i].modules())
-                and torch.promote_types(cls.dtype, tokens.dtype) == tokens.dtype):
+        if self._cls_row_writable(i, cls.dtype, tokens):
             tokens[:, 0:1] = cls
             return tokens
         return torch.cat((cls, tokens[:, 1:]), dim=1)
+
+    def _cls_row_writable(self, i: int, cls_dtype: torch.dtype, tokens: Tensor) -> bool:
+        """Whether a new CLS row of ``cls_dtype`` may be written over row 0 of branch ``i``'s
+        block output ``tokens`` (see :meth:`_with_cls`)."""
+        blocks = self.blocks[i]
+        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and type(blocks) is BlockChain and len(blocks) > 0
+                and all(type(b) is Block for b in blocks)
+                and _runs_as_written(blocks, *blocks, *self.projs[i].modules())
+                and torch.promote_types(cls_dtype, tokens.dtype) == tokens.dtype)
 
     def _run_branch(self, blocks: nn.Module, x: Tensor) -> Tensor:
         """A branch's ViT blocks on ``x``; with ``grad_checkpointing`` (and gradients on), each
@@ -200,10 +205,14 @@ class MultiScaleBlock(NotScriptable, nn.Module):
             # branch 0's blocks, then its exchange, on a second stream beside branch 1's
             outs_b = branch_streams.run_pair(lambda i: self._run_branch(self.blocks[i], x[i]),
                                              side_reads=[x[0]])
+            fused = fused_exchange.applies(self, outs_b)
             return branch_streams.run_pair(
-                lambda i: self._exchange(i, outs_b, self.projs[i](outs_b[i][:, 0:1])),
+                lambda i: (fused_exchange.exchange(self, i, outs_b) if fused else
+                           self._exchange(i, outs_b, self.projs[i](outs_b[i][:, 0:1]))),
                 side_reads=[outs_b[1]])   # (outs_b[0] was made on the side stream)
         outs_b = [self._run_branch(block, x[i]) for i, block in enumerate(self.blocks)]
+        if fused_exchange.applies(self, outs_b):
+            return [fused_exchange.exchange(self, i, outs_b) for i in range(self.num_branches)]
         proj_cls_token = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
         return [self._exchange(i, outs_b, proj_cls_token[i]) for i in range(self.num_branches)]
 

@@ -3,9 +3,9 @@ fills the GPU: compiled without a GPU at the launches the model makes (issue 19)
 
 bench.kernel_resources records the launch wrappers' launches on meta tensors for all 11 variants,
 batch 1, 8 and 256, fp32 / bf16 / fp32 under bf16 autocast (forward, backward, maps, LayerNorm,
-CLS projection), and compiles each distinct launch for sm_80, sm_86, sm_89 and sm_90 as inductor
-types it, in a process without ``TRITON_INTERPRET`` (the interpreter the other tests run cannot
-show what Triton's compiler does: on the H200 every compiled step once failed because inductor
+CLS projection; the fused CLS exchange at the batches and modes it runs at), and compiles each
+distinct launch for sm_80, sm_86, sm_89 and sm_90 as inductor types it, in a process without
+``TRITON_INTERPRET`` (the interpreter the other tests run cannot show what Triton's compiler does: on the H200 every compiled step once failed because inductor
 typed ``eps`` as fp64, which no CPU test saw).
 """
 import json
@@ -39,7 +39,8 @@ def test_every_kernel_is_compiled_for_every_gpu_variant_batch_and_mode(rows):
     from crossvit_fast.variants import list_models
     assert {r["kernel"] for r in rows} == {
         *TOKEN_PASS_KERNELS, "_pool_combine_kernel", "_layer_norm_fwd_kernel",
-        "_layer_norm_bwd_kernel", "_cls_proj_fwd_kernel", "_cls_proj_bwd_kernel"}
+        "_layer_norm_bwd_kernel", "_cls_proj_fwd_kernel", "_cls_proj_bwd_kernel",
+        "_cls_exchange_kernel"}
     assert {r["variant"] for r in rows} == set(list_models())
     assert {r["batch"] for r in rows} == set(BATCHES)
     assert {r["mode"] for r in rows} == {"fp32", "bf16", "autocast"}

@@ -1,0 +1,234 @@
+"""The fused CLS exchange (crossvit_fast.kernels.cls_exchange, run by crossvit_fast.fused_exchange
+where ``layers.FUSED_CLS_EXCHANGE`` is set): one kernel per direction against timm's math in
+float64 (K and V formed, wk's bias included), and the model's logits with it against the model's
+without it and against timm; it runs only where it computes what timm's modules would.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossvit_fast import GraphedInference, layers, use_backend
+from crossvit_fast.kernels import cls_exchange as ex
+
+from .conftest import DEVICE, backend_param
+from .numerics import FP32_PAIR_TOL, FP32_REL_TOL, rel_err, tolerance, torch_lowp_error
+from .test_model import small_model
+
+pytestmark = pytest.mark.parametrize("backend", [backend_param("triton")])
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _weights(Ci: int, Cj: int, heads: int, biases: bool):
+    """float64 parameters of one direction (LayerNorm affines away from 1 and 0, Linears scaled
+    to keep activations O(1)); wk's bias, which the kernel never reads, is the last."""
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64) * scale
+    proj = ex.Projection(1 + r(Ci, scale=.2), r(Ci, scale=.2), 1e-6, r(Cj, Ci, scale=Ci ** -.5), r(Cj, scale=.2))
+    attn = ex.CrossAttention(
+        1 + r(Cj, scale=.2), r(Cj, scale=.2), 1e-5, r(Cj, Cj, scale=Cj ** -.5),
+        r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5), r(Cj, Cj, scale=Cj ** -.5),
+        r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5),
+        r(Cj, scale=.2) if biases else None, heads, (Cj // heads) ** -0.5)
+    revert = ex.Projection(1 + r(Cj, scale=.2), r(Cj, scale=.2), 1e-6, r(Ci, Cj, scale=Cj ** -.5), r(Ci, scale=.2))
+    return proj, attn, revert, r(Cj, scale=.5)
+
+
+def _cast(weights, dtype):
+    return type(weights)(*[t.to(dtype) if isinstance(t, torch.Tensor) else t for t in weights])
+
+
+def naive_exchange(cls, patches, proj, attn, revert, wk_bias):
+    """timm's three modules on ``[B, Ci]`` CLS rows: projection, CrossAttentionBlock (K and V of
+    every token formed), projection back; in the inputs' dtype."""
+    def project(x, p):
+        x = F.gelu(F.layer_norm(x, x.shape[-1:], p.ln_weight, p.ln_bias, p.eps))
+        return F.linear(x, p.weight, p.bias)
+    x0 = project(cls, proj)
+    tokens = torch.cat((x0[:, None], patches), dim=1)
+    B, T, C = tokens.shape
+    H = attn.num_heads
+    n = F.layer_norm(tokens, (C,), attn.ln_weight, attn.ln_bias, attn.eps)
+    q = F.linear(n[:, :1], attn.wq_weight, attn.wq_bias).view(B, 1, H, C // H).transpose(1, 2)
+    k = F.linear(n, attn.wk_weight, wk_bias).view(B, T, H, C // H).transpose(1, 2)
+    v = F.linear(n, attn.wv_weight, attn.wv_bias).view(B, T, H, C // H).transpose(1, 2)
+    a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+    y = x0 + F.linear((a @ v).transpose(1, 2).reshape(B, C), attn.proj_weight, attn.proj_bias)
+    return project(y, revert)
+
+
+# (B, Ci, Cj, heads, N, biases): odd token counts, one token, heads of 16 and of 20 channels,
+# widths that are no power of two, crossvit_tiny_240's and crossvit_18_240's directions
+SHAPES = [(2, 96, 192, 3, 37, True), (1, 48, 80, 5, 1, False), (3, 40, 60, 3, 50, True),
+          (1, 448, 224, 7, 19, True), (2, 24, 48, 2, 70, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_{}to{}_H{}_N{}".format(*s[:5]))
+def test_kernel_matches_timms_math_in_float64(backend, shape, dtype):
+    B, Ci, Cj, H, N, biases = shape
+    proj, attn, revert, wk_bias = _weights(Ci, Cj, H, biases)
+    own = torch.randn(B, 5, Ci, dtype=torch.float64)
+    other = torch.randn(B, N + 1, Cj, dtype=torch.float64) * 2 + 1   # a mean off zero
+    args64 = (own[:, 0], other[:, 1:], proj, attn, revert, wk_bias)
+    expected = naive_exchange(*args64)
+
+    own_d, other_d = own.to(DEVICE, dtype), other.to(DEVICE, dtype)
+    weights = [_cast(w, dtype) for w in (proj, attn, revert)]
+    weights = [type(w)(*[t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w]) for w in weights]
+    out = torch.empty(B, Ci, device=DEVICE, dtype=dtype)
+    # the CLS rows and the patches are strided views of the branches' tokens, read in place
+    ex.cls_exchange(own_d[:, 0], other_d[:, 1:], out, *weights)
+
+    if dtype in (torch.float32, torch.float64):
+        bar = FP32_REL_TOL if dtype == torch.float32 else 1e-12
+    else:
+        def naive_in(cls, patches, *w):
+            return naive_exchange(cls, patches, *[_cast(x, cls.dtype) if isinstance(x, tuple) else
+                                                  x.to(cls.dtype) for x in w])
+        bar = tolerance(dtype, [torch_lowp_error(naive_in, args64, dtype)])
+    assert out.dtype == dtype
+    err = rel_err(out.cpu(), expected)
+    assert err <= bar, f"relative error {err:.2e} > {bar:.1e}"
+
+
+def test_kernel_writes_over_the_cls_row_it_reads(backend):
+    """The model writes the new CLS row over the old one in place: the kernel reads the row
+    before it writes it."""
+    proj, attn, revert, _ = [w if not isinstance(w, tuple) else type(w)(*[
+        t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w])
+        for w in _weights(24, 48, 2, True)]
+    own = torch.randn(2, 4, 24, device=DEVICE)
+    other = torch.randn(2, 9, 48, device=DEVICE)
+    apart = ex.cls_exchange(own[:, 0], other[:, 1:], torch.empty(2, 24, device=DEVICE), proj, attn, revert)
+    rest = own[:, 1:].clone()
+    ex.cls_exchange(own[:, 0], other[:, 1:], own[:, 0], proj, attn, revert)
+    assert torch.equal(own[:, 0], apart) and torch.equal(own[:, 1:], rest)
+
+
+def _count_kernel_calls(monkeypatch) -> list:
+    calls = []
+    kernel = ex.cls_exchange
+    monkeypatch.setattr(ex, "cls_exchange", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    return calls
+
+
+@pytest.fixture
+def fused_exchange_on(monkeypatch):
+    monkeypatch.setattr(layers, "FUSED_CLS_EXCHANGE", True)
+
+
+def test_model_logits_with_the_fused_exchange(backend, monkeypatch, fused_exchange_on):
+    model = small_model().to(DEVICE).eval()
+    x = torch.randn(3, 3, 48, 48, device=DEVICE)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad(), use_backend("triton"):
+        fused = model(x)
+        assert len(calls) == 6          # 3 multi-scale blocks, 2 directions
+        monkeypatch.setattr(layers, "FUSED_CLS_EXCHANGE", False)
+        unfused = model(x)
+    assert len(calls) == 6
+    assert rel_err(fused, unfused) <= FP32_PAIR_TOL
+
+
+def test_model_with_the_fused_exchange_gives_timms_logits(backend, monkeypatch, fused_exchange_on):
+    from .timm_import import import_timm
+    timm = import_timm()
+    import crossvit_fast
+    reference = timm.create_model("crossvit_tiny_240").eval()
+    model = crossvit_fast.create_model("crossvit_tiny_240").eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 240, 240)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        expected = reference.double()(x.double())
+        with use_backend("triton"):
+            got = model.to(DEVICE)(x.to(DEVICE))
+    assert len(calls) == 6
+    assert rel_err(got.cpu(), expected) <= FP32_REL_TOL
+
+
+def test_a_hooked_branch_output_is_not_written_over(backend, monkeypatch, fused_exchange_on):
+    """A hook on a branch's last block holds the tokens the exchange would write its CLS row
+    into: the kernel then writes a new tensor."""
+    model = small_model().to(DEVICE).eval()
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    held = []
+    model.blocks[0].blocks[1][-1].register_forward_hook(lambda m, i, o: held.append((o, o.clone())))
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad(), use_backend("triton"):
+        fused = model(x)
+        monkeypatch.setattr(layers, "FUSED_CLS_EXCHANGE", False)
+        unfused = model(x)
+    assert len(calls) == 6
+    tokens, copy = held[0]
+    assert torch.equal(tokens, copy)
+    assert rel_err(fused, unfused) <= FP32_PAIR_TOL
+
+
+@contextlib.contextmanager
+def _hooked(module):
+    handle = module.register_forward_hook(lambda m, i, o: None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _set(owner, name, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+# Each makes the fused exchange not apply (the forward then runs timm's modules); a hook, only in
+# the multi-scale block it is in.
+NOT_FUSED = {
+    "gradients": lambda model: torch.enable_grad(),
+    "autocast": lambda model: torch.autocast(DEVICE, dtype=torch.bfloat16),
+    "torch backend": lambda model: use_backend("torch"),
+    "hooked projection": lambda model: _hooked(model.blocks[1].projs[0][2]),
+    "hooked revert projection": lambda model: _hooked(model.blocks[1].revert_projs[1]),
+    "hooked cross-attention": lambda model: _hooked(model.blocks[2].fusion[0].attn.wv),
+    "attention maps recorded": lambda model: layers.recording_attention_maps(),
+    "batch over the limit": lambda model: _set(layers, "FUSED_CLS_EXCHANGE_MAX_BATCH", 1),
+    "width over the limit": lambda model: _set(ex, "MAX_WIDTH", 32),
+    "switched off": lambda model: _set(layers, "FUSED_CLS_EXCHANGE", False),
+}
+
+
+@pytest.mark.parametrize("condition", list(NOT_FUSED))
+def test_the_fused_exchange_runs_only_where_it_computes_timms_result(backend, condition, monkeypatch,
+                                                                       fused_exchange_on):
+    model = small_model().to(DEVICE).eval()
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad(), use_backend("triton"):
+        expected = model(x)             # fused
+        assert len(calls) == 6
+        with NOT_FUSED[condition](model):
+            got = model(x)
+    assert len(calls) == 6 + (4 if condition.startswith("hooked") else 0), condition
+    tol = FP32_PAIR_TOL if condition != "autocast" else 2e-2
+    assert rel_err(got.float(), expected) <= tol
+
+
+@gpu
+def test_graphed_inference_with_the_fused_exchange(backend, monkeypatch, fused_exchange_on):
+    """Captured with the kernels, replayed: the eager logits, fp32 and bf16 weights."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = small_model().cuda().to(dtype).eval()
+        x = torch.randn(1, 3, 48, 48, device="cuda", dtype=dtype)
+        calls = _count_kernel_calls(monkeypatch)
+        with torch.no_grad():
+            eager = model(x)
+            graphed = GraphedInference(model)
+            graphed(x)
+            replay = graphed(x)
+        assert len(calls) >= 6
+        assert rel_err(replay, eager) <= (FP32_PAIR_TOL if dtype == torch.float32 else 2e-2)
