@@ -5,8 +5,9 @@ bench.kernel_resources records the launch wrappers' launches on meta tensors for
 batch 1, 8 and 256, fp32 / bf16 / fp32 under bf16 autocast (forward, backward, maps, LayerNorm,
 CLS projection; the fused CLS exchange at the batches and modes it runs at), and compiles each
 distinct launch for sm_80, sm_86, sm_89 and sm_90 as inductor types it, in a process without
-``TRITON_INTERPRET`` (the interpreter the other tests run cannot show what Triton's compiler does: on the H200 every compiled step once failed because inductor
-typed ``eps`` as fp64, which no CPU test saw).
+``TRITON_INTERPRET`` (the interpreter the other tests run cannot show what Triton's compiler
+does: on the H200 every compiled step once failed because inductor typed ``eps`` as fp64, which
+no CPU test saw).
 """
 import json
 import os
