@@ -1,6 +1,6 @@
 """CUDA-graph replays at small batch: timm against crossvit_fast under the same capture, and
-crossvit_fast with its CLS projections fused, its two branches on two streams, or both, under
-the capture (GPU only).
+crossvit_fast with its CLS projections fused, its CLS exchanges fused, its two branches on two
+streams, or two of these, under the capture (GPU only).
 
 A replay spends no host time per kernel, so its time is the GPU's: at batch 1 the sum of about
 230 small kernels of a few µs each for crossvit_tiny_240, where issue 18 asks for 1.25x timm
@@ -8,9 +8,12 @@ under the same capture (1.02x at dc1b136: bench/results/gpu-check-nvidia-h200.md
 ``GraphedInference`` already fuses every block norm under its capture. The fused CLS projection
 (LayerNorm, GELU and Linear in one kernel: 24 kernels fewer per crossvit_tiny_240 forward) is off
 by default because it lost at batch 256 in bf16 (bench/results/gpu-check-nvidia-h100.md, run 9).
-The branches' blocks and CLS exchanges are independent, and at batch 1 each kernel fills a
-fraction of the GPU: on two streams (crossvit_fast.branch_streams) they can overlap. Both are
-off by default until this measures them.
+The fused CLS exchange (crossvit_fast.fused_exchange: each direction's projection,
+cross-attention and projection back in one kernel, about 90 kernels fewer) runs without autocast
+only, so its bf16 rows run as the unfused ones. The branches' blocks and CLS exchanges are
+independent, and at batch 1 each kernel fills a fraction of the GPU: on two streams
+(crossvit_fast.branch_streams) they can overlap. All three are off by default until this
+measures them. A row whose capture fails is reported and left out.
 
 Per variant, dtype (fp32, or bf16 autocast) and batch, for each implementation: the time per
 replay back to back (rounds interleaved across the implementations, median), the synchronized
@@ -27,9 +30,10 @@ import contextlib
 import json
 import statistics
 import sys
+import traceback
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple
 
 import torch
 
@@ -42,22 +46,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, f
 from bench.common import device_slug, markdown_table  # noqa: E402
 from bench.e2e import load_timm  # noqa: E402
 
-# crossvit_fast's rows: name → (CLS projections fused, branches on two streams) under the capture
-SETTINGS = {"fast+graphs": (False, False),
-            "fast+graphs, CLS projection fused": (True, False),
-            "fast+graphs, branches on two streams": (False, True),
-            "fast+graphs, both": (True, True)}
+class Setting(NamedTuple):
+    """What a crossvit_fast row changes under the capture (all off: the library's default)."""
+    cls_projection_fused: bool = False
+    cls_exchange_fused: bool = False
+    branches_on_two_streams: bool = False
+
+
+# crossvit_fast's rows: name → its setting under the capture
+SETTINGS = {"fast+graphs": Setting(),
+            "fast+graphs, CLS projection fused": Setting(cls_projection_fused=True),
+            "fast+graphs, CLS exchange fused": Setting(cls_exchange_fused=True),
+            "fast+graphs, branches on two streams": Setting(branches_on_two_streams=True),
+            "fast+graphs, projection fused, two streams": Setting(True, False, True),
+            "fast+graphs, exchange fused, two streams": Setting(False, True, True)}
 
 
 @contextlib.contextmanager
-def cls_projection_fused(enabled: bool):
-    """Inside the block, the CLS projections run as the fused op (``enabled``) or as timm's
-    modules; the library's setting comes back after it."""
-    saved, layers.FUSED_CLS_PROJECTION = layers.FUSED_CLS_PROJECTION, enabled
+def fused_cls_ops(setting: Setting):
+    """Inside the block, the CLS projections and the CLS exchange run fused or as timm's modules
+    as ``setting`` says; the library's settings come back after it."""
+    saved = layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE
+    layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE = (setting.cls_projection_fused,
+                                                              setting.cls_exchange_fused)
     try:
         yield
     finally:
-        layers.FUSED_CLS_PROJECTION = saved
+        layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE = saved
 
 
 def implementations(timm_model, fast_model, graphed: Callable, autocast: Callable
@@ -66,15 +81,31 @@ def implementations(timm_model, fast_model, graphed: Callable, autocast: Callabl
     (``GraphedInference``; the first call of a shape captures), ``autocast`` is the dtype's
     context. A row's settings are held around every call of it, so that they are in force
     whenever a capture happens; a replay does not read them."""
-    def call_of(model, fused, streams):
+    def call_of(model, setting):
         def call(x):
-            with cls_projection_fused(fused), concurrent_branches(streams), autocast():
+            with (fused_cls_ops(setting), concurrent_branches(setting.branches_on_two_streams),
+                  autocast()):
                 return model(x)
         return call
-    calls = {} if timm_model is None else {"timm+graphs": call_of(graphed(timm_model), False, False)}
-    for name, (fused, streams) in SETTINGS.items():
-        calls[name] = call_of(graphed(fast_model), fused, streams)
+    calls = {} if timm_model is None else {"timm+graphs": call_of(graphed(timm_model), Setting())}
+    for name, setting in SETTINGS.items():
+        calls[name] = call_of(graphed(fast_model), setting)
     return calls
+
+
+def captured(calls: Dict[str, Callable], x) -> Dict[str, Callable]:
+    """The implementations whose first call (the capture) ran; one that raised is reported with
+    its traceback and left out, so that the others are still measured."""
+    kept = {}
+    for name, call in calls.items():
+        try:
+            call(x)
+        except Exception:   # a kernel that never ran on this GPU may fail: report, go on
+            print(f"{name}: left out, its capture failed:", file=sys.stderr)
+            traceback.print_exc()
+        else:
+            kept[name] = call
+    return kept
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -120,9 +151,8 @@ def measure(variant: str, dtype: str, batch: int, timm) -> list:
         reference = reference_model(x).float()
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == "bf16"
                 else contextlib.nullcontext)
-    calls = implementations(timm_model, fast_model, crossvit_fast.GraphedInference, autocast)
-    for call in calls.values():
-        call(x)                                                          # captures
+    calls = captured(implementations(timm_model, fast_model, crossvit_fast.GraphedInference,
+                                     autocast), x)
     # back to back: rounds interleaved across the implementations; latency: each call on its own
     back_to_back = interleaved_back_to_back({name: partial(call, x) for name, call in calls.items()},
                                             "cuda", steps=50, rounds=7)
@@ -141,7 +171,7 @@ def measure(variant: str, dtype: str, batch: int, timm) -> list:
               f"GPU time first:")
         for kernel, n, seconds in top:
             print(f"  {seconds * 1e6:8.1f} µs  {n:4d}x  {kernel[:110]}")
-    peer = rows[0]["back_to_back_s"] if timm_model is not None else None
+    peer = back_to_back.get("timm+graphs")
     for row in rows:
         row["vs_timm"] = peer / row["back_to_back_s"] if peer else None
     return rows

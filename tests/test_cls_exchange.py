@@ -25,14 +25,17 @@ def _weights(Ci: int, Cj: int, heads: int, biases: bool):
     to keep activations O(1)); wk's bias, which the kernel never reads, is the last."""
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=torch.float64) * scale
-    proj = ex.Projection(1 + r(Ci, scale=.2), r(Ci, scale=.2), 1e-6, r(Cj, Ci, scale=Ci ** -.5), r(Cj, scale=.2))
+
+    def projection(c_in, c_out):
+        return ex.Projection(1 + r(c_in, scale=.2), r(c_in, scale=.2), 1e-6,
+                             r(c_out, c_in, scale=c_in ** -.5), r(c_out, scale=.2))
+    proj = projection(Ci, Cj)
     attn = ex.CrossAttention(
         1 + r(Cj, scale=.2), r(Cj, scale=.2), 1e-5, r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5), r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, heads, (Cj // heads) ** -0.5)
-    revert = ex.Projection(1 + r(Cj, scale=.2), r(Cj, scale=.2), 1e-6, r(Ci, Cj, scale=Cj ** -.5), r(Ci, scale=.2))
-    return proj, attn, revert, r(Cj, scale=.5)
+    return proj, attn, projection(Cj, Ci), r(Cj, scale=.5)
 
 
 def _cast(weights, dtype):

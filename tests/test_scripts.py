@@ -30,11 +30,13 @@ def test_profile_compiled_counts_recompiles_and_their_reasons():
 
 
 def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
-    """The A/B rows of scripts/graphs_ab.py on the CPU, with a pass-through in place of
-    GraphedInference: each row runs the fused CLS projection and the two-stream path where its
-    name says so (and only there), the library's settings are back after each call, and every
-    row gives timm's logits."""
-    from crossvit_fast import branch_streams, create_model, layers, ops
+    """The A/B rows of scripts/graphs_ab.py on the CPU (Triton's interpreter), with a
+    pass-through in place of GraphedInference: each row runs the fused CLS projection, the fused
+    CLS exchange and the two-stream path where its name says so (and only there), the library's
+    settings are back after each call, and every row gives timm's logits; a row whose capture
+    fails is left out."""
+    from crossvit_fast import branch_streams, create_model, layers, ops, use_backend
+    from crossvit_fast.kernels import cls_exchange
     from crossvit_fast.model import MultiScaleBlock
 
     from .timm_import import import_timm
@@ -44,25 +46,34 @@ def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
     reference = timm.create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
     model = create_model("crossvit_tiny_240", img_size=120, num_classes=10).eval()
     model.load_state_dict(reference.state_dict())
-    fused_calls, concurrent = [], []
-    projection, is_concurrent = ops.cls_projection, MultiScaleBlock._concurrent
-    monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: fused_calls.append(1) or projection(*a, **k))
+    projections, exchanges, concurrent = [], [], []
+    projection, exchange = ops.cls_projection, cls_exchange.cls_exchange
+    is_concurrent = MultiScaleBlock._concurrent
+    monkeypatch.setattr(ops, "cls_projection", lambda *a, **k: projections.append(1) or projection(*a, **k))
+    monkeypatch.setattr(cls_exchange, "cls_exchange",
+                        lambda *a, **k: exchanges.append(1) or exchange(*a, **k))
     monkeypatch.setattr(MultiScaleBlock, "_concurrent",
                         lambda self, x: concurrent.append(is_concurrent(self, x)) or concurrent[-1])
     calls = ab.implementations(reference, model, graphed=lambda m: m, autocast=contextlib.nullcontext)
     assert list(calls) == ["timm+graphs", *ab.SETTINGS]
-    x = torch.randn(2, 3, 120, 120)
-    with torch.no_grad():
+    x = torch.randn(1, 3, 120, 120)
+    with torch.no_grad(), use_backend("triton"):
         expected = reference(x)
         for name, call in calls.items():
-            fused_calls.clear(), concurrent.clear()
+            projections.clear(), exchanges.clear(), concurrent.clear()
             assert ab.relative_error(call(x), expected) < 1e-5, name
-            fused, streams = ab.SETTINGS.get(name, (False, False))
-            assert len(fused_calls) == (12 if fused else 0), name        # 3 blocks x 2 x 2
+            setting = ab.SETTINGS.get(name, ab.Setting())
+            exchange_fused = setting.cls_exchange_fused
+            assert len(exchanges) == (6 if exchange_fused else 0), name              # 3 blocks x 2
+            assert len(projections) == (12 if setting.cls_projection_fused else 0), name  # x 2 x 2
+            streams = setting.branches_on_two_streams
             assert concurrent == ([streams] * 3 if name != "timm+graphs" else []), name
-            assert layers.FUSED_CLS_PROJECTION is False and not branch_streams.enabled_here()
+            assert not (layers.FUSED_CLS_PROJECTION or layers.FUSED_CLS_EXCHANGE
+                        or branch_streams.enabled_here())
+        kept = ab.captured(dict(calls, broken=lambda x: 1 / 0), x)
+    assert list(kept) == list(calls)
     assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
-    name = "fast+graphs, both"
+    name = "fast+graphs, exchange fused, two streams"
     row = dict(variant="v", dtype="fp32", batch=1, impl=name, back_to_back_s=1.5e-3,
                latency_s=2e-3, gpu_s=None, kernels=0, vs_timm=1.25, rel_err_vs_timm_fp32=3e-7)
     assert ab.table([row]).splitlines()[-1] == \
