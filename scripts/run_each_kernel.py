@@ -40,6 +40,26 @@ def run(backend: str, dtype: torch.dtype, B: int, N: int, C: int, H: int) -> Non
     assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
 
 
+def run_cls_exchange(dtype: torch.dtype, B: int, N: int, C: int, H: int) -> None:
+    """The fused CLS exchange kernel (Triton only, inference): branch 0 of width C // 2 against
+    N patches of width C, its CLS row written over in place, as the model writes it."""
+    from crossvit_fast.kernels import cls_exchange as ex
+    dev, Ci = "cuda", C // 2
+
+    def r(*shape):
+        return torch.randn(*shape, device=dev, dtype=dtype) * shape[-1] ** -0.5
+
+    def projection(c_in, c_out):
+        return ex.Projection(r(c_in) + 1, r(c_in), 1e-6, r(c_out, c_in), r(c_out))
+    attn = ex.CrossAttention(r(C) + 1, r(C), 1e-6, r(C, C), r(C), r(C, C), r(C, C), None, r(C, C),
+                             r(C), H, (C // H) ** -0.5)
+    own = torch.randn(B, 5, Ci, device=dev, dtype=dtype)
+    other = torch.randn(B, N + 1, C, device=dev, dtype=dtype)
+    ex.cls_exchange(own[:, 0], other[:, 1:], own[:, 0], projection(Ci, C), attn, projection(C, Ci))
+    torch.cuda.synchronize()
+    assert torch.isfinite(own).all(), "non-finite exchanged CLS row"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", required=True, choices=["triton", "cuda", "torch"])
@@ -47,12 +67,15 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in SHAPES:
             run(args.backend, dtype, *shape)
+            if args.backend == "triton":
+                run_cls_exchange(dtype, *shape)
     # fp32 tokens under bf16 autocast: the token pass's bf16-dot variant
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for shape in SHAPES:
             run(args.backend, torch.float32, *shape)
     print(f"{args.backend}: every op ran forward and backward at {len(SHAPES)} shapes x 3 dtypes "
-          "and fp32 under bf16 autocast")
+          "and fp32 under bf16 autocast" + (", the fused CLS exchange at each shape and dtype"
+                                            if args.backend == "triton" else ""))
 
 
 if __name__ == "__main__":
