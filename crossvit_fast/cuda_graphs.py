@@ -48,12 +48,13 @@ class GraphedInference(nn.Module):
     @staticmethod
     def _key(x: Tensor) -> Tuple:
         """What a captured graph holds fixed: the input's shape, dtype and device, the autocast
-        setting, and the settings that choose the forward's kernels (the fused CLS projection
-        and exchange, the branches on two streams)."""
+        setting, and the settings that choose the forward's kernels (the fused CLS projection,
+        the fused CLS exchange and its batch limit, the branches on two streams)."""
         autocast = torch.is_autocast_enabled("cuda")
         return (tuple(x.shape), x.dtype, x.device,
                 autocast, torch.get_autocast_dtype("cuda") if autocast else None,
-                layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE, branch_streams.enabled_here())
+                layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE,
+                layers.FUSED_CLS_EXCHANGE_MAX_BATCH, branch_streams.enabled_here())
 
     def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = x.clone()

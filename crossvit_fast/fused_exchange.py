@@ -31,8 +31,9 @@ def _cross_attention_block(fusion: nn.Module):
     return fusion if type(fusion) is CrossAttentionBlock else None
 
 
-def _parameters_in(dtype: torch.dtype, *modules: nn.Module) -> bool:
-    return all(p.dtype == dtype for m in modules for p in m.parameters())
+def _parameters_like(x: Tensor, *modules: nn.Module) -> bool:
+    """Every parameter of ``modules`` in ``x``'s dtype and on its device."""
+    return all(p.dtype == x.dtype and p.device == x.device for m in modules for p in m.parameters())
 
 
 def _direction_applies(block: nn.Module, i: int, tokens: Tensor, other: Tensor) -> bool:
@@ -42,11 +43,11 @@ def _direction_applies(block: nn.Module, i: int, tokens: Tensor, other: Tensor) 
     if cab is None or type(proj) is not ClsProjection or type(revert) is not ClsProjection:
         return False
     stochastic_depth = cab.training and not isinstance(cab.drop_path, nn.Identity)
-    return (not stochastic_depth and cab._fusable() and _runs_as_written(cab, cab.drop_path)
+    return (not stochastic_depth and cab._fusable() and _runs_as_written(cab)
             and proj.fused_math_applies() and revert.fused_math_applies()
             and _runs_as_written(proj, revert)
             and cls_exchange.fits(tokens.shape[-1], other.shape[-1], cab.attn.num_heads)
-            and _parameters_in(tokens.dtype, proj, cab, revert))
+            and _parameters_like(tokens, proj, cab, revert))
 
 
 def applies(block: nn.Module, outs_b: List[Tensor]) -> bool:
@@ -59,7 +60,7 @@ def applies(block: nn.Module, outs_b: List[Tensor]) -> bool:
     x0, x1 = outs_b
     if (x0.dtype != x1.dtype or x0.device != x1.device or x0.dim() != 3 or x1.dim() != 3
             or x0.shape[0] != x1.shape[0] or x0.shape[0] > layers.FUSED_CLS_EXCHANGE_MAX_BATCH
-            or x0.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            or x0.dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or autocast_dtype(x0.device.type) is not None):
         return False
     from .backends import triton_backend

@@ -549,13 +549,15 @@ class CrossAttentionBlock(NotScriptable, nn.Module):
         never calls ``attn_drop``: where that is hooked or replaced (to read the attention
         maps, as timm's ``AttentionExtract`` does), timm's math runs and calls it."""
         attn = self.attn
-        if type(attn) is not CrossAttention or type(attn.attn_drop) is not nn.Dropout:
+        if (type(attn) is not CrossAttention or type(attn.attn_drop) is not nn.Dropout
+                or type(attn.proj_drop) is not nn.Dropout
+                or type(self.drop_path) not in (nn.Identity, DropPath)):
             return False
         linears = (attn.wq, attn.wk, attn.wv, attn.proj)
         dropout_active = self.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0)
         return (_fusable_norm(self.norm1) and not dropout_active
                 and all(type(m) is nn.Linear for m in linears)
-                and _runs_as_written(attn, attn.attn_drop, *linears))
+                and _runs_as_written(attn, attn.attn_drop, attn.proj_drop, self.drop_path, *linears))
 
     def forward(self, x: Tensor, patches: Optional[Tensor] = None) -> Tensor:
         cls, patches = (x[:, 0:1], x[:, 1:]) if patches is None else (x, patches)

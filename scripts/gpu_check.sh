@@ -28,7 +28,8 @@
 #     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 bash scripts/gpu_check.sh
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
 # (the first call may end before graphs_ab and profile_compiled: H200 run 1 ended after its race;
-# then, on the still-warm machine: STEPS="graphs_ab profile_compiled" GRAPHS_AB_S=60 ...)
+# then, on the still-warm machine: STEPS="graphs_ab profile_compiled" GRAPHS_AB_S=90 ...; where
+# the fused CLS exchange, never run on a GPU before, faults, GRAPHS_AB_ARGS="--skip exchange")
 # Issue 19's kernel timing (about 4 minutes; the channel-tiled token pass has never run on a GPU, so
 # its tests go first): each fused op at crossvit_18_240's shapes, batch 32 and 256, bf16, on the
 # Triton and CUDA backends against eager and compiled naive, with fractions of copy bandwidth:
@@ -126,7 +127,7 @@ step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset "$R
 # CUDA-graph replays at batch 1 (crossvit_tiny_240, fp32 and bf16): timm, crossvit_fast, and
 # crossvit_fast with its CLS projections fused, its branches on two streams, or both, under the
 # capture (the A/B that decides their defaults)
-step graphs_ab && phase graphs_ab "${GRAPHS_AB_S:-60}" python3 scripts/graphs_ab.py --out "$WORK/results" \
+step graphs_ab && phase graphs_ab "${GRAPHS_AB_S:-90}" python3 scripts/graphs_ab.py --out "$WORK/results" \
   ${GRAPHS_AB_ARGS:-}
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
 # time, inductor's code (into results/compiled/)

@@ -75,8 +75,8 @@ def fused_cls_ops(setting: Setting):
         layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE = saved
 
 
-def implementations(timm_model, fast_model, graphed: Callable, autocast: Callable
-                    ) -> Dict[str, Callable]:
+def implementations(timm_model, fast_model, graphed: Callable, autocast: Callable,
+                    settings: Dict[str, Setting] = SETTINGS) -> Dict[str, Callable]:
     """name → ``call(x)`` for each implementation. ``graphed`` wraps a model for replay
     (``GraphedInference``; the first call of a shape captures), ``autocast`` is the dtype's
     context. A row's settings are held around every call of it, so that they are in force
@@ -88,7 +88,7 @@ def implementations(timm_model, fast_model, graphed: Callable, autocast: Callabl
                 return model(x)
         return call
     calls = {} if timm_model is None else {"timm+graphs": call_of(graphed(timm_model), Setting())}
-    for name, setting in SETTINGS.items():
+    for name, setting in settings.items():
         calls[name] = call_of(graphed(fast_model), setting)
     return calls
 
@@ -137,7 +137,7 @@ def replay_kernels(call: Callable, x, top: int = 12):
             [(name, n, us / 1e6) for name, (n, us) in ranked])
 
 
-def measure(variant: str, dtype: str, batch: int, timm) -> list:
+def measure(variant: str, dtype: str, batch: int, timm, settings: Dict[str, Setting]) -> list:
     torch.manual_seed(0)
     fast_model = crossvit_fast.create_model(variant).cuda().eval()
     timm_model = None
@@ -152,7 +152,7 @@ def measure(variant: str, dtype: str, batch: int, timm) -> list:
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == "bf16"
                 else contextlib.nullcontext)
     calls = captured(implementations(timm_model, fast_model, crossvit_fast.GraphedInference,
-                                     autocast), x)
+                                     autocast, settings), x)
     # back to back: rounds interleaved across the implementations; latency: each call on its own
     back_to_back = interleaved_back_to_back({name: partial(call, x) for name, call in calls.items()},
                                             "cuda", steps=50, rounds=7)
@@ -189,12 +189,23 @@ def table(rows: list) -> str:
           f"{r['rel_err_vs_timm_fp32']:.1e}"] for r in rows])
 
 
+def without_rows(skip: str) -> Dict[str, Setting]:
+    """:data:`SETTINGS` without the rows whose name contains any of the comma-separated words of
+    ``skip``."""
+    words = [word for word in skip.split(",") if word]
+    return {name: setting for name, setting in SETTINGS.items() if not any(w in name for w in words)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="crossvit_tiny_240")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--skip", default="",
+                        help="leave out the crossvit_fast rows whose name contains any of these "
+                             "comma-separated words (e.g. 'exchange' after a kernel's fault: a "
+                             "CUDA fault ends the process's other rows too)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("graphs_ab: needs a CUDA GPU (CUDA graphs)", file=sys.stderr)
@@ -202,12 +213,14 @@ def main(argv=None) -> int:
     timm, reason = load_timm()
     if timm is None:
         print("timm left out:", reason)
+    settings = without_rows(args.skip)
     rows = []
     for variant in args.variants.split(","):
         for dtype in args.dtypes.split(","):
             for batch in map(int, args.batches.split(",")):
-                rows += measure(variant, dtype, batch, timm)
-                print(table(rows[-len(SETTINGS) - 1:]), flush=True)
+                new = measure(variant, dtype, batch, timm, settings)
+                rows += new
+                print(table(new), flush=True)
     env = environment("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossvit_fast import GraphedInference, layers, use_backend
+from crossvit_fast import GraphedInference, branch_streams, layers, reference, use_backend
 from crossvit_fast.kernels import cls_exchange as ex
 
 from .conftest import DEVICE, backend_param
@@ -21,21 +21,22 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def _weights(Ci: int, Cj: int, heads: int, biases: bool):
-    """float64 parameters of one direction (LayerNorm affines away from 1 and 0, Linears scaled
-    to keep activations O(1)); wk's bias, which the kernel never reads, is the last."""
+    """float64 parameters of one direction (LayerNorm affines away from 1 and 0, each LayerNorm
+    its own eps, Linears scaled to keep activations O(1)); wk's bias, which the kernel never
+    reads, is the last."""
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=torch.float64) * scale
 
-    def projection(c_in, c_out):
-        return ex.Projection(1 + r(c_in, scale=.2), r(c_in, scale=.2), 1e-6,
+    def projection(c_in, c_out, eps):
+        return ex.Projection(1 + r(c_in, scale=.2), r(c_in, scale=.2), eps,
                              r(c_out, c_in, scale=c_in ** -.5), r(c_out, scale=.2))
-    proj = projection(Ci, Cj)
+    proj = projection(Ci, Cj, 1e-6)
     attn = ex.CrossAttention(
         1 + r(Cj, scale=.2), r(Cj, scale=.2), 1e-5, r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5), r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, r(Cj, Cj, scale=Cj ** -.5),
         r(Cj, scale=.2) if biases else None, heads, (Cj // heads) ** -0.5)
-    return proj, attn, projection(Cj, Ci), r(Cj, scale=.5)
+    return proj, attn, projection(Cj, Ci, 1e-3), r(Cj, scale=.5)
 
 
 def _cast(weights, dtype):
@@ -61,10 +62,11 @@ def naive_exchange(cls, patches, proj, attn, revert, wk_bias):
     return project(y, revert)
 
 
-# (B, Ci, Cj, heads, N, biases): odd token counts, one token, heads of 16 and of 20 channels,
-# widths that are no power of two, crossvit_tiny_240's and crossvit_18_240's directions
+# (B, Ci, Cj, heads, N, biases): odd token counts, one token, none (the CLS token attends to
+# itself alone), heads of 16 and of 20 channels, widths that are no power of two,
+# crossvit_tiny_240's and crossvit_18_240's directions
 SHAPES = [(2, 96, 192, 3, 37, True), (1, 48, 80, 5, 1, False), (3, 40, 60, 3, 50, True),
-          (1, 448, 224, 7, 19, True), (2, 24, 48, 2, 70, True)]
+          (1, 448, 224, 7, 19, True), (2, 24, 48, 2, 70, True), (2, 32, 16, 1, 0, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -73,7 +75,8 @@ def test_kernel_matches_timms_math_in_float64(backend, shape, dtype):
     B, Ci, Cj, H, N, biases = shape
     proj, attn, revert, wk_bias = _weights(Ci, Cj, H, biases)
     own = torch.randn(B, 5, Ci, dtype=torch.float64)
-    other = torch.randn(B, N + 1, Cj, dtype=torch.float64) * 2 + 1   # a mean off zero
+    # a mean off zero; rows wider than the branch (a strided view: the row stride is not Cj)
+    other = (torch.randn(B, N + 1, Cj + 8, dtype=torch.float64) * 2 + 1)[..., :Cj]
     args64 = (own[:, 0], other[:, 1:], proj, attn, revert, wk_bias)
     expected = naive_exchange(*args64)
 
@@ -198,6 +201,9 @@ NOT_FUSED = {
     "hooked projection": lambda model: _hooked(model.blocks[1].projs[0][2]),
     "hooked revert projection": lambda model: _hooked(model.blocks[1].revert_projs[1]),
     "hooked cross-attention": lambda model: _hooked(model.blocks[2].fusion[0].attn.wv),
+    "hooked proj_drop": lambda model: _hooked(model.blocks[0].fusion[1].attn.proj_drop),
+    "hooked drop_path": lambda model: _hooked(model.blocks[1].fusion[0].drop_path),
+    "naive math": lambda model: reference.naive_math(),
     "attention maps recorded": lambda model: layers.recording_attention_maps(),
     "batch over the limit": lambda model: _set(layers, "FUSED_CLS_EXCHANGE_MAX_BATCH", 1),
     "width over the limit": lambda model: _set(ex, "MAX_WIDTH", 32),
@@ -221,17 +227,44 @@ def test_the_fused_exchange_runs_only_where_it_computes_timms_result(backend, co
     assert rel_err(got.float(), expected) <= tol
 
 
+def test_not_in_training_mode_with_dropout_or_stochastic_depth(backend, monkeypatch, fused_exchange_on):
+    """Under no_grad but in training mode, dropout and stochastic depth act: timm's modules run."""
+    calls = _count_kernel_calls(monkeypatch)
+    for rates in (dict(proj_drop_rate=0.1), dict(attn_drop_rate=0.1), dict(drop_path_rate=0.1)):
+        model = small_model(**rates).to(DEVICE).train()
+        with torch.no_grad(), use_backend("triton"):
+            model(torch.randn(2, 3, 48, 48, device=DEVICE))
+            assert not calls, rates
+            model.eval()(torch.randn(2, 3, 48, 48, device=DEVICE))
+            assert len(calls) == 6, rates
+        calls.clear()
+
+
 @gpu
-def test_graphed_inference_with_the_fused_exchange(backend, monkeypatch, fused_exchange_on):
-    """Captured with the kernels, replayed: the eager logits, fp32 and bf16 weights."""
-    for dtype in (torch.float32, torch.bfloat16):
-        model = small_model().cuda().to(dtype).eval()
-        x = torch.randn(1, 3, 48, 48, device="cuda", dtype=dtype)
-        calls = _count_kernel_calls(monkeypatch)
-        with torch.no_grad():
-            eager = model(x)
-            graphed = GraphedInference(model)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_graphed_and_two_stream_inference_with_the_fused_exchange(backend, dtype, monkeypatch,
+                                                                 fused_exchange_on):
+    """On the GPU: the model with the kernels gives its logits without them, eagerly, with the
+    branches on two streams (each direction's kernel on its own stream, writing in place), and
+    captured and replayed in a CUDA graph."""
+    model = small_model().cuda().to(dtype).eval()
+    x = torch.randn(2, 3, 48, 48, device="cuda", dtype=dtype)
+    calls = _count_kernel_calls(monkeypatch)
+    tol = FP32_PAIR_TOL if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        fused = model(x)
+        assert len(calls) == 6
+        with branch_streams.concurrent_branches():
+            concurrent = model(x)
+        assert len(calls) == 12
+        graphed = GraphedInference(model)
+        graphed(x)
+        replay = graphed(x)
+        with branch_streams.concurrent_branches():
             graphed(x)
-            replay = graphed(x)
-        assert len(calls) >= 6
-        assert rel_err(replay, eager) <= (FP32_PAIR_TOL if dtype == torch.float32 else 2e-2)
+            concurrent_replay = graphed(x)
+        monkeypatch.setattr(layers, "FUSED_CLS_EXCHANGE", False)
+        unfused = model(x)
+    for name, got in (("eager", fused), ("two streams", concurrent), ("replay", replay),
+                      ("two-stream replay", concurrent_replay)):
+        assert rel_err(got, unfused) <= tol, name

@@ -39,15 +39,28 @@ def test_hooks_on_fusion_submodules_fire_and_leave_the_output_alone(fused_cls_pr
     calls = []
     handles = [count_calls(m, calls, n) for n, m in (
         ("norm1", fusion.norm1), ("attn", fusion.attn), ("wq", fusion.attn.wq), ("wk", fusion.attn.wk),
-        ("wv", fusion.attn.wv), ("proj", fusion.attn.proj), ("block_norm1", model.blocks[0].blocks[0][0].norm1),
+        ("wv", fusion.attn.wv), ("proj", fusion.attn.proj), ("proj_drop", fusion.attn.proj_drop),
+        ("drop_path", fusion.drop_path), ("block_norm1", model.blocks[0].blocks[0][0].norm1),
         ("cls_proj_linear", model.blocks[0].projs[0][2]))]
     with torch.no_grad():
         hooked = model(x)
     for h in handles:
         h.remove()
     assert sorted(n for n, _ in calls) == sorted(
-        ["norm1", "attn", "wq", "wk", "wv", "proj", "block_norm1", "cls_proj_linear"])
+        ["norm1", "attn", "wq", "wk", "wv", "proj", "proj_drop", "drop_path", "block_norm1",
+         "cls_proj_linear"])
     assert rel_err(hooked, plain) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["norm1", "attn.attn_drop", "attn.proj_drop", "drop_path"])
+def test_a_hook_on_one_fusion_submodule_alone_fires(name, fused_cls_projection):
+    """Hooked by itself (nothing else in the block hooked), the module still runs."""
+    model = small_model().eval()
+    calls = []
+    count_calls(model.blocks[1].fusion[0].get_submodule(name), calls, name)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 48, 48))
+    assert [n for n, _ in calls] == [name]
 
 
 def test_a_hooked_fusion_block_sees_timms_concatenated_tokens():

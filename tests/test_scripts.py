@@ -73,6 +73,8 @@ def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
         kept = ab.captured(dict(calls, broken=lambda x: 1 / 0), x)
     assert list(kept) == list(calls)
     assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
+    assert list(ab.without_rows("exchange,streams")) == ["fast+graphs", "fast+graphs, CLS projection fused"]
+    assert ab.without_rows("") == ab.SETTINGS
     name = "fast+graphs, exchange fused, two streams"
     row = dict(variant="v", dtype="fp32", batch=1, impl=name, back_to_back_s=1.5e-3,
                latency_s=2e-3, gpu_s=None, kernels=0, vs_timm=1.25, rel_err_vs_timm_fp32=3e-7)
