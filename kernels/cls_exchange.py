@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import acc_dtype, next_power_of_2
+from .cls_proj import _gelu
 
 # The widest branch the kernel takes (crossvit_18's 448 and narrower; crossvit_base's 768 is not).
 MAX_WIDTH = 512
@@ -96,8 +97,8 @@ def _ln_gelu(x, mask, C, lnw_ptr, lnb_ptr, cols, eps: tl.constexpr):
     """``GELU(LN(x))`` (exact, erf) of a whole row, zero outside ``mask``."""
     lnw = tl.load(lnw_ptr + cols, mask=mask, other=0.0).to(x.dtype)
     lnb = tl.load(lnb_ptr + cols, mask=mask, other=0.0).to(x.dtype)
-    u = _layer_norm_row(x, mask, C, eps) * lnw + lnb
-    return tl.where(mask, 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476)), 0.0)
+    act, _ = _gelu(_layer_norm_row(x, mask, C, eps) * lnw + lnb)
+    return tl.where(mask, act, 0.0)
 
 
 @triton.jit
