@@ -103,7 +103,7 @@ def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, Call
     on meta tensors, at the op shapes of :func:`bench.shapes.op_cases`: the token pass forward,
     backward and maps of each fusion direction, the CLS projections, and the block LayerNorm
     (with residual) forward and backward of each branch, and the fused CLS exchange of each
-    direction (inference without autocast, up to its batch limit)."""
+    direction (inference, up to its batch limit)."""
     from crossvit_fast.kernels import attn_pool, attn_weights, cls_proj, layer_norm
     dtype, dot, res_dtype, out_dtype = MODES[mode]
     acc = torch.float32
@@ -133,13 +133,14 @@ def model_calls(variant: str, batch: int, mode: str) -> Iterator[Tuple[str, Call
             yield f"add+LayerNorm fwd C{C}", partial(layer_norm.layer_norm_fwd, x, r, w, w, 1e-6, out_dtype)
             yield f"add+LayerNorm bwd C{C}", partial(layer_norm.layer_norm_bwd, empty(M, C, dtype=out_dtype or h.dtype),
                                                      h, h, w, stat, stat)
-    if mode != "autocast" and batch <= FUSED_CLS_EXCHANGE_MAX_BATCH:
-        yield from _exchange_calls(variant, batch, dtype, empty)
+    if batch <= FUSED_CLS_EXCHANGE_MAX_BATCH:
+        yield from _exchange_calls(variant, batch, dtype, empty, out_dtype)
 
 
-def _exchange_calls(variant: str, batch: int, dtype: torch.dtype, empty
-                    ) -> Iterator[Tuple[str, Callable[[], object]]]:
-    """The fused CLS exchange of each direction of ``variant`` that the kernel takes."""
+def _exchange_calls(variant: str, batch: int, dtype: torch.dtype, empty,
+                    linear_dtype: Optional[torch.dtype]) -> Iterator[Tuple[str, Callable[[], object]]]:
+    """The fused CLS exchange of each direction of ``variant`` that the kernel takes, its
+    Linears' outputs rounded to ``linear_dtype`` (autocast's; None: the tokens')."""
     from crossvit_fast.kernels import cls_exchange as ex
     for own, other in itertools.permutations(branches(variant)):
         Ci, Cj, H = own.width, other.width, other.heads
@@ -152,7 +153,7 @@ def _exchange_calls(variant: str, batch: int, dtype: torch.dtype, empty
         attn = ex.CrossAttention(v, v, 1e-6, w, v, w, w, v, w, v, H, (Cj // H) ** -0.5)
         yield f"CLS exchange {Ci}->{Cj} H{H}", partial(
             ex.cls_exchange, empty(batch, Ci, dtype=dtype), empty(batch, other.patches, Cj, dtype=dtype),
-            empty(batch, Ci, dtype=dtype), proj(Ci, Cj), attn, proj(Cj, Ci))
+            empty(batch, Ci, dtype=dtype), proj(Ci, Cj), attn, proj(Cj, Ci), linear_dtype)
 
 
 def _signature(kernel, args, kwargs) -> Tuple[dict, dict, dict, dict]:

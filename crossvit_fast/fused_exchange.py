@@ -6,12 +6,14 @@ direction, each a sliver of the GPU at batch 1, where their launch latencies set
 (crossvit_fast.kernels.cls_exchange). Where :data:`layers.FUSED_CLS_EXCHANGE` is set, the model
 runs each direction as one kernel instead, computing from the modules' parameters in fp32; only
 where that computes what timm's modules would (:func:`applies`): inference (no autograd, no
-compiler or tracer), no autocast, the Triton backend, every module of the exchange timm's own and
-unhooked, no attention maps recorded, widths and heads the kernel takes.
+compiler or tracer), the Triton backend, every module of the exchange timm's own and unhooked, no
+attention maps recorded, widths and heads the kernel takes. Under autocast too, on fp32 tokens (or
+tokens in autocast's dtype): the kernel's products stay fp32, as the unfused cross-attention's
+do, and the Linears' outputs are rounded to autocast's dtype, as timm's are.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -50,6 +52,16 @@ def _direction_applies(block: nn.Module, i: int, tokens: Tensor, other: Tensor) 
             and _parameters_like(tokens, proj, cab, revert))
 
 
+def _linear_dtype(tokens: Tensor) -> Optional[torch.dtype]:
+    """The dtype timm's Linears write in the exchange of ``tokens``: autocast's where it is on,
+    else the tokens' own; None under autocast on 16-bit tokens of another dtype (timm's
+    exchange then changes the tokens' dtype, which the kernel does not do)."""
+    autocast = autocast_dtype(tokens.device.type)
+    if autocast is None or autocast == tokens.dtype:
+        return tokens.dtype
+    return autocast if tokens.dtype == torch.float32 else None
+
+
 def applies(block: nn.Module, outs_b: List[Tensor]) -> bool:
     """Whether both directions of ``block`` (a ``MultiScaleBlock``) run as the fused kernel on
     its branches' outputs ``outs_b``."""
@@ -61,7 +73,7 @@ def applies(block: nn.Module, outs_b: List[Tensor]) -> bool:
     if (x0.dtype != x1.dtype or x0.device != x1.device or x0.dim() != 3 or x1.dim() != 3
             or x0.shape[0] != x1.shape[0] or x0.shape[0] > layers.FUSED_CLS_EXCHANGE_MAX_BATCH
             or x0.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-            or autocast_dtype(x0.device.type) is not None):
+            or _linear_dtype(x0) is None):
         return False
     from .backends import triton_backend
     if backend_impl(requested_backend(None), x0.device) is not triton_backend:
@@ -86,7 +98,7 @@ def exchange(block: nn.Module, i: int, outs_b: List[Tensor]) -> Tensor:
             cab.norm1.weight, cab.norm1.bias, cab.norm1.eps, attn.wq.weight, attn.wq.bias,
             attn.wk.weight, attn.wv.weight, attn.wv.bias, attn.proj.weight, attn.proj.bias,
             attn.num_heads, attn.scale),
-        _projection(revert))
+        _projection(revert), _linear_dtype(tokens))
     return tokens if in_place else torch.cat((out[:, None], tokens[:, 1:]), dim=1)
 
 

@@ -44,7 +44,7 @@ FUSED_NORM_MIN_ELEMENTS = 1 << 24
 FUSED_CLS_PROJECTION = False
 
 
-# Inference without autocast on the Triton backend, up to this batch, runs each branch's whole
+# Inference on the Triton backend (under autocast too), up to this batch, runs each branch's whole
 # CLS exchange (projection, cross-attention, projection back) as one kernel where this is True
 # (crossvit_fast.kernels.cls_exchange): about 16 kernels fewer per direction, whose launch
 # latencies set a batch-1 forward's time. Off until scripts/graphs_ab.py has timed it on a GPU.

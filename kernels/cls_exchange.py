@@ -15,9 +15,11 @@ on each token tile, and the small vectors between the steps go through a per-sam
 the other threads' stores are).
 
 Every product and statistic is fp32 (fp64 for fp64 tokens), without ``tl.dot``: an fp32 dot's
-operands held whole rows in registers and spilled. Like timm's modules, the projection's output
-``x0`` and the block's output ``y`` are rounded to the activation dtype. No gradient: the model
-calls it only without autograd. A program holds whole rows (padded to a power of two), so the
+operands held whole rows in registers and spilled. Like timm's modules, the outputs of the
+Linears (the projection's ``x0``, the block's ``y`` and the projection back) are rounded to the
+dtype timm's Linears write: the tokens' own, or under autocast autocast's (whose products this
+kernel still does in fp32, as the unfused cross-attention does). No gradient: the model calls it
+only without autograd. A program holds whole rows (padded to a power of two), so the
 widths are bounded (:data:`MAX_WIDTH`) where the channel-tiled kernels' are not.
 """
 from __future__ import annotations
@@ -136,11 +138,11 @@ def _cls_exchange_kernel(
         CI_PAD: tl.constexpr, CJ_PAD: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_OI: tl.constexpr, BLOCK_OJ: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr, DTYPE: tl.constexpr):
+        ACC: tl.constexpr, ROUND: tl.constexpr):
     """Grid ``(B,)``: sample ``b`` reads its CLS row ``src[b]`` (width ``Ci``) and the other
     branch's ``N`` patch rows ``other[b]`` (width ``Cj``, ``H`` heads of ``D``), and writes the
-    new CLS row ``out[b]``. Scratch row: ``x0 | q | y | o`` (``Cj`` each), then ``kt`` and ``z``
-    (``H·Cj`` each)."""
+    new CLS row ``out[b]``, rounding the Linears' outputs to ``ROUND``. Scratch row:
+    ``x0 | q | y | o`` (``Cj`` each), then ``kt`` and ``z`` (``H·Cj`` each)."""
     b = tl.program_id(0).to(tl.int64)
     ci = tl.arange(0, CI_PAD)
     cj = tl.arange(0, CJ_PAD)
@@ -154,7 +156,7 @@ def _cls_exchange_kernel(
     # 1. x0 = Linear_p(GELU(LN_p(cls))), rounded as the Linear's output
     cls = tl.load(src_ptr + b * s_src + ci, mask=imask, other=0.0).to(ACC)
     u = _ln_gelu(cls, imask, Ci, plnw_ptr, plnb_ptr, ci, p_eps)
-    _matvec(pw_ptr, pb_ptr, u, ci, Ci, x0_ptr, Cj, x0_ptr, True, False, DTYPE, BLOCK_OI)
+    _matvec(pw_ptr, pb_ptr, u, ci, Ci, x0_ptr, Cj, x0_ptr, True, False, ROUND, BLOCK_OI)
     tl.debug_barrier()
 
     # 2. q = Wq LN(x0) + bq
@@ -230,13 +232,13 @@ def _cls_exchange_kernel(
 
     # 6. y = x0 + proj(o), rounded as the block's output
     o = tl.load(o_ptr + cj, mask=jmask, other=0.0, cache_modifier=".cg")
-    _matvec(wo_ptr, bo_ptr, o, cj, Cj, y_ptr, Cj, x0_ptr, HAS_BO, True, DTYPE, BLOCK_OJ)
+    _matvec(wo_ptr, bo_ptr, o, cj, Cj, y_ptr, Cj, x0_ptr, HAS_BO, True, ROUND, BLOCK_OJ)
     tl.debug_barrier()
 
     # 7. out = Linear_r(GELU(LN_r(y)))
     y = tl.load(y_ptr + cj, mask=jmask, other=0.0, cache_modifier=".cg")
     v = _ln_gelu(y, jmask, Cj, rlnw_ptr, rlnb_ptr, cj, r_eps)
-    _matvec(rw_ptr, rb_ptr, v, cj, Cj, out_ptr + b * s_out, Ci, out_ptr, True, False, DTYPE,
+    _matvec(rw_ptr, rb_ptr, v, cj, Cj, out_ptr + b * s_out, Ci, out_ptr, True, False, ROUND,
             BLOCK_OJ)
 
 
@@ -247,11 +249,14 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def cls_exchange(cls: Tensor, patches: Tensor, out: Tensor, proj: Projection,
-                 attn: CrossAttention, revert: Projection) -> Tensor:
+                 attn: CrossAttention, revert: Projection,
+                 linear_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Write into ``out`` (``[B, Ci]``, unit last stride) the exchanged CLS rows of ``cls``
     (``[B, Ci]`` rows) against ``patches`` (``[B, N, Cj]``, unit last stride; a strided view of
     the other branch's tokens is read in place). All tensors on one device, in one dtype;
-    :func:`fits` the widths and heads. Returns ``out``."""
+    :func:`fits` the widths and heads. ``linear_dtype``: the dtype timm's Linears would write
+    (autocast's under autocast; None: the tokens'), which the Linears' outputs are rounded to.
+    Returns ``out``."""
     B, Ci = cls.shape
     _, N, Cj = patches.shape
     H = attn.num_heads
@@ -274,7 +279,8 @@ def cls_exchange(cls: Tensor, patches: Tensor, out: Tensor, proj: Projection,
             CI_PAD=max(16, next_power_of_2(Ci)), CJ_PAD=max(16, next_power_of_2(Cj)),
             D_PAD=next_power_of_2(D), H_PAD=next_power_of_2(H),
             BLOCK_N=_rows_per_tile(Cj), BLOCK_OI=_rows_per_tile(Ci), BLOCK_OJ=_rows_per_tile(Cj),
-            BLOCK_C=BLOCK_C, ACC=_TL_DTYPE[acc], DTYPE=_TL_DTYPE[cls.dtype], num_warps=NUM_WARPS,
+            BLOCK_C=BLOCK_C, ACC=_TL_DTYPE[acc], ROUND=_TL_DTYPE[linear_dtype or cls.dtype],
+            num_warps=NUM_WARPS,
             maxnreg=MAX_REGISTERS)
     return out
 

@@ -9,9 +9,9 @@ under the same capture (1.02x at dc1b136: bench/results/gpu-check-nvidia-h200.md
 (LayerNorm, GELU and Linear in one kernel: 24 kernels fewer per crossvit_tiny_240 forward) is off
 by default because it lost at batch 256 in bf16 (bench/results/gpu-check-nvidia-h100.md, run 9).
 The fused CLS exchange (crossvit_fast.fused_exchange: each direction's projection,
-cross-attention and projection back in one kernel, about 90 kernels fewer) runs without autocast
-only, so its bf16 rows run as the unfused ones. The branches' blocks and CLS exchanges are
-independent, and at batch 1 each kernel fills a fraction of the GPU: on two streams
+cross-attention and projection back in one kernel) leaves out about 90 kernels, more under
+autocast, where timm's projections cast their inputs and weights. The branches' blocks and CLS
+exchanges are independent, and at batch 1 each kernel fills a fraction of the GPU: on two streams
 (crossvit_fast.branch_streams) they can overlap. All three are off by default until this
 measures them. A row whose capture fails is reported and left out.
 

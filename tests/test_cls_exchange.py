@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossvit_fast import GraphedInference, branch_streams, layers, reference, use_backend
+from crossvit_fast import (GraphedInference, branch_streams, fused_exchange, layers, reference,
+                           use_backend)
 from crossvit_fast.kernels import cls_exchange as ex
 
 from .conftest import DEVICE, backend_param
@@ -99,6 +100,35 @@ def test_kernel_matches_timms_math_in_float64(backend, shape, dtype):
     assert err <= bar, f"relative error {err:.2e} > {bar:.1e}"
 
 
+@pytest.mark.parametrize("linear_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_{}to{}_H{}_N{}".format(*s[:5]))
+def test_kernel_for_autocast_matches_timms_math_in_float64(backend, shape, linear_dtype):
+    """fp32 tokens and parameters, the Linears' outputs rounded to autocast's dtype: as close
+    to timm's math in float64 as timm's modules under autocast are, and the new CLS rows are
+    values of that dtype (the projection back's output, rounded)."""
+    B, Ci, Cj, H, N, biases = shape
+    proj, attn, revert, wk_bias = _weights(Ci, Cj, H, biases)
+    own = torch.randn(B, 5, Ci, dtype=torch.float64)
+    other = torch.randn(B, N + 1, Cj, dtype=torch.float64) * 2 + 1
+    expected = naive_exchange(own[:, 0], other[:, 1:], proj, attn, revert, wk_bias)
+
+    def to32(w):
+        return type(w)(*[t.to(DEVICE, torch.float32) if isinstance(t, torch.Tensor) else t for t in w])
+    own32, other32 = own.to(DEVICE, torch.float32), other.to(DEVICE, torch.float32)
+    with torch.autocast(DEVICE, dtype=linear_dtype):
+        timms = naive_exchange(own32[:, 0], other32[:, 1:], to32(proj), to32(attn), to32(revert),
+                               wk_bias.to(DEVICE, torch.float32))
+    out = torch.empty(B, Ci, device=DEVICE)
+    ex.cls_exchange(own32[:, 0], other32[:, 1:], out, to32(proj), to32(attn), to32(revert),
+                    linear_dtype)
+
+    assert out.dtype == torch.float32
+    assert torch.equal(out, out.to(linear_dtype).float())
+    bar = tolerance(linear_dtype, [rel_err(timms.cpu(), expected)])
+    err = rel_err(out.cpu(), expected)
+    assert err <= bar, f"relative error {err:.2e} > {bar:.1e}"
+
+
 def test_kernel_writes_over_the_cls_row_it_reads(backend):
     """The model writes the new CLS row over the old one in place: the kernel reads the row
     before it writes it."""
@@ -153,6 +183,44 @@ def test_model_with_the_fused_exchange_gives_timms_logits(backend, monkeypatch, 
             got = model.to(DEVICE)(x.to(DEVICE))
     assert len(calls) == 6
     assert rel_err(got.cpu(), expected) <= FP32_REL_TOL
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        timms = reference.float()(x)
+        with use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            got = model(x.to(DEVICE))
+    assert len(calls) == 12
+    assert rel_err(got.cpu(), expected) <= tolerance(torch.bfloat16, [rel_err(timms, expected)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_under_autocast_with_the_fused_exchange(backend, dtype, monkeypatch, fused_exchange_on):
+    """An fp32 model under autocast runs the kernels, and its logits are as close to the model's
+    in fp32 as they are without the kernels."""
+    model = small_model().to(DEVICE).eval()
+    x = torch.randn(3, 3, 48, 48, device=DEVICE)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad(), use_backend("triton"):
+        expected = model(x)
+        assert len(calls) == 6
+        with torch.autocast(DEVICE, dtype=dtype):
+            fused = model(x)
+            assert len(calls) == 12
+            monkeypatch.setattr(layers, "FUSED_CLS_EXCHANGE", False)
+            unfused = model(x)
+    assert len(calls) == 12
+    assert rel_err(fused, expected) <= tolerance(dtype, [rel_err(unfused, expected)])
+
+
+def test_the_linears_dtype_under_autocast(backend):
+    """The kernel rounds the Linears' outputs as timm's do: autocast's dtype on fp32 tokens or
+    tokens already in it; no kernel on 16-bit tokens of another dtype (timm's exchange would
+    promote them to fp32)."""
+    def on(dtype):
+        return torch.empty(1, 2, 8, dtype=dtype)
+    assert fused_exchange._linear_dtype(on(torch.float32)) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_exchange._linear_dtype(on(torch.float32)) == torch.bfloat16
+        assert fused_exchange._linear_dtype(on(torch.bfloat16)) == torch.bfloat16
+        assert fused_exchange._linear_dtype(on(torch.float16)) is None
 
 
 def test_a_hooked_branch_output_is_not_written_over(backend, monkeypatch, fused_exchange_on):
@@ -196,7 +264,6 @@ def _set(owner, name, value):
 # the multi-scale block it is in.
 NOT_FUSED = {
     "gradients": lambda model: torch.enable_grad(),
-    "autocast": lambda model: torch.autocast(DEVICE, dtype=torch.bfloat16),
     "torch backend": lambda model: use_backend("torch"),
     "hooked projection": lambda model: _hooked(model.blocks[1].projs[0][2]),
     "hooked revert projection": lambda model: _hooked(model.blocks[1].revert_projs[1]),
@@ -223,8 +290,7 @@ def test_the_fused_exchange_runs_only_where_it_computes_timms_result(backend, co
         with NOT_FUSED[condition](model):
             got = model(x)
     assert len(calls) == 6 + (4 if condition.startswith("hooked") else 0), condition
-    tol = FP32_PAIR_TOL if condition != "autocast" else 2e-2
-    assert rel_err(got.float(), expected) <= tol
+    assert rel_err(got, expected) <= FP32_PAIR_TOL
 
 
 def test_not_in_training_mode_with_dropout_or_stochastic_depth(backend, monkeypatch, fused_exchange_on):
@@ -241,17 +307,20 @@ def test_not_in_training_mode_with_dropout_or_stochastic_depth(backend, monkeypa
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_graphed_and_two_stream_inference_with_the_fused_exchange(backend, dtype, monkeypatch,
-                                                                 fused_exchange_on):
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, None), (torch.bfloat16, None),
+                                             (torch.float16, None), (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "fp16", "fp32_bf16_autocast"])
+def test_graphed_and_two_stream_inference_with_the_fused_exchange(backend, dtype, autocast,
+                                                                 monkeypatch, fused_exchange_on):
     """On the GPU: the model with the kernels gives its logits without them, eagerly, with the
     branches on two streams (each direction's kernel on its own stream, writing in place), and
     captured and replayed in a CUDA graph."""
     model = small_model().cuda().to(dtype).eval()
     x = torch.randn(2, 3, 48, 48, device="cuda", dtype=dtype)
     calls = _count_kernel_calls(monkeypatch)
-    tol = FP32_PAIR_TOL if dtype == torch.float32 else 2e-2
-    with torch.no_grad():
+    tol = FP32_PAIR_TOL if dtype == torch.float32 and autocast is None else 2e-2
+    with torch.no_grad(), torch.autocast("cuda", dtype=autocast or torch.bfloat16,
+                                         enabled=autocast is not None):
         fused = model(x)
         assert len(calls) == 6
         with branch_streams.concurrent_branches():
