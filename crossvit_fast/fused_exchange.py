@@ -8,8 +8,8 @@ runs each direction as one kernel instead, computing from the modules' parameter
 where that computes what timm's modules would (:func:`applies`): inference (no autograd, no
 compiler or tracer), the Triton backend, every module of the exchange timm's own and unhooked, no
 attention maps recorded, widths and heads the kernel takes. Under autocast too, on fp32 tokens (or
-tokens in autocast's dtype): the kernel's products stay fp32, as the unfused cross-attention's
-do, and the Linears' outputs are rounded to autocast's dtype, as timm's are.
+tokens in autocast's dtype): the Linears' outputs are rounded to autocast's dtype, as timm's are,
+while the kernel's products stay fp32 (as the unfused cross-attention's small products do).
 """
 from __future__ import annotations
 

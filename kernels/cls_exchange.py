@@ -16,11 +16,13 @@ the other threads' stores are).
 
 Every product and statistic is fp32 (fp64 for fp64 tokens), without ``tl.dot``: an fp32 dot's
 operands held whole rows in registers and spilled. Like timm's modules, the outputs of the
-Linears (the projection's ``x0``, the block's ``y`` and the projection back) are rounded to the
-dtype timm's Linears write: the tokens' own, or under autocast autocast's (whose products this
-kernel still does in fp32, as the unfused cross-attention does). No gradient: the model calls it
-only without autograd. A program holds whole rows (padded to a power of two), so the
-widths are bounded (:data:`MAX_WIDTH`) where the channel-tiled kernels' are not.
+Linears (the projection's ``x0``, the out-projection's and the projection back's) are rounded to
+the dtype timm's Linears write, the tokens' own or, under autocast, autocast's, and the block's
+residual sum ``y`` to the tokens' dtype. Under autocast timm also rounds the Linears' inputs and
+weights and its attention's products to autocast's dtype; this kernel keeps them fp32, as the
+unfused cross-attention keeps its small products (its token pass takes autocast's dtype). No
+gradient: the model calls it only without autograd. A program holds whole rows (padded to a power
+of two), so the widths are bounded (:data:`MAX_WIDTH`) where the channel-tiled kernels' are not.
 """
 from __future__ import annotations
 
@@ -106,10 +108,10 @@ def _ln_gelu(x, mask, C, lnw_ptr, lnb_ptr, cols, eps: tl.constexpr):
 @triton.jit
 def _matvec(w_ptr, b_ptr, v, cols, Cin, out_ptr, Cout, res_ptr,
             HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND: tl.constexpr,
-            BLOCK_O: tl.constexpr):
+            SUM_ROUND: tl.constexpr, BLOCK_O: tl.constexpr):
     """``out = W v (+ b) (+ res)`` for a whole input row ``v`` (``W``: ``[Cout, Cin]``
     contiguous), ``BLOCK_O`` outputs at a time. ``W v + b`` is rounded to ``ROUND`` (a Linear's
-    output dtype), and so is the sum with the residual."""
+    output dtype), the sum with the residual to ``SUM_ROUND``."""
     for o0 in range(0, Cout, BLOCK_O):
         rows = o0 + tl.arange(0, BLOCK_O)
         rmask = rows < Cout
@@ -120,7 +122,8 @@ def _matvec(w_ptr, b_ptr, v, cols, Cin, out_ptr, Cout, res_ptr,
             y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(v.dtype)
         y = y.to(ROUND).to(v.dtype)
         if HAS_RESIDUAL:
-            y = (y + tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=".cg")).to(ROUND)
+            res = tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+            y = (y + res).to(SUM_ROUND)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -138,10 +141,11 @@ def _cls_exchange_kernel(
         CI_PAD: tl.constexpr, CJ_PAD: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_OI: tl.constexpr, BLOCK_OJ: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr, ROUND: tl.constexpr):
+        ACC: tl.constexpr, ROUND: tl.constexpr, TOKENS: tl.constexpr):
     """Grid ``(B,)``: sample ``b`` reads its CLS row ``src[b]`` (width ``Ci``) and the other
     branch's ``N`` patch rows ``other[b]`` (width ``Cj``, ``H`` heads of ``D``), and writes the
-    new CLS row ``out[b]``, rounding the Linears' outputs to ``ROUND``. Scratch row:
+    new CLS row ``out[b]``, rounding the Linears' outputs to ``ROUND`` and the block's residual
+    sum to the tokens' dtype ``TOKENS``. Scratch row:
     ``x0 | q | y | o`` (``Cj`` each), then ``kt`` and ``z`` (``H·Cj`` each)."""
     b = tl.program_id(0).to(tl.int64)
     ci = tl.arange(0, CI_PAD)
@@ -156,7 +160,7 @@ def _cls_exchange_kernel(
     # 1. x0 = Linear_p(GELU(LN_p(cls))), rounded as the Linear's output
     cls = tl.load(src_ptr + b * s_src + ci, mask=imask, other=0.0).to(ACC)
     u = _ln_gelu(cls, imask, Ci, plnw_ptr, plnb_ptr, ci, p_eps)
-    _matvec(pw_ptr, pb_ptr, u, ci, Ci, x0_ptr, Cj, x0_ptr, True, False, ROUND, BLOCK_OI)
+    _matvec(pw_ptr, pb_ptr, u, ci, Ci, x0_ptr, Cj, x0_ptr, True, False, ROUND, ROUND, BLOCK_OI)
     tl.debug_barrier()
 
     # 2. q = Wq LN(x0) + bq
@@ -164,7 +168,7 @@ def _cls_exchange_kernel(
     alnw = tl.load(alnw_ptr + cj, mask=jmask, other=0.0).to(ACC)
     alnb = tl.load(alnb_ptr + cj, mask=jmask, other=0.0).to(ACC)
     n0 = _layer_norm_row(x0, jmask, Cj, a_eps)
-    _matvec(wq_ptr, bq_ptr, n0 * alnw + alnb, cj, Cj, q_ptr, Cj, q_ptr, HAS_BQ, False, ACC,
+    _matvec(wq_ptr, bq_ptr, n0 * alnw + alnb, cj, Cj, q_ptr, Cj, q_ptr, HAS_BQ, False, ACC, ACC,
             BLOCK_OJ)
     tl.debug_barrier()
 
@@ -230,16 +234,17 @@ def _cls_exchange_kernel(
         tl.store(o_ptr + h * D + d, o, mask=dmask)
     tl.debug_barrier()
 
-    # 6. y = x0 + proj(o), rounded as the block's output
+    # 6. y = x0 + proj(o), proj(o) rounded as a Linear's output, the sum as the block's (in the
+    #    tokens' dtype: timm adds to x0 once it is concatenated with the patches)
     o = tl.load(o_ptr + cj, mask=jmask, other=0.0, cache_modifier=".cg")
-    _matvec(wo_ptr, bo_ptr, o, cj, Cj, y_ptr, Cj, x0_ptr, HAS_BO, True, ROUND, BLOCK_OJ)
+    _matvec(wo_ptr, bo_ptr, o, cj, Cj, y_ptr, Cj, x0_ptr, HAS_BO, True, ROUND, TOKENS, BLOCK_OJ)
     tl.debug_barrier()
 
     # 7. out = Linear_r(GELU(LN_r(y)))
     y = tl.load(y_ptr + cj, mask=jmask, other=0.0, cache_modifier=".cg")
     v = _ln_gelu(y, jmask, Cj, rlnw_ptr, rlnb_ptr, cj, r_eps)
     _matvec(rw_ptr, rb_ptr, v, cj, Cj, out_ptr + b * s_out, Ci, out_ptr, True, False, ROUND,
-            BLOCK_OJ)
+            ROUND, BLOCK_OJ)
 
 
 # ---- launch -------------------------------------------------------------------------------------
@@ -280,7 +285,7 @@ def cls_exchange(cls: Tensor, patches: Tensor, out: Tensor, proj: Projection,
             D_PAD=next_power_of_2(D), H_PAD=next_power_of_2(H),
             BLOCK_N=_rows_per_tile(Cj), BLOCK_OI=_rows_per_tile(Ci), BLOCK_OJ=_rows_per_tile(Cj),
             BLOCK_C=BLOCK_C, ACC=_TL_DTYPE[acc], ROUND=_TL_DTYPE[linear_dtype or cls.dtype],
-            num_warps=NUM_WARPS,
+            TOKENS=_TL_DTYPE[cls.dtype], num_warps=NUM_WARPS,
             maxnreg=MAX_REGISTERS)
     return out
 

@@ -44,12 +44,19 @@ def _cast(weights, dtype):
     return type(weights)(*[t.to(dtype) if isinstance(t, torch.Tensor) else t for t in weights])
 
 
-def naive_exchange(cls, patches, proj, attn, revert, wk_bias):
+def naive_exchange(cls, patches, proj, attn, revert, wk_bias, rounded=None):
     """timm's three modules on ``[B, Ci]`` CLS rows: projection, CrossAttentionBlock (K and V of
-    every token formed), projection back; in the inputs' dtype."""
+    every token formed; its residual added to the CLS row of ``[x0 ‖ patches]``, promoted as
+    timm's concatenation promotes it), projection back; in the inputs' dtype. ``rounded``: a
+    dtype the outputs of the projections' and the out-projection's Linears are rounded to (where
+    autocast's Linears write it), and nothing else."""
+    def linear(x, weight, bias):
+        y = F.linear(x, weight, bias)
+        return y if rounded is None else y.to(rounded).to(y.dtype)
+
     def project(x, p):
-        x = F.gelu(F.layer_norm(x, x.shape[-1:], p.ln_weight, p.ln_bias, p.eps))
-        return F.linear(x, p.weight, p.bias)
+        return linear(F.gelu(F.layer_norm(x, x.shape[-1:], p.ln_weight, p.ln_bias, p.eps)),
+                      p.weight, p.bias)
     x0 = project(cls, proj)
     tokens = torch.cat((x0[:, None], patches), dim=1)
     B, T, C = tokens.shape
@@ -59,7 +66,8 @@ def naive_exchange(cls, patches, proj, attn, revert, wk_bias):
     k = F.linear(n, attn.wk_weight, wk_bias).view(B, T, H, C // H).transpose(1, 2)
     v = F.linear(n, attn.wv_weight, attn.wv_bias).view(B, T, H, C // H).transpose(1, 2)
     a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-    y = x0 + F.linear((a @ v).transpose(1, 2).reshape(B, C), attn.proj_weight, attn.proj_bias)
+    y = tokens[:, 0] + linear((a @ v).transpose(1, 2).reshape(B, C), attn.proj_weight,
+                              attn.proj_bias)
     return project(y, revert)
 
 
@@ -127,6 +135,28 @@ def test_kernel_for_autocast_matches_timms_math_in_float64(backend, shape, linea
     bar = tolerance(linear_dtype, [rel_err(timms.cpu(), expected)])
     err = rel_err(out.cpu(), expected)
     assert err <= bar, f"relative error {err:.2e} > {bar:.1e}"
+
+
+# On the CPU fp16 only: Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest.
+@pytest.mark.parametrize("linear_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_{}to{}_H{}_N{}".format(*s[:5]))
+def test_kernel_rounds_where_timms_linears_write_under_autocast(backend, shape, linear_dtype):
+    """The rounding points alone, without fp32's noise: on float64 tokens and parameters, with
+    the Linears' outputs rounded to ``linear_dtype``, the kernel gives timm's math in float64
+    rounded there and nowhere else (the block's residual sum stays in the tokens' dtype)."""
+    B, Ci, Cj, H, N, biases = shape
+    proj, attn, revert, wk_bias = _weights(Ci, Cj, H, biases)
+    own = torch.randn(B, 5, Ci, dtype=torch.float64)
+    other = torch.randn(B, N + 1, Cj, dtype=torch.float64) * 2 + 1
+    expected = naive_exchange(own[:, 0], other[:, 1:], proj, attn, revert, wk_bias,
+                              rounded=linear_dtype)
+    weights = [type(w)(*[t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w])
+               for w in (proj, attn, revert)]
+    own_d, other_d = own.to(DEVICE), other.to(DEVICE)
+    out = torch.empty(B, Ci, device=DEVICE, dtype=torch.float64)
+    ex.cls_exchange(own_d[:, 0], other_d[:, 1:], out, *weights, linear_dtype)
+    err = rel_err(out.cpu(), expected)
+    assert err <= 1e-9, f"relative error {err:.2e}"
 
 
 def test_kernel_writes_over_the_cls_row_it_reads(backend):
