@@ -7,10 +7,12 @@ the sum of launch overheads; replaying a CUDA graph launches the whole forward a
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = fast(images)        # first call per shape/dtype/autocast setting captures
 
-A graph is captured per input shape, dtype and autocast setting. Parameters are read in place,
-so ``load_state_dict`` and optimizer steps on the model are seen by later replays; swapping a
-parameter tensor for a new one (``model.weight = nn.Parameter(...)``) is not (call
-:meth:`GraphedInference.reset`).
+A graph is captured per input shape, dtype and autocast setting, and per setting that chooses
+the forward's kernels (the backend, ``naive_math``, the experimental fused CLS ops and two
+streams). Parameters are read in place, so ``load_state_dict`` and optimizer steps on the model
+are seen by later replays; what gives a parameter new memory is not (assigning a new
+``nn.Parameter``, ``model.half()`` or ``.to()``, ``load_state_dict(assign=True)``), nor are hooks
+registered after a capture: call :meth:`GraphedInference.reset` after either.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import branch_streams, layers
+from . import backends, branch_streams, layers, reference
 from .layers import always_fuse_norms
 
 
@@ -30,6 +32,14 @@ def _uncached_autocast():
     if not torch.is_autocast_enabled("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def _static_copy(x: Tensor) -> Tensor:
+    """A copy of ``x`` that later calls can copy their inputs into, whether or not they run
+    under ``torch.inference_mode``: made outside it (a tensor made inside could only be written
+    inside it)."""
+    with torch.inference_mode(False):
+        return x.clone()
 
 
 class GraphedInference(nn.Module):
@@ -48,16 +58,18 @@ class GraphedInference(nn.Module):
     @staticmethod
     def _key(x: Tensor) -> Tuple:
         """What a captured graph holds fixed: the input's shape, dtype and device, the autocast
-        setting, and the settings that choose the forward's kernels (the fused CLS projection,
-        the fused CLS exchange and its batch limit, the branches on two streams)."""
+        setting, and the settings that choose the forward's kernels (the backend requested,
+        timm's naive math, the fused CLS projection, the fused CLS exchange and its batch limit,
+        the branches on two streams)."""
         autocast = torch.is_autocast_enabled("cuda")
         return (tuple(x.shape), x.dtype, x.device,
                 autocast, torch.get_autocast_dtype("cuda") if autocast else None,
+                backends.get_backend(), reference.naive_enabled(),
                 layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE,
                 layers.FUSED_CLS_EXCHANGE_MAX_BATCH, branch_streams.enabled_here())
 
     def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        static_in = x.clone()
+        static_in = _static_copy(x)
         stream = torch.cuda.Stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         # A replay costs no host time per kernel, so the fused norms pay at every size. Under

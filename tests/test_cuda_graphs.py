@@ -70,3 +70,44 @@ def test_a_capture_follows_the_kernel_settings_it_was_made_with():
     finally:
         layers.FUSED_CLS_PROJECTION = saved
     assert len(fast._graphs) == 3
+
+
+def test_the_graph_key_holds_the_backend_and_naive_math():
+    """A capture is made per backend requested and per naive-math setting: under another, the
+    model runs other kernels, which replaying the first graph would silently skip."""
+    from crossvit_fast import use_backend
+    from crossvit_fast.reference import naive_math
+    x = torch.randn(1, 3, 48, 48)
+    key = GraphedInference._key(x)
+    with use_backend("torch"):
+        assert GraphedInference._key(x) != key
+    with naive_math():
+        assert GraphedInference._key(x) != key
+    assert GraphedInference._key(x) == key
+
+
+def test_the_static_input_is_writable_in_and_out_of_inference_mode():
+    """A first call under inference_mode must not leave an input buffer that only
+    inference-mode calls may write (and the other way round)."""
+    from crossvit_fast.cuda_graphs import _static_copy
+    with torch.inference_mode():
+        static = _static_copy(torch.randn(2, 3))
+    with torch.no_grad():
+        static.copy_(torch.ones(2, 3))
+    with torch.inference_mode():
+        static.copy_(torch.zeros(2, 3))
+    assert not static.is_inference() and torch.equal(static, torch.zeros(2, 3))
+
+
+@gpu
+def test_a_capture_under_inference_mode_replays_outside_it():
+    model = small_model().cuda().eval()
+    fast = GraphedInference(model)
+    x = torch.randn(2, 3, 48, 48, device="cuda")
+    with torch.inference_mode():
+        first = fast(x)
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < FP32_PAIR_TOL
+    with torch.inference_mode():
+        assert rel_err(fast(x), first) < FP32_PAIR_TOL
+    assert len(fast._graphs) == 1
