@@ -85,20 +85,21 @@ def exchange(block: nn.Module, i: int, outs_b: List[Tensor]) -> Tensor:
     """Branch ``i``'s tokens after the fused exchange (where :func:`applies`): its CLS row
     replaced, in place where the block may write it (``MultiScaleBlock._cls_row_writable``)."""
     from .kernels import cls_exchange
-    from .kernels._launch import unit_last_stride
+    from .kernels._launch import on_device_of, unit_last_stride
     tokens, other = unit_last_stride(outs_b[i]), unit_last_stride(outs_b[1 - i])
     proj, revert = block.projs[i], block.revert_projs[i]
     cab = _cross_attention_block(block.fusion[i])
     attn = cab.attn
     in_place = block._cls_row_writable(i, tokens.dtype, tokens)
     out = tokens[:, 0] if in_place else tokens.new_empty(tokens.shape[0], tokens.shape[2])
-    cls_exchange.cls_exchange(
-        tokens[:, 0], other[:, 1:], out, _projection(proj),
-        cls_exchange.CrossAttention(
-            cab.norm1.weight, cab.norm1.bias, cab.norm1.eps, attn.wq.weight, attn.wq.bias,
-            attn.wk.weight, attn.wv.weight, attn.wv.bias, attn.proj.weight, attn.proj.bias,
-            attn.num_heads, attn.scale),
-        _projection(revert), _linear_dtype(tokens))
+    with on_device_of(tokens):
+        cls_exchange.cls_exchange(
+            tokens[:, 0], other[:, 1:], out, _projection(proj),
+            cls_exchange.CrossAttention(
+                cab.norm1.weight, cab.norm1.bias, cab.norm1.eps, attn.wq.weight, attn.wq.bias,
+                attn.wk.weight, attn.wv.weight, attn.wv.bias, attn.proj.weight, attn.proj.bias,
+                attn.num_heads, attn.scale),
+            _projection(revert), _linear_dtype(tokens))
     return tokens if in_place else torch.cat((out[:, None], tokens[:, 1:]), dim=1)
 
 

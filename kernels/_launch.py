@@ -12,6 +12,7 @@ in at fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -68,6 +69,15 @@ def contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def unit_last_stride(t: Tensor) -> Tensor:
     """``t`` itself when its last dim is contiguous, else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def on_device_of(t: Tensor):
+    """A context in which an eager launch runs on ``t``'s GPU: Triton launches on the current
+    CUDA device, which may be another one (a model on cuda:1 while cuda:0 is current); nothing to
+    do where it is ``t``'s already (the usual case) or ``t`` is not on a GPU."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def direct(kernel):

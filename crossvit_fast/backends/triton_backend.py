@@ -11,6 +11,7 @@ launch at once; :data:`TRACED` holds the same primitives launched through ``wrap
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -26,7 +27,7 @@ except ImportError:  # the registry asks unavailable_reason; the primitives are 
 else:
     from ..kernels import _launch, attn_pool, cls_proj, layer_norm
     from ..kernels import attn_weights as attn_weights_kernels
-    from ..kernels._launch import direct
+    from ..kernels._launch import direct, on_device_of
 
 # The oldest GPU the kernels are built and checked for (bench.kernel_resources): the A100.
 MIN_COMPUTE_CAPABILITY = (8, 0)
@@ -54,6 +55,12 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
+def _eager_on_device_of(t: Tensor, launch):
+    """Eager launches (no ``launch`` given) on ``t``'s GPU whichever is current; launches the
+    compiler records (``launch`` given) are placed by the compiled code's own device guard."""
+    return on_device_of(t) if launch is None else contextlib.nullcontext()
+
+
 def recordable() -> bool:
     """Whether ``torch.compile`` can record the kernels' launches (:data:`TRACED`): where
     Triton compiles them, not where its CPU interpreter runs them."""
@@ -63,43 +70,51 @@ def recordable() -> bool:
 def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                   eps: float, dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor]:
-    return attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype,
-                                   launch=launch or direct)
+    with _eager_on_device_of(x0, launch):
+        return attn_pool.attn_pool_fwd(x0, patches, kt, gamma, beta, eps, dot_dtype,
+                                       launch=launch or direct)
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
                   beta: Tensor, z: Tensor, lse: Tensor, eps: float,
                   dot_dtype: Optional[torch.dtype] = None, launch=None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype,
-                                   launch=launch or direct)
+    with _eager_on_device_of(x0, launch):
+        return attn_pool.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps, dot_dtype,
+                                       launch=launch or direct)
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
                    eps: float, out_dtype: Optional[torch.dtype] = None, launch=None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype, launch or direct)
+    with _eager_on_device_of(x, launch):
+        return layer_norm.layer_norm_fwd(x, residual, weight, bias, eps, out_dtype, launch or direct)
 
 
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
                    rstd: Tensor, launch=None) -> Tuple[Tensor, Tensor, Tensor]:
-    return layer_norm.layer_norm_bwd(dy, dh, h, weight, mean, rstd, launch or direct)
+    with _eager_on_device_of(h, launch):
+        return layer_norm.layer_norm_bwd(dy, dh, h, weight, mean, rstd, launch or direct)
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
                  eps: float, launch=None) -> Tuple[Tensor, Tensor, Tensor]:
-    return cls_proj.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps, launch or direct)
+    with _eager_on_device_of(x, launch):
+        return cls_proj.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps, launch or direct)
 
 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                  mean: Tensor, rstd: Tensor, launch=None
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, launch or direct)
+    with _eager_on_device_of(x, launch):
+        return cls_proj.cls_proj_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd,
+                                     launch or direct)
 
 
 def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: Tensor,
                  lse: Tensor, eps: float, dot_dtype: Optional[torch.dtype] = None) -> Tensor:
-    return attn_weights_kernels.attn_weights(x0, patches, kt, gamma, beta, lse, eps, dot_dtype)
+    with on_device_of(x0):
+        return attn_weights_kernels.attn_weights(x0, patches, kt, gamma, beta, lse, eps, dot_dtype)
 
 
 def _traced_primitives() -> Optional[types.SimpleNamespace]:
