@@ -94,10 +94,12 @@ class GraphedInference(nn.Module):
         if self.model.training:
             raise RuntimeError("GraphedInference: the model is in training mode; call model.eval() "
                                "(dropout and stochastic depth cannot be replayed)")
-        key = self._key(x)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
+        # on x's GPU whichever is current: capture and replay use the current device's streams
+        with torch.cuda.device(x.device):
+            key = self._key(x)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(x)
+            graph, static_in, static_out = self._graphs[key]
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()

@@ -111,3 +111,15 @@ def test_a_capture_under_inference_mode_replays_outside_it():
     with torch.inference_mode():
         assert rel_err(fast(x), first) < FP32_PAIR_TOL
     assert len(fast._graphs) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu_is_captured_and_replayed_there():
+    model = small_model().cuda(1).eval()
+    fast = GraphedInference(model)
+    x = torch.randn(2, 3, 48, 48, device="cuda:1")
+    torch.cuda.set_device(0)
+    with torch.no_grad():
+        fast(x)
+        got, expected = fast(x), model(x)
+    assert got.device == x.device and rel_err(got, expected) < FP32_PAIR_TOL
