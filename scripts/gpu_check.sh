@@ -83,6 +83,7 @@ fi
 
 GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_cls_exchange.py tests/test_attention_maps.py
   tests/test_backend_models.py tests/test_ops.py tests/test_cuda_graphs.py tests/test_branch_streams.py
+  tests/test_launch_device.py
   tests/test_csrc_compile.py tests/test_compile.py
   tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
