@@ -144,25 +144,25 @@ def test_wk_bias_gets_an_exact_zero_gradient():
     assert w["wk_bias"].grad is not None and torch.count_nonzero(w["wk_bias"].grad) == 0
 
 
-def _op_and_inputs(op):
-    """A call of the public op ``op`` on the torch backend and fresh float64 inputs for it."""
+def _op_and_inputs(op, backend="torch"):
+    """A call of the public op ``op`` on ``backend`` and fresh float64 inputs for it."""
     d = dict(dtype=torch.float64, device=DEVICE)
     if op == "cross_attention":
         cls, patches, params, cfg = cross_inputs(2, 4, 12, 2, True)
         names = [k for k, v in params.items() if v is not None]
         fn = lambda c, pa, *ws: ops.cls_cross_attention(  # noqa: E731
-            c, pa, **dict(params, **dict(zip(names, ws))), **cfg, backend="torch")
+            c, pa, **dict(params, **dict(zip(names, ws))), **cfg, backend=backend)
         inputs = [cls, patches] + [params[k] for k in names]
     elif op == "cls_projection":
-        fn = lambda x, a, b, w, c: ops.cls_projection(x, a, b, w, c, backend="torch")  # noqa: E731
+        fn = lambda x, a, b, w, c: ops.cls_projection(x, a, b, w, c, backend=backend)  # noqa: E731
         inputs = [torch.randn(3, 1, 8, **d), 1 + torch.randn(8, **d) / 5, torch.randn(8, **d) / 5,
                   torch.randn(6, 8, **d) / 3, torch.randn(6, **d)]
     elif op == "add_layer_norm":
-        fn = lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, backend="torch")  # noqa: E731
+        fn = lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, backend=backend)  # noqa: E731
         inputs = [torch.randn(2, 3, 10, **d), torch.randn(2, 3, 10, **d), 1 + torch.randn(10, **d) / 5,
                   torch.randn(10, **d) / 5]
     else:
-        fn = lambda x, w, b: ops.layer_norm(x, w, b, backend="torch")  # noqa: E731
+        fn = lambda x, w, b: ops.layer_norm(x, w, b, backend=backend)  # noqa: E731
         inputs = [torch.randn(4, 10, **d), 1 + torch.randn(10, **d) / 5, torch.randn(10, **d) / 5]
     return fn, [t.detach().clone().requires_grad_() for t in inputs]
 
@@ -435,3 +435,87 @@ def test_unknown_and_unavailable_backends_say_why():
     assert reason  # the CUDA extension never runs on CPU tensors
     with pytest.raises(BackendUnavailableError, match="cannot run on cpu"):
         ops.layer_norm(x, w, b, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_add_layer_norm_gives_two_leaves_gradients_of_their_own(backend):
+    """x and residual get the same gradient; as leaves each keeps its own copy as ``.grad``, so
+    gradients accumulate over backward passes as ``LayerNorm(x + residual)``'s do (they shared
+    memory, and the second pass added each into both)."""
+    d = dict(dtype=torch.float32, device=DEVICE)
+    x, r = torch.randn(2, 3, 8, **d, requires_grad=True), torch.randn(2, 3, 8, **d, requires_grad=True)
+    w, b, g = 1 + torch.randn(8, **d) / 5, torch.randn(8, **d) / 5, torch.randn(2, 3, 8, **d)
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    for _ in range(2):
+        (ops.add_layer_norm(x, r, w, b, backend=backend)[0] * g).sum().backward()
+        (torch.nn.functional.layer_norm(x64 + r64, (8,), w.double(), b.double(), 1e-6)
+         * g.double()).sum().backward()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    assert rel_err(x.grad, x64.grad) <= FP32_REL_TOL and rel_err(r.grad, r64.grad) <= FP32_REL_TOL
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                              (torch.float64, torch.bfloat16), (torch.float16, torch.float64)],
+                         ids=["fp32_to_fp64", "fp64_to_fp32", "fp64_to_bf16", "fp16_to_fp64"])
+def test_layer_norm_backward_with_the_output_in_another_precision(backend, dtype, out_dtype):
+    """``out_dtype`` of another accumulation dtype than the rows' (the gradient then arrives in
+    it): the backward computes in the rows' accumulation dtype (it raised on the PyTorch
+    backend)."""
+    d = dict(device=DEVICE)
+    x = torch.randn(4, 8, dtype=dtype, **d).requires_grad_()
+    w, b = (1 + torch.randn(8, **d) / 5).requires_grad_(), (torch.randn(8, **d) / 5).requires_grad_()
+    y, _ = ops.add_layer_norm(x, None, w, b, backend=backend, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    g = torch.randn(4, 8, dtype=out_dtype, **d)
+    grads = torch.autograd.grad((y * g).sum(), [x, w, b])
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad((torch.nn.functional.layer_norm(x64, (8,), w64, b64, 1e-6)
+                                * g.double()).sum(), [x64, w64, b64])
+    bar = tolerance(torch.bfloat16 if torch.bfloat16 in (dtype, out_dtype) else
+                    torch.float16 if dtype == torch.float16 else torch.float32)
+    for got, expected, t in zip(grads, want, (x, w, b)):
+        assert got.dtype == t.dtype
+        assert rel_err(got, expected) <= bar
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rows_with_a_strided_last_dim(backend):
+    """LayerNorm and the CLS projection on column-major fp32 rows (a transposed view) give what
+    they give on the same rows made contiguous (the CUDA backend's kernels read unit-stride
+    rows; it copies such rows first)."""
+    d = dict(dtype=torch.float32, device=DEVICE)
+    rows = torch.randn(8, 5, **d).t()                                  # [5, 8], column-major
+    w, b = 1 + torch.randn(8, **d) / 5, torch.randn(8, **d) / 5
+    weight, bias = torch.randn(3, 8, **d) / 3, torch.randn(3, **d)
+    assert rel_err(ops.layer_norm(rows, w, b, backend=backend),
+                   ops.layer_norm(rows.contiguous(), w, b, backend=backend)) <= FP32_PAIR_TOL
+    assert rel_err(ops.cls_projection(rows, w, b, weight, bias, backend=backend),
+                   ops.cls_projection(rows.contiguous(), w, b, weight, bias, backend=backend)) <= FP32_PAIR_TOL
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", ["cross_attention", "cls_projection", "add_layer_norm", "layer_norm"])
+def test_ops_under_torch_func_compute_on_the_pytorch_backend(backend, op):
+    """``torch.func.grad`` and a no-grad ``vmap`` of an op on any backend: the kernels cannot
+    read the transforms' wrapped tensors, so the PyTorch backend's ATen ops run, and the results
+    are its autograd's and its forward's."""
+    fn, inputs = _op_and_inputs(op, backend)
+    on_torch, _ = _op_and_inputs(op)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+    x, rest = inputs[0], [t.detach() for t in inputs[1:]]
+    expected, = torch.autograd.grad(first(on_torch(x, *rest)).square().sum(), x)
+    got = torch.func.grad(lambda x: first(fn(x, *rest)).square().sum())(x.detach())
+    assert rel_err(got, expected) <= 1e-12
+    if op in ("cls_projection", "layer_norm"):     # x alone batched: one row (group) a sample
+        with torch.no_grad():
+            mapped = first(torch.func.vmap(lambda xi: fn(xi, *rest))(x))
+            assert rel_err(mapped, first(on_torch(x, *rest))) <= 1e-12
+
+
+def test_cls_projection_of_an_empty_width_says_so():
+    with pytest.raises(ValueError, match="weight must have a non-empty input width"):
+        ops.cls_projection(torch.randn(2, 0), torch.ones(0), torch.zeros(0), torch.randn(3, 0),
+                           torch.zeros(3))

@@ -114,6 +114,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if residual is not None and residual.dtype != x.dtype:   # the kernels take one dtype
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
+    x, residual = _rows(x), (None if residual is None else _rows(residual))
     # the kernels write fp32/fp16/bf16; a float64 y is the fp32 one widened (exactly)
     wide = out_dtype == torch.float64
     y, h, mean, rstd = _ops().layer_norm_fwd(x, residual, weight, bias, eps,
@@ -126,7 +127,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     """See :func:`.torch_backend.layer_norm_bwd`."""
     if h.dtype == torch.float64:
         return torch_backend.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
-    # The kernels take gradients in the activation dtype (as the torch backend casts them).
+    # The kernels take gradients in the activation dtype: an fp32 gradient of a 16-bit norm whose
+    # output was written in fp32 is rounded to it first (the torch and Triton backends keep it).
     dh = None if dh is None else _rows(dh.to(h.dtype))
     return _ops().layer_norm_bwd(_rows(dy.to(h.dtype)), dh, h, weight, mean, rstd)
 
@@ -136,7 +138,7 @@ def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, 
     """See :func:`.torch_backend.cls_proj_fwd`."""
     if x.dtype == torch.float64:
         return torch_backend.cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
-    return _ops().cls_proj_fwd(x, ln_weight, ln_bias, weight, bias, eps)
+    return _ops().cls_proj_fwd(_rows(x), ln_weight, ln_bias, weight, bias, eps)
 
 
 def cls_proj_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,

@@ -143,12 +143,14 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     Returns ``(dx [M, C] T, dweight [C], dbias [C])``; ``dresidual`` equals ``dx``.
     """
     acc = _acc(h).dtype
+    # the gradients in h's accumulation dtype, whatever theirs (y may be written in another one)
+    dy = dy.to(acc)
     dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
-        _acc(dy).contiguous(), _acc(h).contiguous(), [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
+        dy.contiguous(), _acc(h).contiguous(), [h.shape[-1]], mean.to(acc).unsqueeze(-1), rstd.to(acc).unsqueeze(-1),
         weight.to(acc), None, [True, True, False])
     if dh is not None:
-        dx = dx.add_(_acc(dh))   # in place: dx keeps its contiguous layout
-    return dx.to(h.dtype), dweight, _acc(dy).sum(dim=0)
+        dx = dx.add_(dh.to(acc))   # in place: dx keeps its contiguous layout
+    return dx.to(h.dtype), dweight, dy.sum(dim=0)
 
 
 # ---------------------------------------------------------------------------------------------

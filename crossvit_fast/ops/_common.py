@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
-from .. import backends
+from .. import backends, reference
 from ..backends import torch_backend
 
 
@@ -25,10 +25,11 @@ def _impl_for(requested: str, device: torch.device) -> ModuleType:
 
 
 def requested_backend(backend: Optional[str]) -> str:
-    """The per-call choice if given, else the current global/context choice (validated)."""
-    if backend is None:
-        return backends.get_backend()
-    return backends.check_name(backend, "backend")
+    """The per-call choice if given, else the current global/context choice (validated); under
+    ``torch.func``'s transforms (``grad``, ``jacrev``, ``vmap``) the PyTorch backend, whose ATen
+    ops they transform: the Triton and CUDA kernels cannot read their wrapped tensors."""
+    name = backends.get_backend() if backend is None else backends.check_name(backend, "backend")
+    return "torch" if reference._functorch_transform_active() else name
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -87,6 +88,37 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable,
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(_first_order_only(name, backward))})
     return function.apply
+
+
+class _OwnGradient(torch.autograd.Function):
+    """Identity whose backward hands on a copy of its incoming gradient."""
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+def own_gradient_if_leaves(t: Tensor, other: Tensor) -> Tensor:
+    """``t``, whose gradient comes as a copy where ``t`` and ``other`` are both leaves that
+    require grad, for an op whose backward gives both the same gradient (``x + residual``).
+
+    Each leaf gets that gradient through its own reshape view, and torch keeps a view it is
+    handed as ``.grad`` without copying it (pytorch#34082): the two ``.grad`` would share memory,
+    and the next backward (accumulating into one in place) or a ``zero_()`` would change both.
+    Inputs that are not leaves (a model's activations) pass their gradients on without keeping
+    them: they take no copy."""
+    if (torch.is_grad_enabled() and t.requires_grad and other.requires_grad and t.is_leaf
+            and other.is_leaf):
+        return _OwnGradient.apply(t)
+    return t
 
 
 class _NotDifferentiable(torch.autograd.Function):

@@ -108,6 +108,8 @@ def cls_projection(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor
     if weight.dim() != 2:
         raise ValueError(f"{OP}: weight must be [C_out, C_in], got {tuple(weight.shape)}")
     c_out, c_in = weight.shape
+    if c_in == 0:
+        raise ValueError(f"{OP}: weight must have a non-empty input width, got {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != c_in:
         raise ValueError(f"{OP}: x must be [..., {c_in}] to match weight, got {tuple(x.shape)}")
     check_vector(OP, "ln_weight", ln_weight, c_in)

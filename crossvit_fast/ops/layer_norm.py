@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ._common import (FLOAT_DTYPES, backend_impl, cast_like, check_float_tensor, check_same_device,
-                      check_vector, choose, compiler_triton_op, eager_autograd, requested_backend,
-                      traced_triton, without_autocast)
+                      check_vector, choose, compiler_triton_op, eager_autograd,
+                      own_gradient_if_leaves, requested_backend, traced_triton, without_autocast)
 
 OP = "layer_norm"
 
@@ -133,7 +133,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
         raise TypeError(f"{OP}: out_dtype must be one of {FLOAT_DTYPES} or None, got {out_dtype}")
     check_same_device(OP, x=x, residual=residual, weight=weight, bias=bias)
     rows = x.reshape(-1, C)
-    res_rows = None if residual is None else residual.reshape(-1, C)
+    res_rows = None if residual is None else own_gradient_if_leaves(residual, x).reshape(-1, C)
     backend = requested_backend(backend)
     run = choose(_layer_norm, _layer_norm_eager, _forward, backend, x.device, _layer_norm_triton)
     y, h, _, _ = run(rows, res_rows, weight, bias, float(eps), out_dtype, backend)
