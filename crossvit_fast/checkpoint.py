@@ -293,8 +293,13 @@ def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None
     """``(architecture, pretrained_cfg, model_args)`` of a timm model source, read from its
     ``config.json`` as timm's ``create_model`` reads it: ``hf-hub:org/repo`` (the Hub or its
     cache; the weights then come from that repository) or ``local-dir:/path`` (a folder written
-    by timm's ``save_for_hf``; the weights are its model.safetensors or pytorch_model.bin)."""
+    by timm's ``save_for_hf``; the weights are its model.safetensors or pytorch_model.bin).
+    timm's deprecated ``hf_hub:`` means ``hf-hub:``, as in timm."""
     source, _, location = name.partition(":")
+    source = {"hf_hub": "hf-hub"}.get(source.lower(), source.lower())
+    if source in ("hf-hub", "local-dir") and not location:
+        raise ValueError(f"create_model: model name {name!r} has no model id or path after "
+                         f"its '{source}:' prefix")
     if source == "hf-hub":
         if "@" in location:
             raise ValueError(f"create_model: {name!r}: revisions (@...) of Hub repositories are not "

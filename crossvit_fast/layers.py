@@ -400,13 +400,14 @@ class Attention(nn.Module):
         # where timm's permute(2, 0, 3, 1, 4).unbind(0) stacks them and copies once more.
         q, k, v = (t.transpose(1, 2) for t in
                    self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2))
+        q, k = self.q_norm(q), self.k_norm(k)
         branch_maps = _recording()[1]
         if self.fused_attn and not branch_maps:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:  # timm's non-fused path, recording the maps for forward_attention_maps
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = _recording_attn_drop(self.attn_drop, branch_maps)(attn) @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
 
 

@@ -22,6 +22,7 @@ from .layers import (Block, BlockChain, ClsProjection, CrossAttentionBlock, Laye
                      PatchEmbed, _is_listlike, _pair, _runs_as_written, patches_along, recording_attention_maps)
 from .ops._common import autocast_dtype
 from .resolution import branch_sizes, resample_pos_embed
+from .weight_init import trunc_normal_
 
 
 @contextlib.contextmanager
@@ -406,14 +407,14 @@ class CrossViT(NotScriptable, nn.Module):
             for i in range(self.num_branches)])
 
         for i in range(self.num_branches):
-            nn.init.trunc_normal_(getattr(self, f"pos_embed_{i}"), std=.02)
-            nn.init.trunc_normal_(getattr(self, f"cls_token_{i}"), std=.02)
+            trunc_normal_(getattr(self, f"pos_embed_{i}"), std=.02)
+            trunc_normal_(getattr(self, f"cls_token_{i}"), std=.02)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.LayerNorm):

@@ -124,7 +124,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         load_checkpoint(model, _pretrained_weights(variant, cfg, cache_dir),
                         drop_head=model.num_classes != cfg["num_classes"],
                         input_convs=cfg["first_conv"], strict=pretrained_strict)
-    if checkpoint_path is not None:
+    if checkpoint_path:   # timm's scripts pass '' for none, as timm's create_model reads it
         load_checkpoint(model, checkpoint_path)
     if features_only:
         model = _feature_net(model, out_indices, feature_cls)

@@ -322,11 +322,11 @@ def test_pretrained_url_errors_and_no_source(tmp_path):
             factory(NAME, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=None))
 
 
-@pytest.mark.parametrize("source", ["local-dir", "hf-hub"])
+@pytest.mark.parametrize("source", ["local-dir", "hf-hub", "hf_hub"])
 def test_timm_model_sources_load_the_saved_model(source, tmp_path):
     """A CrossViT saved by timm's ``save_for_hf`` (config.json + model.safetensors) loads from
-    ``local-dir:<folder>`` or, placed in a Hub cache, ``hf-hub:<repo>``: the variant, its
-    arguments, classes and weights."""
+    ``local-dir:<folder>`` or, placed in a Hub cache, ``hf-hub:<repo>`` (or timm's deprecated
+    ``hf_hub:``): the variant, its arguments, classes and weights."""
     timm = import_timm()
     torch.manual_seed(1)
     saved = create_model("crossvit_tiny_240", num_classes=7, qkv_bias=False).eval()
@@ -340,11 +340,11 @@ def test_timm_model_sources_load_the_saved_model(source, tmp_path):
         make_hub_cache(cache, None, saved.state_dict(), repo_id="myorg/crossvit-ft")
         snapshot = next((cache / "models--myorg--crossvit-ft" / "snapshots").iterdir())
         (snapshot / "config.json").write_text(json.dumps(config))
-        name, cache = "hf-hub:myorg/crossvit-ft", str(cache)
+        name, cache = f"{source}:myorg/crossvit-ft", str(cache)
     model = create_model(name, pretrained=True, cache_dir=cache).eval()
     assert model.num_classes == 7 and model.blocks[0].blocks[0][0].attn.qkv.bias is None
     assert same_weights(model, saved)
-    assert model.pretrained_cfg["source"] == source
+    assert model.pretrained_cfg["source"] == source.replace("_", "-")
     # the source's own weights win over a state_dict or file an overlay names, as in timm
     other = create_model("crossvit_tiny_240", num_classes=7, qkv_bias=False)
     overlay = dict(state_dict=other.state_dict())
@@ -361,8 +361,20 @@ def test_timm_model_source_errors_name_the_problem(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="holds a 'resnet50' model, not a CrossViT variant"):
         create_model(f"local-dir:{tmp_path}")
-    with pytest.raises(ValueError, match="model source 'hf_hub:' .* is not known"):
-        create_model("hf_hub:timm/crossvit_9_240.in1k")
+    with pytest.raises(ValueError, match="model source 'hf:' .* is not known"):
+        create_model("hf:timm/crossvit_9_240.in1k")
+    for prefix in ("hf-hub:", "hf_hub:", "local-dir:"):
+        with pytest.raises(ValueError, match="has no model id or path after"):
+            create_model(prefix)
+
+
+def test_an_empty_checkpoint_path_loads_nothing():
+    """timm's training scripts pass ``checkpoint_path=''`` for none; timm's create_model then
+    builds the model as without it."""
+    torch.manual_seed(3)
+    model = create_model(NAME, checkpoint_path="")
+    torch.manual_seed(3)
+    assert same_weights(model, create_model(NAME))
 
 
 NO_WEIGHTS = "could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*checkpoint_path="

@@ -144,3 +144,35 @@ def test_torch_func_transforms_run_timms_math_per_sample_gradients(fused_cls_pro
             assert rel_err(per_sample[name][i], p.grad) < 1e-5, (i, name)
     with torch.no_grad():
         assert rel_err(vmap(model)(x.unsqueeze(1)).squeeze(1), model(x)) < 1e-5
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("name", ["q_norm", "k_norm", "norm"])
+def test_the_branch_attentions_identity_slots_are_called_as_timm_calls_them(name):
+    """timm's Attention calls ``q_norm`` and ``k_norm`` on q and k and ``norm`` before ``proj``
+    (Identity in CrossViT): a module put there, or a hook on one, acts in this model too."""
+    from .timm_import import import_timm
+    timm = import_timm()
+    import crossvit_fast
+    torch.manual_seed(0)
+    reference = timm.create_model("crossvit_tiny_240").eval()
+    model = crossvit_fast.create_model("crossvit_tiny_240").eval()
+    model.load_state_dict(reference.state_dict())
+    for m in (reference, model):
+        setattr(m.blocks[0].blocks[1][0].attn, name, Scale(3.))
+    calls = []
+    model.blocks[1].blocks[0][0].attn.get_submodule(name).register_forward_hook(
+        lambda *args: calls.append(1))
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        expected = reference(x)
+        assert rel_err(model(x), expected) < 1e-5
+    assert calls == [1]

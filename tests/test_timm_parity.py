@@ -144,3 +144,16 @@ def test_gpu_fp32_and_bf16_autocast_match_timm(timm, name, backend, fused_cls_pr
             timm_bf16 = ref(x)
             ours_bf16 = ours(x)
     assert rel_err(ours_bf16, expected) <= 4 * max(rel_err(timm_bf16, expected), 1e-3)
+
+
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_9_dagger_240"])
+def test_a_seeded_model_starts_from_timms_weights(timm, name):
+    """The same seed draws timm's initial weights (torch's own trunc_normal_ samples another way
+    from torch 2.13 on): a from-scratch run starts where timm's would."""
+    torch.manual_seed(0)
+    ref = timm.create_model(name).state_dict()
+    torch.manual_seed(0)
+    ours = crossvit_fast.create_model(name).state_dict()
+    assert ref.keys() == ours.keys()
+    differing = [k for k in ref if not torch.equal(ref[k], ours[k])]
+    assert not differing, differing[:5]
