@@ -6,30 +6,35 @@
 #     [TESTS_K="pytest -k expression"] [E2E_ARGS="bench.e2e args"] [KERNELS_ARGS="bench.kernels args"] \
 #     bash scripts/gpu_check.sh
 #
-# install, build the CUDA extension (ext), then the STEPS: the GPU tests (compiled Triton, CUDA, timm parity, CUDA
-# graphs, torch.compile with inductor and CUDA-graph trees) with per-test results as they finish; compute-sanitizer memcheck on both backends' kernels and
-# racecheck on the CUDA ones; the end-to-end benchmark in whatever time is left before DEADLINE_S
-# once KERNELS_S is set aside (skipped under 30 s); then the kernel microbenchmark (bf16). `diagnose` runs the CUDA ops
-# outside the sanitizer with a host traceback, profiles one cross-attention call and reruns the
-# tests named in FAILING on their own, for their tracebacks. Each phase has its own time limit and the next runs
-# whatever happened to the last. Logs and results are packed into $OUT/gpu_check.tar.gz after
-# every phase, so a cut-off run still returns what it did.
+# install, build the CUDA extension (ext), then the STEPS, in this order whatever order STEPS names
+# them in: the GPU tests (compiled Triton, CUDA, timm parity, CUDA graphs, torch.compile with
+# inductor and CUDA-graph trees) with per-test results as they finish; `diagnose` (the CUDA ops
+# outside the sanitizer with a host traceback, one cross-attention call profiled, the tests named in
+# FAILING rerun on their own); `tune`, `model_profile`, `host`; the batch-1 CUDA-graph A/B
+# (graphs_ab); the compile race; the compiled steps' profile; compute-sanitizer memcheck on both
+# backends' kernels and racecheck on the CUDA ones; the end-to-end benchmark in whatever time is
+# left once KERNELS_S is set aside (skipped under 30 s); then the kernel microbenchmark (bf16).
+# Each phase has its own time limit, cut to what is left before DEADLINE_S (a phase with under
+# 30 s left is skipped and says so), and the next runs whatever happened to the last. Logs and
+# results are written under $WORK_ROOT and packed into $OUT/gpu_check.tar.gz after every phase,
+# so a cut-off run still returns what it did.
 #
 # Compilations are the expensive part of a lease. `warm` compiles the compile-race rows in
-# parallel processes (bench.e2e --warm-compile) while the tests and sanitizers run, so that the
-# race's own compilations are cache hits. Inductor's and Triton's caches live in $CACHE_DIR; the
-# run packs them into $OUT/inductor-cache.tgz.part-* at the end, and a later run that carries them
-# back in .inductor-cache/ (git-ignored) starts from them: what did not change since is not
-# compiled again.
+# parallel processes (bench.e2e --warm-compile) while the tests run, so that the race's own
+# compilations are cache hits. Inductor's and Triton's caches live in $CACHE_DIR; the run packs
+# them into $OUT/inductor-cache.tgz.part-* at the end, and a later run that carries them back in
+# .inductor-cache/ (git-ignored) starts from them: what did not change since is not compiled again.
 #
-# The next session's call for issue 18 (about 9 minutes on an H200): the compile race with every
-# row, then the batch-64 sweep of all variants, each warmed in parallel first:
-#   STEPS="ext warm tests sanitize_triton race graphs_ab profile_compiled" TESTS_S=120 RACE_S=240 \
-#     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 bash scripts/gpu_check.sh
+# The next session's call for issue 18 (one `run`, timeout_s 590): the tests, the batch-1 A/B, the
+# compile race with every row, then, as far as the deadline lets them, the Triton memcheck and the
+# compiled training step's profile:
+#   DEADLINE_S=560 STEPS="ext warm tests graphs_ab race sanitize_triton profile_compiled" TESTS_S=120 \
+#     RACE_S=240 PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 \
+#     bash scripts/gpu_check.sh
+# and, in a later call, the batch-64 sweep of all variants, warmed in parallel first:
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
-# (the first call may end before graphs_ab and profile_compiled: H200 run 1 ended after its race;
-# then, on the still-warm machine: STEPS="graphs_ab profile_compiled" GRAPHS_AB_S=90 ...; where
-# the fused CLS exchange, never run on a GPU before, faults, GRAPHS_AB_ARGS="--skip exchange")
+# (the fused CLS exchange, never run on a GPU before, is measured in a process of its own: a CUDA
+# fault there ends that process alone)
 # Issue 19's kernel timing (about 4 minutes; the channel-tiled token pass has never run on a GPU, so
 # its tests go first): each fused op at crossvit_18_240's shapes, batch 32 and 256, bf16, on the
 # Triton and CUDA backends against eager and compiled naive, with fractions of copy bandwidth:
@@ -43,8 +48,12 @@ DEADLINE_S=${DEADLINE_S:-500}
 STEPS=${STEPS:-ext tests sanitize kernels e2e}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/gpu_check}
-WORK="$OUT/gpu_check"
-mkdir -p "$WORK/logs" "$WORK/results"
+# Logs and results are written outside $OUT and come back in $OUT/gpu_check.tar.gz: the device tool
+# returns at most 8 files from $OUT (2 folders down), so nothing else there may compete with the
+# archive, the results' Markdown and the cache parts.
+WORK_ROOT=${WORK_ROOT:-/tmp/gpu_check_work}
+WORK="$WORK_ROOT/gpu_check"
+mkdir -p "$WORK/logs" "$WORK/results" "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 CACHE_DIR=${CACHE_DIR:-/tmp/crossvit-compile-cache}
@@ -54,9 +63,19 @@ if ls .inductor-cache/inductor-cache.tgz.part-* >/dev/null 2>&1; then
   cat .inductor-cache/inductor-cache.tgz.part-* | tar -xz -C "$CACHE_DIR" && echo "caches restored: $(du -sh "$CACHE_DIR")"
 fi
 
-pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" gpu_check; }
-phase() {  # phase NAME SECONDS COMMAND...: run under a time limit into logs/NAME.log
+pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK_ROOT" gpu_check; }
+# phase NAME SECONDS COMMAND...: run under a time limit into logs/NAME.log. The limit is cut to what
+# is left before DEADLINE_S (less the 20 s a killed phase may take to die and the final packing),
+# and a phase with under 30 s left is skipped: the script ends before the device call's own limit,
+# which would kill it unpacked.
+phase() {
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE_S - SECONDS - 30))
+  if [ "$left" -lt 30 ]; then
+    echo "phase $name: skipped, ${left}s left before DEADLINE_S=$DEADLINE_S" | tee -a "$WORK/logs/summary.log"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   timeout -s "${PHASE_SIGNAL:-TERM}" -k 20 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
   local rc=$?
@@ -93,19 +112,6 @@ step tests && PHASE_SIGNAL=INT phase tests "${TESTS_S:-150}" env OMP_NUM_THREADS
   -p no:cacheprovider --timeout=90 --tb=short -rfE --junitxml="$WORK/logs/tests.xml" ${TESTS:-$GPU_TESTS} \
   ${TESTS_K:+-k "$TESTS_K"}
 TAIL_LINES=4
-# sanitize: both backends; sanitize_triton / sanitize_cuda: one
-if step sanitize || step sanitize_triton; then
-  # Compile the Triton kernels outside the sanitizer first (slow under it); memcheck then loads them
-  phase warm_triton 60 python3 scripts/run_each_kernel.py --backend triton
-  phase memcheck_triton 90 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
-    python3 scripts/run_each_kernel.py --backend triton
-fi
-if step sanitize || step sanitize_cuda; then
-  phase memcheck_cuda 30 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
-    python3 scripts/run_each_kernel.py --backend cuda
-  phase racecheck_cuda 40 $SAN --tool racecheck --error-exitcode 9 --print-limit 20 \
-    python3 scripts/run_each_kernel.py --backend cuda
-fi
 if step diagnose; then   # a plain run (host traceback on a crash) and the op's time breakdown
   phase failing 40 python3 -m pytest -q -p no:cacheprovider --tb=short ${FAILING:-tests/test_triton_kernels.py}
   phase run_cuda 30 python3 -X faulthandler scripts/run_each_kernel.py --backend cuda
@@ -122,19 +128,43 @@ if step warm; then   # the warming processes are the shell's only background job
   echo "phase warm: done $((SECONDS - start))s after the phases before it" | tee -a "$WORK/logs/summary.log"
   grep -h "warmed\|Error" "$WORK"/logs/warm_*.log | tail -n 12
 fi
-# issue 11's end-to-end rows, each against timm run the same way (compiled, graphed)
-# (its six compilations take about 350 s on an H100 without warm caches)
-step race && phase bench_race "${RACE_S:-420}" python3 -m bench.e2e --preset "$RACE_PRESET" --out "$WORK/results"
 # CUDA-graph replays at batch 1 (crossvit_tiny_240, fp32 and bf16): timm, crossvit_fast, and
-# crossvit_fast with its CLS projections fused, its branches on two streams, or both, under the
-# capture (the A/B that decides their defaults)
-step graphs_ab && phase graphs_ab "${GRAPHS_AB_S:-90}" python3 scripts/graphs_ab.py --out "$WORK/results" \
-  ${GRAPHS_AB_ARGS:-}
+# crossvit_fast with its CLS projections fused, its CLS exchanges fused, its branches on two
+# streams, or two of these, under the capture (the A/B that decides their defaults). Before the
+# race, once the warming processes are done (nothing else on the GPU), and in two processes: the
+# fused CLS exchange, never run on a GPU before, apart, since a CUDA fault ends its process.
+if step graphs_ab; then
+  phase graphs_ab "${GRAPHS_AB_S:-60}" python3 scripts/graphs_ab.py --out "$WORK/results" --skip exchange \
+    ${GRAPHS_AB_ARGS:-}
+  phase graphs_ab_exchange "${GRAPHS_AB_EXCHANGE_S:-45}" python3 scripts/graphs_ab.py \
+    --out "$WORK/results/exchange" --only exchange ${GRAPHS_AB_ARGS:-}
+fi
+# issue 11's end-to-end rows, each against timm run the same way (compiled, graphed); compiled rows
+# are left out once their compilations took RACE_S - 100 s (a warming process cut off leaves
+# cold caches), so that the rest of the race still runs (its six compilations take about 350 s
+# on an H100 without warm caches)
+RACE_S=${RACE_S:-420}
+step race && phase bench_race "$RACE_S" python3 -m bench.e2e --preset "$RACE_PRESET" --out "$WORK/results" \
+  --compile-budget-s $((RACE_S - 100))
 # the compiled steps of both models: graphs, breaks, recompiles, CUDA-graph skips, wall vs kernel
 # time, inductor's code (into results/compiled/)
 # (each of its 8 rows compiles a model: limit it with PROFILE_COMPILED_ARGS="--workloads train --modes default")
 step profile_compiled && phase profile_compiled "${PROFILE_COMPILED_S:-240}" python3 scripts/profile_compiled.py \
   --out "$WORK/results/compiled" ${PROFILE_COMPILED_ARGS:-}
+# sanitize: both backends; sanitize_triton / sanitize_cuda: one (after the timed steps: the tests
+# have run every kernel against its reference by then, and what the deadline leaves out waits)
+if step sanitize || step sanitize_triton; then
+  # Compile the Triton kernels outside the sanitizer first (slow under it); memcheck then loads them
+  phase warm_triton 60 python3 scripts/run_each_kernel.py --backend triton
+  phase memcheck_triton 90 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 scripts/run_each_kernel.py --backend triton
+fi
+if step sanitize || step sanitize_cuda; then
+  phase memcheck_cuda 30 $SAN --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 scripts/run_each_kernel.py --backend cuda
+  phase racecheck_cuda 40 $SAN --tool racecheck --error-exitcode 9 --print-limit 20 \
+    python3 scripts/run_each_kernel.py --backend cuda
+fi
 KERNELS_S=${KERNELS_S:-90}
 E2E_S=$((DEADLINE_S - SECONDS - 15 - $(step kernels && echo "$KERNELS_S" || echo 0)))
 step e2e && [ "$E2E_S" -ge 30 ] && phase bench_e2e "$E2E_S" python3 -m bench.e2e \
@@ -156,4 +186,5 @@ if [ "${PACK_CACHE:-1}" = 1 ]; then
   fi
   rm -f /tmp/inductor-cache.tgz
 fi
+pack   # the summary and anything written since the last phase
 cat "$WORK/logs/summary.log"

@@ -189,11 +189,26 @@ def table(rows: list) -> str:
           f"{r['rel_err_vs_timm_fp32']:.1e}"] for r in rows])
 
 
-def without_rows(skip: str) -> Dict[str, Setting]:
+def chosen_rows(skip: str = "", only: str = "") -> Dict[str, Setting]:
     """:data:`SETTINGS` without the rows whose name contains any of the comma-separated words of
-    ``skip``."""
-    words = [word for word in skip.split(",") if word]
-    return {name: setting for name, setting in SETTINGS.items() if not any(w in name for w in words)}
+    ``skip``, and, where ``only`` names words, only the rows whose name contains one of them."""
+    def words(text):
+        return [word for word in text.split(",") if word]
+    return {name: setting for name, setting in SETTINGS.items()
+            if not any(w in name for w in words(skip))
+            and (not words(only) or any(w in name for w in words(only)))}
+
+
+def write(rows: list, out: Path) -> None:
+    """The rows so far as JSON and Markdown in ``out`` (after each variant, dtype and batch, so
+    that a process ended by a fault or its time limit keeps what it measured)."""
+    env = environment("cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"graphs-ab-{device_slug(env['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    stem.with_suffix(".md").write_text(
+        f"# CUDA-graph replays: {env['device']}, torch {env['torch']}, Triton {env['triton']}, "
+        f"commit {env['commit']}\n\n{table(rows)}\n")
 
 
 def main(argv=None) -> int:
@@ -206,6 +221,9 @@ def main(argv=None) -> int:
                         help="leave out the crossvit_fast rows whose name contains any of these "
                              "comma-separated words (e.g. 'exchange' after a kernel's fault: a "
                              "CUDA fault ends the process's other rows too)")
+    parser.add_argument("--only", default="",
+                        help="measure only the crossvit_fast rows whose name contains one of these "
+                             "comma-separated words (timm's row is always measured)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("graphs_ab: needs a CUDA GPU (CUDA graphs)", file=sys.stderr)
@@ -213,7 +231,7 @@ def main(argv=None) -> int:
     timm, reason = load_timm()
     if timm is None:
         print("timm left out:", reason)
-    settings = without_rows(args.skip)
+    settings = chosen_rows(args.skip, args.only)
     rows = []
     for variant in args.variants.split(","):
         for dtype in args.dtypes.split(","):
@@ -221,14 +239,7 @@ def main(argv=None) -> int:
                 new = measure(variant, dtype, batch, timm, settings)
                 rows += new
                 print(table(new), flush=True)
-    env = environment("cuda")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"graphs-ab-{device_slug(env['device'])}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    stem.with_suffix(".md").write_text(
-        f"# CUDA-graph replays: {env['device']}, torch {env['torch']}, Triton {env['triton']}, "
-        f"commit {env['commit']}\n\n{table(rows)}\n")
+                write(rows, Path(args.out))
     print(table(rows))
     return 0
 

@@ -1,6 +1,7 @@
 """The GPU scripts' CPU-checkable parts (what a lent GPU's minutes should not be spent finding)."""
 import contextlib
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -73,10 +74,26 @@ def test_graphs_ab_rows_run_their_settings_and_give_timms_logits(monkeypatch):
         kept = ab.captured(dict(calls, broken=lambda x: 1 / 0), x)
     assert list(kept) == list(calls)
     assert "timm+graphs" not in ab.implementations(None, model, lambda m: m, contextlib.nullcontext)
-    assert list(ab.without_rows("exchange,streams")) == ["fast+graphs", "fast+graphs, CLS projection fused"]
-    assert ab.without_rows("") == ab.SETTINGS
+    assert list(ab.chosen_rows(skip="exchange,streams")) == ["fast+graphs", "fast+graphs, CLS projection fused"]
+    assert list(ab.chosen_rows(only="exchange")) == ["fast+graphs, CLS exchange fused",
+                                                     "fast+graphs, exchange fused, two streams"]
+    assert ab.chosen_rows() == ab.SETTINGS
     name = "fast+graphs, exchange fused, two streams"
     row = dict(variant="v", dtype="fp32", batch=1, impl=name, back_to_back_s=1.5e-3,
                latency_s=2e-3, gpu_s=None, kernels=0, vs_timm=1.25, rel_err_vs_timm_fp32=3e-7)
     assert ab.table([row]).splitlines()[-1] == \
         f"| v | fp32 | 1 | {name} | 1500.0 | 2000.0 | — | 0 | 1.25x | 3.0e-07 |"
+
+
+def test_graphs_ab_writes_what_it_measured_so_far(tmp_path, monkeypatch):
+    """Its results are written after each variant, dtype and batch: a process a CUDA fault or
+    its time limit ends keeps the rows measured before."""
+    ab = _script("graphs_ab")
+    monkeypatch.setattr(ab, "environment", lambda device: dict(device="NVIDIA H100 80GB HBM3",
+                                                               torch="2.11", triton="3.6", commit="abc"))
+    row = dict(variant="v", dtype="fp32", batch=1, impl="timm+graphs", back_to_back_s=1e-3,
+               latency_s=1e-3, gpu_s=None, kernels=0, vs_timm=1.0, rel_err_vs_timm_fp32=0.0)
+    ab.write([row], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "graphs-ab-nvidia-h100-80gb-hbm3.json").read_text())
+    assert written["rows"] == [row] and written["environment"]["commit"] == "abc"
+    assert "| v | fp32 | 1 | timm+graphs |" in (tmp_path / "out" / "graphs-ab-nvidia-h100-80gb-hbm3.md").read_text()
