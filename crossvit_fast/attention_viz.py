@@ -81,16 +81,17 @@ def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], cr
 
 
 def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
-    """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the last fusion
+    """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the (first) fusion
     block's attention over the other branch's patches (a one-branch model: its own), the CLS
-    column dropped, ``[heads, gh, gw]`` on that branch's patch grid (sample 0)."""
+    column dropped, ``[heads, gh, gw]`` on that branch's patch grid (sample 0). Only a fusion's
+    first block attends over the patches: timm chains the next ones on the CLS token alone."""
     grids = [embed.grid_size for embed in model.patch_embed]
     out = []
     for i, stage in enumerate(model.blocks):
         row = []
         for d, fusion in enumerate(stage.fusion):
-            last = len(fusion) - 1 if isinstance(fusion, torch.nn.Sequential) else None
-            name = f"blocks.{i}.fusion.{d}" + ("" if last is None else f".{last}") + ".attn.attn_drop"
+            first = ".0" if isinstance(fusion, torch.nn.Sequential) else ""
+            name = f"blocks.{i}.fusion.{d}{first}.attn.attn_drop"
             gh, gw = grids[(d + 1) % len(grids)]
             row.append(maps[name][0, :, 0, 1:].float().reshape(-1, gh, gw).cpu())
         out.append(row)

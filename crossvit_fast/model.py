@@ -175,8 +175,10 @@ class MultiScaleBlock(NotScriptable, nn.Module):
         closing residual add into the next block's norm (one pass over the tokens more per
         block). The CLS exchange is not recomputed: it keeps CLS-sized activations and views
         of the branch outputs. A chain with hooks of its own is one checkpoint, so that its
-        hooks run."""
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+        hooks run. Under ``torch.func``'s transforms (per-sample gradients), which torch's
+        checkpoint does not support, the blocks run without it: the same result, more memory."""
+        if (not (self.grad_checkpointing and torch.is_grad_enabled())
+                or reference._functorch_transform_active()):
             return blocks(x)
         if not (isinstance(blocks, nn.Sequential) and _runs_as_written(blocks)):
             return checkpoint_module(blocks, x)
@@ -605,8 +607,9 @@ class CrossViT(NotScriptable, nn.Module):
         heads, 1 + N, 1 + N]``) are added: those blocks then form their attention matrix
         instead of calling SDPA.
 
-        The maps carry no gradient; they are fp32 (float64 for a float64 model). Eager only:
-        the recording is not meant for ``torch.compile``.
+        The maps carry no gradient; the fusion's are fp32 (float64 for a float64 model), the
+        branches' in the dtype their attention computes in (under autocast, autocast's, as
+        timm's hooked maps). Eager only: the recording is not meant for ``torch.compile``.
         """
         names = {m: n for n, m in self.named_modules()}
         with recording_attention_maps(branches) as maps:

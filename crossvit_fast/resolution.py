@@ -86,7 +86,10 @@ def resample_checkpoint_pos_embeds(state: Dict[str, Tensor], grids: Sequence[Siz
                                    widths: Sequence[int]) -> Dict[str, Tensor]:
     """``state`` with each ``pos_embed_{i}`` of width ``widths[i]`` but another number of patch
     tokens than ``grids[i]`` holds (a square grid: trained at another image size) resampled to
-    ``grids[i]``. Others are left alone, for the shape check to name."""
+    ``grids[i]``. Others are left alone, for the shape check to name. A checkpoint with as many
+    patch tokens as the model's grid is loaded as it is: its grid's shape is not in its tensors
+    (a 20x20 grid and a 10x40 one hold 400 tokens alike), and a model built at the size the
+    checkpoint was made at must load it unchanged."""
     out = dict(state)
     for i, (grid, width) in enumerate(zip(grids, widths)):
         pos = out.get(f"pos_embed_{i}")

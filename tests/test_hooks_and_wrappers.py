@@ -123,13 +123,17 @@ def test_tensors_a_hook_keeps_are_not_overwritten_in_inference(where):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_torch_func_transforms_run_timms_math_per_sample_gradients(fused_cls_projection):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "grad_checkpointing"])
+def test_torch_func_transforms_run_timms_math_per_sample_gradients(fused_cls_projection, checkpointing):
     """Under ``torch.func`` (vmap, grad: per-sample gradients) the fused ops' Functions and
     kernels step aside for timm's math (was: "You tried to vmap over AttnPoolFunction"): each
-    sample's gradients equal a plain backward over that sample alone."""
+    sample's gradients equal a plain backward over that sample alone. With gradient
+    checkpointing on, the blocks run without it there (torch's checkpoint raised under the
+    transforms)."""
     from torch.func import functional_call, grad, vmap
     torch.manual_seed(0)
     model = small_model().eval()
+    model.set_grad_checkpointing(checkpointing)
     x = torch.randn(3, 3, 48, 48)
     params = {k: v.detach() for k, v in model.named_parameters()}
 

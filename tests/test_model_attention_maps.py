@@ -256,3 +256,17 @@ def test_recording_in_one_thread_leaves_other_threads_forwards_alone(monkeypatch
     with torch.no_grad():   # and this thread's recording still works
         _, own = model.forward_attention_maps(x, branches=True)
     assert len(own) == 3 * 2 + 3 * (1 + 2)
+
+
+def test_the_drawn_maps_are_each_fusions_first_block_over_the_patch_grid():
+    """With two blocks in a fusion (timm chains the second on the CLS token alone), the map the
+    attention command draws is the first block's, over the other branch's whole patch grid."""
+    from crossvit_fast.attention_viz import cls_maps_on_grids
+    model = small_model(depth=((1, 2, 2),) * 3).eval()
+    with torch.no_grad():
+        _, maps = model.forward_attention_maps(torch.randn(1, 3, 48, 48))
+    grids = [embed.grid_size for embed in model.patch_embed]
+    for row in cls_maps_on_grids(model, maps):
+        for d, drawn in enumerate(row):
+            assert drawn.shape == (2, *grids[(d + 1) % 2])
+            assert torch.isfinite(drawn).all() and (drawn > 0).all()

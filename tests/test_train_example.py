@@ -232,3 +232,16 @@ def test_a_bad_argument_is_a_usage_error(capsys, argv):
         train_ddp.parse_args(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {argv[0]}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value, says", [
+    ("[1]", "expected a JSON object of create_model arguments, got a list"),
+    ("{bad", "expected a JSON object"),
+    ('{"num_classes": 5}', "num_classes is not a model argument here"),
+])
+def test_bad_model_kwargs_are_one_line(capsys, value, says):
+    with pytest.raises(SystemExit) as exit_:
+        train_ddp.main(["--model-kwargs", value, "--steps", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert "argument --model-kwargs" in lines[0] and says in lines[0]

@@ -64,6 +64,22 @@ def training_device(text: str) -> str:
     return text
 
 
+def model_kwargs(text: str) -> dict:
+    """A JSON object of create_model arguments; the class count comes from --data or
+    --num-classes, so it is not among them."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object ({err})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of create_model "
+                                         f"arguments, got a {type(value).__name__}")
+    if "num_classes" in value:
+        raise argparse.ArgumentTypeError(f"{text!r}: num_classes is not a model argument here; "
+                                         f"the classes come from --data or --num-classes")
+    return value
+
+
 DEFAULT_CHECKPOINT = Path("train_ddp_checkpoint.pt")
 
 
@@ -86,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a crossvit_fast CrossViT with DDP (launch with torchrun), resumably.")
     parser.add_argument("--model", default="crossvit_tiny_240", type=model_name, metavar="NAME",
                         help="variant name (crossvit_fast.list_models())")
-    parser.add_argument("--model-kwargs", default="{}", type=json.loads, metavar="JSON",
+    parser.add_argument("--model-kwargs", default="{}", type=model_kwargs, metavar="JSON",
                         help="JSON of create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's published weights")
     parser.add_argument("--data", type=directory, metavar="DIR",
