@@ -52,7 +52,7 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, 
     Pickle files are read with ``torch.load(weights_only=True)``, ``argparse.Namespace`` (timm's
     saved ``args``) allowed: no code in them runs. Any failure is a :class:`CheckpointError`.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path}: {'not a file' if path.exists() else 'no such file'}")
     state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
@@ -166,10 +166,12 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
                     drop_head: bool = False, use_ema: bool = True, input_convs: Sequence[str] = (),
-                    strict: bool = True) -> None:
+                    strict: bool = True):
     """Load ``path`` (a checkpoint file, or a state dict itself, as a pretrained config's
     ``state_dict``) into ``model`` strictly (every key and shape must match; with
     ``strict=False``, as timm's ``pretrained_strict=False``, keys on one side only are skipped).
+    Returns ``load_state_dict``'s missing and unexpected keys, as timm's ``load_checkpoint``
+    does (with ``strict=False``, what was skipped).
 
     ``drop_head=True`` keeps the model's own classifier (``head.*``), as timm does when a
     pretrained model is built with another ``num_classes``. ``use_ema`` as in timm's
@@ -197,7 +199,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike, Mapping[str,
         state.update(own_head)
     check_state_dict(model, state, f"checkpoint {path}", strict)
     try:
-        model.load_state_dict(state, strict=strict)
+        return model.load_state_dict(state, strict=strict)
     except RuntimeError as err:  # what check_state_dict does not catch, e.g. a sparse tensor
         raise CheckpointError(f"checkpoint {path}: {' '.join(str(err).split())}") from err
 
@@ -257,7 +259,8 @@ def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.P
             f"could not fetch {what} from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
             f"{filenames[0]} from https://huggingface.co/{repo} on another machine and pass "
-            f"checkpoint_path=") from err
+            f"pretrained_cfg_overlay=dict(file=PATH) with pretrained=True (another num_classes or "
+            f"in_chans is adapted as from the Hub)") from err
 
 
 def url_cache_path(url: str, cache_dir: Optional[str | os.PathLike] = None) -> Optional[Path]:
@@ -284,7 +287,7 @@ def url_file(url: str, cache_dir: Optional[str | os.PathLike] = None, what: str 
             raise CheckpointError(
                 f"could not fetch {what} from {url}: {type(err).__name__}"
                 f"{': ' + detail if detail else ''}. Without network access, download it on another "
-                f"machine and pass checkpoint_path=") from err
+                f"machine and pass pretrained_cfg_overlay=dict(file=PATH) with pretrained=True") from err
     return str(cached)
 
 

@@ -88,6 +88,13 @@ def backend_name(text: str) -> str:
     return text.lower()
 
 
+def checkpoint_path(text: str) -> str:
+    """A non-empty path (an unset shell variable must not check random weights unnoticed)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected the path of a checkpoint file, got an empty one")
+    return text
+
+
 def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
     """An argument type for a comma-separated list whose items each parse with ``item``."""
     def parse(text: str) -> list:
@@ -133,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "error of timm's math in that dtype, at least 6e-2 bf16, 1e-2 fp16)")
     check.add_argument("--backends", type=comma_list(backend_name), default=None,
                        help="comma-separated backends (default: every usable one)")
-    check.add_argument("--checkpoint", default=None, metavar="PATH",
+    check.add_argument("--checkpoint", type=checkpoint_path, default=None, metavar="PATH",
                        help="weights to check with (.safetensors or torch.save file; default: random)")
 
     bench = sub.add_parser("bench", parents=[common], help="images/s: fused vs naive model, inference")
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention = sub.add_parser("attention", parents=[common],
                                help="draw each branch's CLS cross-attention over an image (PNG)")
     attention.add_argument("image", help="an image file (any format Pillow reads)")
-    attention.add_argument("--checkpoint", default=None, metavar="PATH",
+    attention.add_argument("--checkpoint", type=checkpoint_path, default=None, metavar="PATH",
                            help="weights to load (default: random weights, labelled so)")
     attention.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
     attention.add_argument("--heads", action="store_true", help="one heat map per head, not the mean")

@@ -377,7 +377,9 @@ def test_an_empty_checkpoint_path_loads_nothing():
     assert same_weights(model, create_model(NAME))
 
 
-NO_WEIGHTS = "could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*checkpoint_path="
+NO_WEIGHTS = (r"could not fetch pretrained weights for crossvit_9_240 from the Hugging Face Hub.*"
+              r"pretrained_cfg_overlay=dict\(file=PATH\) with pretrained=True \(another num_classes or "
+              r"in_chans is adapted as from the Hub\)")
 FAST_S = 5.0   # huggingface_hub's own retries took about 23 s
 
 
@@ -437,8 +439,26 @@ def test_pretrained_offline_fails_fast_and_quietly(tmp_path, monkeypatch, capfd,
 def test_load_checkpoint_is_exported(source, tmp_path):
     torch.save(source.state_dict(), tmp_path / "w.pt")
     model = create_model(NAME)
-    crossvit_fast.load_checkpoint(model, tmp_path / "w.pt")
+    result = crossvit_fast.load_checkpoint(model, tmp_path / "w.pt")
     assert same_weights(model, source)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_a_non_strict_load_returns_what_it_skipped_as_timms_does(source, tmp_path):
+    """With strict=False a checkpoint whose keys do not match loads nothing: the missing and
+    unexpected keys come back, as from timm's load_checkpoint, for the caller to see."""
+    torch.save({"state_dict": {"model." + k: v for k, v in source.state_dict().items()}},
+               tmp_path / "lightning.ckpt")
+    model = create_model(NAME)
+    result = crossvit_fast.load_checkpoint(model, tmp_path / "lightning.ckpt", strict=False)
+    assert set(result.missing_keys) == set(model.state_dict())
+    assert len(result.unexpected_keys) == len(source.state_dict())
+
+
+def test_a_checkpoint_path_with_a_tilde_is_the_home_folder(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    assert same_weights(create_model(NAME, checkpoint_path="~/w.pt"), source)
 
 
 @pytest.mark.parametrize("in_chans", [1, 4])

@@ -95,6 +95,7 @@ ARGUMENT_ERRORS = [
     (["check", "--seed", "-1"], "argument --seed: expected an integer seed from 0 to 2**63 - 1"),
     (["check", "--seed", str(2 ** 63)], "argument --seed: expected an integer seed from 0 to 2**63 - 1"),
     (["check", "--tol", "0"], "argument --tol: expected a positive number, got '0'"),
+    (["check", "--checkpoint", ""], "argument --checkpoint: expected the path of a checkpoint file, got an empty one"),
     (["check", "--tol", "nan"], "argument --tol: expected a positive number, got 'nan'"),
     (["check", "--model", "crossvit_99"], "argument --model: unknown model 'crossvit_99'; expected one of crossvit_15_240,"),
     (["check", "--backends", "torch,gpu"], "argument --backends: unknown backend 'gpu'; expected one of auto, triton, cuda, torch"),
