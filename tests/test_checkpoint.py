@@ -309,7 +309,8 @@ def test_timm_use_old_cache_prefers_a_cached_url(source, tmp_path, monkeypatch):
 def test_pretrained_url_errors_and_no_source(tmp_path):
     absent = (tmp_path / "absent.pth").as_uri()
     with pytest.raises(CheckpointError, match=f"could not fetch pretrained weights for {NAME} from "
-                                              f"{absent}: .*checkpoint_path=$"):
+                                              f"{absent}: .*pretrained_cfg_overlay=dict\\(file=PATH\\) "
+                                              f"with pretrained=True$"):
         create_model(NAME, pretrained=True, cache_dir=str(tmp_path / "cache"),
                      pretrained_cfg_overlay=dict(hf_hub_id=None, url=absent))
     assert not (tmp_path / "cache" / "absent.pth").exists()
