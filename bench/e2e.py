@@ -270,8 +270,11 @@ class Runner:
         return None
 
     def measure(self, spec: Spec) -> dict:
-        """Time ``spec``: its first call (the compilation), then warm-up and timed calls."""
+        """Time ``spec``: its first call (the compilation), then warm-up and timed calls. A
+        ``reduce-overhead`` row records how often inductor left CUDA graphs out (its peer then
+        runs another way than the row's name says)."""
         device, settings = self.settings.device, self.settings
+        skips_before = _cudagraph_skips()
         step, first_call_s = first_step(spec, settings, self.timm)
         if spec.compiled:
             self.compile_spent_s += first_call_s
@@ -286,12 +289,20 @@ class Runner:
             self.flops[spec.variant] = count_flops(spec.variant, self.timm)
         flops = self.flops[spec.variant][spec.mode] * spec.batch
         tflops = flops / back_to_back_s / 1e12
+        skips = _cudagraph_skips() - skips_before if run_mode(spec.impl) == "+compile-ro" else None
         return dict(asdict(spec), images_per_s=spec.batch / back_to_back_s, **stats,
+                    cudagraph_skips=skips,
                     back_to_back_s=back_to_back_s, gpu_s=gpu_s,
                     first_call_s=first_call_s, peak_memory_bytes=peak,
                     flops_per_image=self.flops[spec.variant][spec.mode],
                     flops_source=self.flops[spec.variant]["source"], TFLOPs=tflops,
                     flop_fraction=tflops / self.peaks["matmul"][spec.dtype]["TFLOPs"])
+
+
+def _cudagraph_skips() -> int:
+    """How often inductor has left CUDA graphs out of a ``reduce-overhead`` graph so far."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def warm_compile_cache(settings: Settings, timm, shard: int, shards: int) -> None:
@@ -342,7 +353,9 @@ def table_row(row: dict) -> List[str]:
     """One result row as Markdown cells."""
     speedup = lambda v: fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
     peak = row["peak_memory_bytes"]
-    return [row["variant"], row["mode"], row["dtype"], row["batch"], row["impl"], f"{row['images_per_s']:.1f}",
+    impl = row["impl"] + (f" (CUDA graphs skipped {row['cudagraph_skips']}x)"
+                          if row.get("cudagraph_skips") else "")
+    return [row["variant"], row["mode"], row["dtype"], row["batch"], impl, f"{row['images_per_s']:.1f}",
             f"{row['back_to_back_s'] * 1e3:.2f}", f"{row['median_s'] * 1e3:.2f}",
             f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
             fmt(row["gpu_s"] * 1e3 if row.get("gpu_s") else None, ".2f"), speedup(row.get("vs_peer")),

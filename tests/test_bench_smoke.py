@@ -85,6 +85,7 @@ def test_e2e_smoke(tmp_path):
         assert row["images_per_s"] == pytest.approx(1 / row["back_to_back_s"])
         assert row["TFLOPs"] > 0 and row["flop_fraction"] > 0
         assert row["peak_memory_bytes"] is None  # CPU
+        assert row["cudagraph_skips"] is None    # recorded for reduce-overhead rows alone
         assert row["vs_fast"] > 0
         if row["impl"] == "fast":
             assert row["vs_fast"] == 1.0
@@ -186,3 +187,14 @@ def test_interleaved_back_to_back_alternates_rounds_and_takes_medians():
                                        "cpu", steps=2, rounds=3)
     assert order == ["a", "a", "b", "b"] * 3
     assert set(medians) == {"a", "b"} and all(m > 0 for m in medians.values())
+
+
+def test_a_reduce_overhead_row_whose_cuda_graphs_were_skipped_says_so():
+    """Its peer ran with CUDA graphs where it may not have: the table says how often inductor
+    left them out."""
+    row = dict(variant="v", mode="infer", dtype="bf16", batch=256, impl="fast+compile-ro",
+               images_per_s=1.0, back_to_back_s=1.0, median_s=1.0, p10_s=1.0, p90_s=1.0, gpu_s=None,
+               vs_peer=1.0, vs_timm=1.0, vs_fast=1.0, first_call_s=1.0, peak_memory_bytes=None,
+               TFLOPs=1.0, flop_fraction=0.1, cudagraph_skips=2)
+    assert e2e.table_row(row)[4] == "fast+compile-ro (CUDA graphs skipped 2x)"
+    assert e2e.table_row(dict(row, cudagraph_skips=0))[4] == "fast+compile-ro"
