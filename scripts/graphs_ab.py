@@ -23,7 +23,7 @@ relative error of its logits against timm's eager fp32 forward (crossvit_fast's 
 not import).
 
     python scripts/graphs_ab.py [--variants crossvit_tiny_240] [--batches 1] [--dtypes fp32,bf16]
-        [--out DIR]
+        [--skip WORDS | --only WORDS] [--out DIR]
 """
 import argparse
 import contextlib
