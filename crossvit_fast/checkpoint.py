@@ -45,9 +45,9 @@ class SafetensorsCheckpointError(CheckpointError, SafetensorError):
 
 
 def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file or a ``torch.save`` file of any name (``.pth``,
-    ``.pth.tar``, ``.ckpt``...), wrappers removed; the EMA weights where there are some and
-    ``use_ema`` (timm's ``load_checkpoint`` default).
+    """The tensors of a safetensors file (told by its name or its first bytes) or a ``torch.save``
+    file of any name (``.pth``, ``.pth.tar``, ``.ckpt``...), wrappers removed; the EMA weights
+    where there are some and ``use_ema`` (timm's ``load_checkpoint`` default).
 
     Pickle files are read with ``torch.load(weights_only=True)``, ``argparse.Namespace`` (timm's
     saved ``args``) allowed: no code in them runs. Any failure is a :class:`CheckpointError`.
@@ -55,7 +55,8 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, 
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path}: {'not a file' if path.exists() else 'no such file'}")
-    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
+    safetensors = path.suffix == ".safetensors" or _looks_like_safetensors(path)
+    state = _read_safetensors(path) if safetensors else _read_pickle(path)
     keys = (_EMA_KEYS if use_ema else ()) + _WRAPPER_KEYS
     for key in keys:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
@@ -66,6 +67,17 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, 
         raise CheckpointError(f"checkpoint {path}: expected a mapping of parameter names to tensors "
                               f"(optionally under {' or '.join(repr(k) for k in keys)})")
     return dict(state)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte little-endian header length
+    that fits in the file, then the header's JSON ``{`` (a torch.save file starts with ``PK`` or
+    a pickle opcode). So a safetensors file saved under another name is read as one."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:

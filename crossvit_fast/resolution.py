@@ -11,6 +11,7 @@ rounded to the nearest whole number of patches per side, which works.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,6 +23,8 @@ from torch import Tensor
 from .layers import patches_along
 
 Size = Tuple[int, int]
+
+_logger = logging.getLogger(__name__)
 
 
 def rounded_size(img_size: Size, scale: float, patch: int) -> Size:
@@ -89,7 +92,8 @@ def resample_checkpoint_pos_embeds(state: Dict[str, Tensor], grids: Sequence[Siz
     ``grids[i]``. Others are left alone, for the shape check to name. A checkpoint with as many
     patch tokens as the model's grid is loaded as it is: its grid's shape is not in its tensors
     (a 20x20 grid and a 10x40 one hold 400 tokens alike), and a model built at the size the
-    checkpoint was made at must load it unchanged."""
+    checkpoint was made at must load it unchanged. Each resampling is logged (INFO), as timm's
+    ``resample_abs_pos_embed`` logs it."""
     out = dict(state)
     for i, (grid, width) in enumerate(zip(grids, widths)):
         pos = out.get(f"pos_embed_{i}")
@@ -99,4 +103,5 @@ def resample_checkpoint_pos_embeds(state: Dict[str, Tensor], grids: Sequence[Siz
         side = math.isqrt(pos.shape[1] - 1)
         if side > 0 and side * side == pos.shape[1] - 1:   # no patch rows: nothing to resample
             out[f"pos_embed_{i}"] = resample_pos_embed(pos, grid, (side, side))
+            _logger.info("Resized position embedding pos_embed_%d: %s to %s.", i, (side, side), tuple(grid))
     return out

@@ -43,6 +43,12 @@ def test_round_trip(source, tmp_path, fmt, wrapper):
     assert same_weights(create_model(NAME, checkpoint_path=str(path)), source)
 
 
+@pytest.mark.parametrize("name", ["ckpt.bin", "ckpt.pth", "ckpt"])
+def test_a_safetensors_file_under_another_name_is_read_as_one(source, tmp_path, name):
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / name))
+    assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / name)), source)
+
+
 def test_ibm_key_style_and_ddp_prefix_load(source, tmp_path):
     state = {("module." + k).replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
              for k, v in source.state_dict().items()}

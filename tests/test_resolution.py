@@ -210,10 +210,21 @@ def test_checkpoint_from_240_loads_as_timms_resampling_by_hand(checkpoint_240, i
         assert torch.equal(model(x), by_hand(x))
 
 
-def test_pretrained_file_at_another_size_is_resampled(checkpoint_240):
+def test_pretrained_file_at_another_size_is_resampled_and_logged(checkpoint_240, caplog):
     _, path = checkpoint_240
-    model = create_model(NAME, img_size=384, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    with caplog.at_level("INFO", logger="crossvit_fast.resolution"):
+        model = create_model(NAME, img_size=384, pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert model.pos_embed_0.shape[1] == 1 + 32 * 32 and model.pos_embed_1.shape[1] == 1 + 22 * 22
+    assert [r.getMessage() for r in caplog.records] == [
+        "Resized position embedding pos_embed_0: (20, 20) to (32, 32).",
+        "Resized position embedding pos_embed_1: (14, 14) to (22, 22)."]
+
+
+def test_a_checkpoint_at_the_models_size_loads_without_a_resampling_logged(checkpoint_240, caplog):
+    _, path = checkpoint_240
+    with caplog.at_level("INFO", logger="crossvit_fast.resolution"):
+        create_model(NAME, checkpoint_path=path)
+    assert caplog.records == []
 
 
 def smooth_image(seed, size=240):
