@@ -138,11 +138,11 @@ def class_label(index: int, names: Optional[Sequence[str]]) -> str:
 
 def heading_lines(title: str, note: str = "", classes: Optional[List[Tuple[int, float]]] = None,
                   names: Optional[Sequence[str]] = None) -> List[str]:
-    """The picture's heading, one paragraph a line: the title, the crop note, the top-5 classes
-    (by name where ``names`` is given, else by number)."""
+    """The picture's heading, one paragraph a line: the title, the crop note, the top classes
+    (five, or as many as the head has; by name where ``names`` is given, else by number)."""
     lines = [line for line in (title, note) if line]
     if classes:
-        lines.append("top-5: " + ", ".join(f"{class_label(i, names)} ({p:.3f})" for i, p in classes))
+        lines.append(f"top-{len(classes)}: " + ", ".join(f"{class_label(i, names)} ({p:.3f})" for i, p in classes))
     return lines
 
 
@@ -251,18 +251,21 @@ def _wrap(fig, text, paragraphs: Sequence[str], max_pixels: float) -> List[str]:
 
 
 def draw_attention(image: str, model_name: str, out: str, checkpoint: Optional[str] = None,
-                   heads: bool = False, device: torch.device = torch.device("cpu"),
+                   num_classes: Optional[int] = None, heads: bool = False,
+                   device: torch.device = torch.device("cpu"),
                    dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
     """Load ``model_name`` (random weights, drawn from seed 0 so that a picture can be made
-    again, unless ``checkpoint``) and ``image``, take the CLS attention maps and draw them to
-    ``out``; returns the PNG's ``(width, height)``."""
+    again, unless ``checkpoint``; a head of ``num_classes``, default the variant's) and
+    ``image``, take the CLS attention maps and draw them to ``out``; returns the PNG's
+    ``(width, height)``."""
     from . import backends
     from .variants import create_model
     output_format(out)
     picture = read_image(image)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = create_model(model_name, checkpoint_path=checkpoint).eval().to(device, dtype)
+        kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+        model = create_model(model_name, checkpoint_path=checkpoint, **kwargs).eval().to(device, dtype)
     batch, rgb, note = load_image(picture, model, name=Path(image).name)
     with torch.no_grad():
         logits, maps = model.forward_attention_maps(batch.to(device, dtype))

@@ -105,6 +105,9 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
     return parse
 
 
+NUM_CLASSES_HELP = "classes of the checkpoint's head (default: the variant's, 1000)"
+
+
 # ---- the parser ----------------------------------------------------------------------------
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated backends (default: every usable one)")
     check.add_argument("--checkpoint", type=checkpoint_path, default=None, metavar="PATH",
                        help="weights to check with (.safetensors or torch.save file; default: random)")
+    check.add_argument("--num-classes", type=non_negative_int, default=None, metavar="N",
+                       help=NUM_CLASSES_HELP)
 
     bench = sub.add_parser("bench", parents=[common], help="images/s: fused vs naive model, inference")
     bench.add_argument("--batch-sizes", type=comma_list(positive_int), default=None,
@@ -157,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("image", help="an image file (any format Pillow reads)")
     attention.add_argument("--checkpoint", type=checkpoint_path, default=None, metavar="PATH",
                            help="weights to load (default: random weights, labelled so)")
+    attention.add_argument("--num-classes", type=non_negative_int, default=None, metavar="N",
+                           help=NUM_CLASSES_HELP)
     attention.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
     attention.add_argument("--heads", action="store_true", help="one heat map per head, not the mean")
     return parser

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -176,13 +178,13 @@ def check(args) -> int:
     tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
     chosen = _checked_backends(args.backends, device)
     torch.manual_seed(args.seed)
-    model = create_model(args.model, checkpoint_path=args.checkpoint).to(device).eval()
+    model = _model(args).to(device).eval()
     reference = copy.deepcopy(model).double()
     x = _image(model, args.batch, device, torch.float64, args.seed)
-    weights = torch.randn(args.batch, model.num_classes, dtype=torch.float64, device=device)
     with naive_math():
         with torch.no_grad():
             expected = _outputs(reference, x)
+        weights = torch.randn(expected["logits"].shape, dtype=torch.float64, device=device)
         expected_grads = _param_grads(reference, x, weights)
     fast, x = model.to(dtype), x.to(dtype)
     own = None   # 16 bits without --tol: each output held to timm's math's own error in the dtype
@@ -209,6 +211,33 @@ def check(args) -> int:
         return 1
     print(f"ok: worst relative error {worst[0]:.2e} within {_bar(worst[1], own)}")
     return 0
+
+
+def _model(args):
+    """``--model`` with ``--num-classes`` and the weights of ``--checkpoint`` (random without)."""
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    with _num_classes_advice(args):
+        return create_model(args.model, checkpoint_path=args.checkpoint, **kwargs)
+
+
+@contextlib.contextmanager
+def _num_classes_advice(args):
+    """Where a checkpoint's classifier does not fit the model and ``--num-classes`` was not
+    given, a CommandError saying to pass it."""
+    try:
+        yield
+    except CheckpointError as err:
+        hint = _num_classes_hint(str(err)) if args.num_classes is None else None
+        if hint is None:
+            raise
+        raise CommandError(f"{_first_line(err)} ({hint})") from err
+
+
+def _num_classes_hint(message: str) -> Optional[str]:
+    """Advice for a checkpoint whose classifier has another number of classes (a fine-tuned
+    head), read from the shape mismatch :func:`check_state_dict` names; None otherwise."""
+    found = re.search(r"head\.0\.bias \(checkpoint \((\d+),\)", message)
+    return f"its head has {found.group(1)} classes: pass --num-classes {found.group(1)}" if found else None
 
 
 def _bar(bar: float, own) -> str:
@@ -285,8 +314,10 @@ def attention(args) -> int:
         raise CommandError(str(err)) from err
     device = _device(args.device)
     _fused_backend(device)   # a backend the variable asks for that cannot run here: before the model
-    width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
-                                   heads=args.heads, device=device, dtype=DTYPES[args.dtype])
+    with _num_classes_advice(args):
+        width, height = draw_attention(args.image, args.model, args.out, checkpoint=args.checkpoint,
+                                       num_classes=args.num_classes, heads=args.heads, device=device,
+                                       dtype=DTYPES[args.dtype])
     print(f"wrote {args.out} ({width}x{height} pixels)")
     return 0
 

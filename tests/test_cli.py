@@ -222,6 +222,30 @@ def test_check_runs_with_a_checkpoint(capsys, tmp_path):
     assert code == 0 and "ok: worst relative error" in out
 
 
+def test_a_fine_tuned_heads_checkpoint_needs_num_classes_and_says_so(capsys, tmp_path):
+    from crossvit_fast import create_model
+    torch.save(create_model(MODEL, num_classes=10).state_dict(), tmp_path / "ft.pth")
+    code, _, err = run_main(capsys, "check", "--model", MODEL, "--device", "cpu", "--backends", "torch",
+                            "--checkpoint", str(tmp_path / "ft.pth"))
+    assert code == 1
+    assert_one_line_error(err, "does not fit this model", "its head has 10 classes: pass --num-classes 10")
+    code, out, _ = run_main(capsys, "check", "--model", MODEL, "--batch", "1", "--device", "cpu",
+                            "--backends", "torch", "--checkpoint", str(tmp_path / "ft.pth"), "--num-classes", "10")
+    assert code == 0 and "ok: worst relative error" in out
+    code, _, err = run_main(capsys, "check", "--model", MODEL, "--device", "cpu", "--backends", "torch",
+                            "--checkpoint", str(tmp_path / "ft.pth"), "--num-classes", "12")
+    assert code == 1
+    assert_one_line_error(err, "head.0.bias (checkpoint (10,), model (12,))")
+    assert "--num-classes" not in err
+
+
+def test_check_without_a_classifier(capsys):
+    """``--num-classes 0``: timm's head-less model, whose output is both branches' pooled features."""
+    code, out, _ = run_main(capsys, "check", "--model", MODEL, "--batch", "1", "--device", "cpu",
+                            "--backends", "torch", "--num-classes", "0")
+    assert code == 0 and "ok: worst relative error" in out
+
+
 def test_json_path_is_checked_before_the_benchmark_runs(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "time_fn", lambda *a, **k: pytest.fail("benchmark ran"))
     code, _, err = run_main(capsys, "bench", "--model", MODEL, "--device", "cpu", "--json", str(tmp_path))
@@ -464,18 +488,34 @@ def test_attention_says_the_image_was_centre_cropped_and_names_the_classes(tmp_p
         assert any(name in top5 for name in imagenet_class_names())
 
 
+def test_attention_loads_a_fine_tuned_head_with_num_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from crossvit_fast import create_model
+    torch.save(create_model("crossvit_tiny_240", num_classes=3).state_dict(), tmp_path / "ft.pth")
+    image, out = synthetic_image(tmp_path / "img.png", seed=0), tmp_path / "maps.png"
+    argv = ["attention", str(image), "--model", "crossvit_tiny_240", "--device", "cpu", "--out", str(out),
+            "--checkpoint", str(tmp_path / "ft.pth")]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 1
+    assert_one_line_error(err, "pass --num-classes 3")
+    assert main(argv + ["--num-classes", "3"]) == 0
+    top = Image.open(out).text["Description"].split("\n")[-1]
+    assert top.startswith("top-") and top.count("(0.") + top.count("(1.") == 3, top
+
+
 def test_attention_class_names_from_timm_and_numbers_without(monkeypatch):
     import importlib.util
 
     from crossvit_fast import attention_viz
     classes = [(0, 0.5), (999, 0.25)]
-    assert attention_viz.heading_lines("t", "", classes, None)[-1] == "top-5: class 0 (0.500), class 999 (0.250)"
+    assert attention_viz.heading_lines("t", "", classes, None)[-1] == "top-2: class 0 (0.500), class 999 (0.250)"
     attention_viz.imagenet_class_names.cache_clear()
     names = attention_viz.imagenet_class_names()
     if importlib.util.find_spec("timm") is not None:
         assert names is not None and len(names) == 1000
         assert (names[0], names[1], names[999]) == ("tench", "goldfish", "toilet tissue")
-        assert attention_viz.heading_lines("t", "", classes, names)[-1] == "top-5: tench (0.500), toilet tissue (0.250)"
+        assert attention_viz.heading_lines("t", "", classes, names)[-1] == "top-2: tench (0.500), toilet tissue (0.250)"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)   # timm not installed
     attention_viz.imagenet_class_names.cache_clear()
     try:
