@@ -259,6 +259,19 @@ void check_rows(const char* op, const char* name, const Tensor& t) {
               " must have a non-empty last dim, got shape ", t.sizes());
 }
 
+// The row kernels keep whole rows in shared memory: a width whose row (forward) or four rows
+// (backward) need more than the GPU grants a block is refused here, by name.
+void check_row_width(const char* op, cvf::DType dtype, int64_t C, bool backward,
+                     const at::Device& device) {
+  int limit = 0;
+  check_launch(op, cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          device.index()));
+  const size_t need = cvf::row_norm_smem_bytes(dtype, static_cast<int>(C), backward);
+  TORCH_CHECK(need <= static_cast<size_t>(limit), op, ": a width C = ", C, " needs ", need,
+              " bytes of shared memory per block; this GPU allows ", limit,
+              ". Use the triton or torch backend for this width.");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(
     const Tensor& x, const std::optional<Tensor>& residual, const Tensor& weight,
     const Tensor& bias, double eps, std::optional<at::ScalarType> out_dtype) {
@@ -282,6 +295,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(
   check_floating(op, "weight", weight);
   check_floating(op, "bias", bias);
 
+  check_row_width(op, dtype, C, false, device);
   const c10::DeviceGuard guard(device);
   const Tensor w = as_f32(weight), b = as_f32(bias);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -341,6 +355,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const std::o
   check_floating(op, "mean", mean);
   check_floating(op, "rstd", rstd);
 
+  check_row_width(op, dtype, C, true, device);
   const c10::DeviceGuard guard(device);
   const Tensor w = as_f32(weight), mean32 = as_f32(mean), rstd32 = as_f32(rstd);
   const auto f32 = h.options().dtype(at::kFloat);
@@ -396,6 +411,7 @@ std::tuple<Tensor, Tensor, Tensor> cls_proj_fwd(const Tensor& x, const Tensor& l
   check_shape(op, "bias", bias, {weight.size(0)});
   check_floating(op, "bias", bias);
 
+  check_row_width(op, dtype, Cin, false, device);
   const c10::DeviceGuard guard(device);
   const Tensor lnw = as_f32(ln_weight), lnb = as_f32(ln_bias);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -438,6 +454,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cls_proj_bwd(
   check_floating(op, "mean", mean);
   check_floating(op, "rstd", rstd);
 
+  check_row_width(op, dtype, Cin, true, device);
   const c10::DeviceGuard guard(device);
   const Tensor lnw = as_f32(ln_weight), lnb = as_f32(ln_bias), w = as_f32(weight);
   const Tensor mean32 = as_f32(mean), rstd32 = as_f32(rstd), dy32 = as_f32(dy);

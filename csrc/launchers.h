@@ -74,6 +74,10 @@ cudaError_t attn_weights(const AttnPoolArgs& args, const float* lse, float* out,
 
 // ---- LayerNorm with an optional residual add --------------------------------------------------
 
+// The least dynamic shared memory a block of the LayerNorm and CLS-projection row kernels needs
+// at width C (one warp); where the GPU grants less, that width cannot run on it.
+size_t row_norm_smem_bytes(DType dtype, int C, bool backward);
+
 struct LayerNormFwdArgs {
   DType dtype;            // of x, residual and h
   DType out_dtype;        // of y

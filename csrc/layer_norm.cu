@@ -37,6 +37,12 @@ cudaError_t layer_norm_fwd(const LayerNormFwdArgs& a, cudaStream_t stream) {
 
 int layer_norm_bwd_partials(int M, int C) { return row_bwd_blocks(M, C); }
 
+size_t row_norm_smem_bytes(DType dtype, int C, bool backward) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return row_warp_smem<typename decltype(tag)::type>(C, backward);
+  });
+}
+
 cudaError_t layer_norm_bwd(const LayerNormBwdArgs& a, float* dweight_part, float* dbias_part,
                            int partials, cudaStream_t stream) {
   return dispatch_dtype(a.dtype, [&](auto tag) {

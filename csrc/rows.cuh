@@ -281,11 +281,17 @@ inline int row_warps(int C, int rows_per_warp, int max_warps) {
 constexpr int kRowFwdMaxWarps = 8;
 constexpr int kRowBwdMaxWarps = 4;
 
+// Dynamic shared memory of one warp at width C: one striped row (forward) or four (backward).
+template <typename T>
+size_t row_warp_smem(int C, bool backward) {
+  return static_cast<size_t>(backward ? 4 : 1) * RowLayout<T>(C).slots() * sizeof(float4);
+}
+
 template <typename T, typename TOut, bool kGelu>
 cudaError_t launch_row_norm_fwd(const RowFwdParams& p, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
   const int warps = row_warps(p.C, 1, kRowFwdMaxWarps);
-  const size_t smem = static_cast<size_t>(warps) * RowLayout<T>(p.C).slots() * sizeof(float4);
+  const size_t smem = static_cast<size_t>(warps) * row_warp_smem<T>(p.C, false);
   auto kernel = row_norm_fwd_kernel<T, TOut, kGelu>;
   cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
@@ -306,7 +312,7 @@ inline int row_bwd_blocks(int M, int C) {
 template <typename T, bool kGelu>
 cudaError_t launch_row_norm_bwd(const RowBwdParams& p, int blocks, cudaStream_t stream) {
   const int warps = row_warps(p.C, 4, kRowBwdMaxWarps);
-  const size_t smem = static_cast<size_t>(warps) * 4 * RowLayout<T>(p.C).slots() * sizeof(float4);
+  const size_t smem = static_cast<size_t>(warps) * row_warp_smem<T>(p.C, true);
   auto kernel = row_norm_bwd_kernel<T, kGelu>;
   cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;

@@ -120,3 +120,31 @@ def test_token_pass_beyond_the_kernels_limits_runs_the_torch_backend():
         for g, e in zip(got if isinstance(got, tuple) else (got,),
                         expected if isinstance(expected, tuple) else (expected,)):
             torch.testing.assert_close(g, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_row_wider_than_shared_memory_is_refused_by_name():
+    """The LayerNorm and CLS-projection kernels hold whole rows in shared memory (one a warp
+    forward, four backward): a width past what the GPU grants a block is refused with the bytes
+    it needs, not a bare launch error."""
+    reason = _extension.load_extension()
+    assert reason is None, reason
+    from crossvit_fast.backends import cuda_backend
+
+    refused = r"a width C = {} needs \d+ bytes of shared memory per block; this GPU allows \d+\. Use the triton"
+    C = 1 << 16   # 256 KiB a fp32 row: more than any GPU grants a block (227 KiB on an H100)
+    x = torch.randn(2, C, device="cuda")
+    w, b = torch.randn(2, C, device="cuda").unbind(0)
+    with pytest.raises(RuntimeError, match=refused.format(C)):
+        cuda_backend.layer_norm_fwd(x, None, w, b, 1e-6)
+    with pytest.raises(RuntimeError, match=refused.format(C)):
+        cuda_backend.cls_proj_fwd(x, w, b, torch.randn(4, C, device="cuda"), torch.randn(4, device="cuda"), 1e-6)
+    C = 1 << 14   # a 64 KiB row runs forward (from the A100 on); its backward's four rows do not
+    x = torch.randn(2, C, device="cuda")
+    w, b = torch.randn(2, C, device="cuda").unbind(0)
+    y, h, mean, rstd = cuda_backend.layer_norm_fwd(x, None, w, b, 1e-6)
+    torch.testing.assert_close(y, torch_backend.layer_norm_fwd(x, None, w, b, 1e-6)[0])
+    with pytest.raises(RuntimeError, match=refused.format(C)):
+        cuda_backend.layer_norm_bwd(torch.randn_like(y), None, h, w, mean, rstd)
+

@@ -172,6 +172,30 @@ def test_layer_norm_out_dtype_rounds_once(backend, x_dtype, out_dtype, C):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("h_dtype, dy_dtype, scale", [
+    (torch.float16, torch.bfloat16, 1e-9),    # below fp16's smallest subnormal (6e-8)
+    (torch.float16, torch.float32, 1e-9),
+    (torch.float16, torch.bfloat16, 1e6),     # past fp16's largest value (65504)
+    (torch.bfloat16, torch.float32, 1.0)], ids=str)   # fp32 digits past bf16's
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")   # dx past fp16
+def test_layer_norm_backward_keeps_a_gradient_of_another_dtype(backend, h_dtype, dy_dtype, scale):
+    """A 16-bit norm whose output was written in another dtype (an fp16 model under bf16
+    autocast) gets gradients in that dtype: the weight and bias gradients (fp32) are computed
+    from them as they are, not rounded to h's dtype first (which would flush or overflow)."""
+    impl = backends.implementation(backend)
+    M, C = 6, 40
+    h = torch.randn(M, C, device=DEVICE).to(h_dtype)
+    w, b = 1 + 0.3 * torch.randn(C, device=DEVICE), 0.3 * torch.randn(C, device=DEVICE)
+    _, _, mean, rstd = impl.layer_norm_fwd(h, None, w, b, EPS)
+    dy = (scale * torch.randn(M, C, device=DEVICE)).to(dy_dtype)
+    dx, dweight, dbias = impl.layer_norm_bwd(dy, None, h, w, mean, rstd)
+    _, dweight_ref, dbias_ref = ref.layer_norm_bwd(*f64(dy, None, h, w, mean, rstd))
+    assert dx.dtype == h_dtype
+    assert_rel_close(dweight, dweight_ref, 1e-5, f"{backend} dweight")
+    assert_rel_close(dbias, dbias_ref, 1e-5, f"{backend} dbias")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PROJ_SHAPES, ids=str)
 def test_cls_proj(backend, dtype, shape):

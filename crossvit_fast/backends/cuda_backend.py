@@ -82,8 +82,8 @@ def _token_pass_on_torch(dtype: torch.dtype, device: torch.device, C: int, H: in
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` with unit stride along its last dim, as the kernels read it: a CLS token stored
-    column-major, or a gradient arriving as a broadcast view (the backward of ``.sum()`` has
-    stride 0), is copied."""
+    column-major, patches given as a transposed view, or a gradient arriving as a broadcast view
+    (the backward of ``.sum()`` has stride 0), is copied."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -92,7 +92,7 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     """See :func:`.torch_backend.attn_pool_fwd`; computes in fp32 whatever ``dot_dtype``."""
     if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_pool_fwd(x0, patches, kt, gamma, beta, eps)
-    return _ops().attn_pool_fwd(_rows(x0), patches, kt, gamma, beta, eps)
+    return _ops().attn_pool_fwd(_rows(x0), _rows(patches), kt, gamma, beta, eps)
 
 
 def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor,
@@ -102,7 +102,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
     """See :func:`.torch_backend.attn_pool_bwd`."""
     if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_pool_bwd(dz, x0, patches, kt, gamma, beta, z, lse, eps)
-    return _ops().attn_pool_bwd(dz, _rows(x0), patches, kt, gamma, beta, z, lse, eps)
+    return _ops().attn_pool_bwd(dz, _rows(x0), _rows(patches), kt, gamma, beta, z, lse, eps)
 
 
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
@@ -127,10 +127,16 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     """See :func:`.torch_backend.layer_norm_bwd`."""
     if h.dtype == torch.float64:
         return torch_backend.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
-    # The kernels take gradients in the activation dtype: an fp32 gradient of a 16-bit norm whose
-    # output was written in fp32 is rounded to it first (the torch and Triton backends keep it).
-    dh = None if dh is None else _rows(dh.to(h.dtype))
-    return _ops().layer_norm_bwd(_rows(dy.to(h.dtype)), dh, h, weight, mean, rstd)
+    # The kernels take gradients in the activation dtype. A gradient of another dtype (a 16-bit
+    # norm whose output was written in fp32, or in the other 16-bit dtype) would lose range or
+    # digits rounded to h's: those run in fp32, as the torch and Triton backends compute.
+    if dy.dtype != h.dtype or (dh is not None and dh.dtype != h.dtype):
+        work = torch.float32
+        dh = None if dh is None else _rows(dh.to(work))
+        dx, dweight, dbias = _ops().layer_norm_bwd(_rows(dy.to(work)), dh, h.to(work), weight, mean, rstd)
+        return dx.to(h.dtype), dweight, dbias
+    dh = None if dh is None else _rows(dh)
+    return _ops().layer_norm_bwd(_rows(dy), dh, h, weight, mean, rstd)
 
 
 def cls_proj_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
@@ -154,4 +160,4 @@ def attn_weights(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: T
     """See :func:`.torch_backend.attn_weights`; computes in fp32 whatever ``dot_dtype``."""
     if _token_pass_on_torch(x0.dtype, x0.device, x0.shape[-1], kt.shape[1]):
         return torch_backend.attn_weights(x0, patches, kt, gamma, beta, lse, eps)
-    return _ops().attn_weights(_rows(x0), patches, kt, gamma, beta, lse, eps)
+    return _ops().attn_weights(_rows(x0), _rows(patches), kt, gamma, beta, lse, eps)
