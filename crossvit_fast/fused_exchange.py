@@ -85,8 +85,8 @@ def exchange(block: nn.Module, i: int, outs_b: List[Tensor]) -> Tensor:
     """Branch ``i``'s tokens after the fused exchange (where :func:`applies`): its CLS row
     replaced, in place where the block may write it (``MultiScaleBlock._cls_row_writable``)."""
     from .kernels import cls_exchange
-    from .kernels._launch import on_device_of, unit_last_stride
-    tokens, other = unit_last_stride(outs_b[i]), unit_last_stride(outs_b[1 - i])
+    from .kernels._launch import on_device_of, token_rows
+    tokens, other = token_rows(outs_b[i]), token_rows(outs_b[1 - i])
     proj, revert = block.projs[i], block.revert_projs[i]
     cab = _cross_attention_block(block.fusion[i])
     attn = cab.attn

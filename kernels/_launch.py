@@ -71,6 +71,16 @@ def unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def token_rows(t: Tensor) -> Tensor:
+    """``t`` (``[.., N, C]`` tokens) as the token kernels read it: unit last stride, and its
+    tokens within 2**31 elements of its first (the kernels index a sample's tokens in 32 bits,
+    its samples in 64): a sequence-first view of a huge batch, say, is copied."""
+    t = unit_last_stride(t)
+    if t.dim() >= 2 and t.shape[-2] * abs(t.stride(-2)) >= 2 ** 31:
+        t = t.contiguous()
+    return t
+
+
 def on_device_of(t: Tensor):
     """A context in which an eager launch runs on ``t``'s GPU: Triton launches on the current
     CUDA device, which may be another one (a model on cuda:1 while cuda:0 is current); nothing to

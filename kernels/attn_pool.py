@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (LOW_PRECISION_DOT, acc_dtype, cdiv, contiguous_as, direct, next_power_of_2,
-                      num_sms, tl_dtypes, unit_last_stride)
+                      num_sms, tl_dtypes, token_rows, unit_last_stride)
 from ._stats import merge_tile_stats, rstd_of
 
 # A split of the pooling kernels' token axis gets at least about this many tokens.
@@ -501,10 +501,10 @@ def launch_scores(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
 
 
 def _prepare(x0: Tensor, patches: Tensor, kt: Tensor, *params: Tensor):
-    """The token tensors with unit column stride (copies only where they have none) and the
-    per-channel and per-head parameters contiguous in the accumulation dtype."""
+    """The token tensors as the kernels index them (:func:`token_rows`; copies only where
+    needed) and the per-channel and per-head parameters contiguous in the accumulation dtype."""
     acc = acc_dtype(x0.dtype)
-    return (unit_last_stride(x0), unit_last_stride(patches), unit_last_stride(kt),
+    return (unit_last_stride(x0), token_rows(patches), unit_last_stride(kt),
             *(contiguous_as(t, acc) for t in params))
 
 

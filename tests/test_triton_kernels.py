@@ -421,6 +421,23 @@ def test_patches_without_unit_stride_and_strided_x0():
     assert_rel_close(lse, lse_ref, 1e-5, "lse")
 
 
+def test_tokens_past_32_bit_offsets_are_copied_before_the_kernels_see_them():
+    """The kernels index a sample's tokens in 32 bits: a view whose token stride times its token
+    count passes 2**31 elements (a sequence-first view of a huge batch) is made contiguous; an
+    ordinary view is passed as it is. (Meta tensors: no 4 GiB buffer needed.)"""
+    from crossvit_fast.kernels import attn_pool
+    from crossvit_fast.kernels._launch import token_rows
+    B, N, C = 2, 3, 16
+    huge = torch.empty_strided((B, N, C), (C, 2 ** 30 + C, 1), device="meta", dtype=torch.float16)
+    assert token_rows(huge).stride() == (N * C, C, 1)
+    near = torch.empty_strided((B, N, C), (C, 2 ** 29, 1), device="meta", dtype=torch.float16)
+    assert token_rows(near) is near     # 3 * 2**29 < 2**31
+    view = torch.randn(B, N + 1, C)[:, 1:]
+    assert token_rows(view) is view
+    x0, kt = torch.empty(B, C, device="meta"), torch.empty(B, 2, C, device="meta")
+    assert attn_pool._prepare(x0, huge, kt)[1].stride() == (N * C, C, 1)
+
+
 def test_heads_first_kt_and_dz_views_read_in_place():
     # The op passes kt and dz as [B, H, C] views of [H, B, C] products (no copy): same results
     # as contiguous ones, forward and backward.
