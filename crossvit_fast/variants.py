@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch.nn as nn
@@ -105,6 +106,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
     exportable = bool(kwargs.get("exportable"))
+    if kwargs.get("scriptable"):   # timm's train.py --torchscript: said here, not at the script call
+        warnings.warn("crossvit_fast: scriptable=True, but this model cannot be compiled by "
+                      "torch.jit.script (its fused ops are Python custom ops); torch.jit.trace, "
+                      "torch.export and torch.compile work", UserWarning, stacklevel=2)
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
     # what timm keeps of the factory arguments (model._model_args: save_for_hf's model_args)
     model_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")}

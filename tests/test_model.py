@@ -47,6 +47,13 @@ def test_create_model_takes_timms_factory_arguments():
         create_model("crossvit_tiny_240.in21k")
 
 
+def test_scriptable_true_says_at_once_that_scripting_cannot_work():
+    """timm's train.py --torchscript builds with scriptable=True, then scripts: the model says
+    at build time what works instead, not only at the script call."""
+    with pytest.warns(UserWarning, match="cannot be compiled by torch.jit.script.*torch.jit.trace"):
+        create_model("crossvit_tiny_240", scriptable=True)
+
+
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown CrossViT variant 'crossvit_huge'.*crossvit_tiny_240"):
         create_model("crossvit_huge")
