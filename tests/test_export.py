@@ -57,6 +57,26 @@ def test_onnx_export_runs_in_onnxruntime_and_matches(name, dynamo, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
                             "ignore::FutureWarning")
+@pytest.mark.parametrize("how", ["dynamic_shapes", "dynamic_axes", "dynamic_axes, dynamo=False"])
+def test_onnx_export_from_a_batch_of_one_keeps_the_batch_dynamic(how, tmp_path):
+    """README's call: a batch-1 example. The default exporter traces it size-oblivious; a
+    reshape whose copy-or-view choice depends on the batch pinned the graph to batch 1, with
+    no error, so that any other batch failed in onnxruntime."""
+    torch.manual_seed(0)
+    model = crossvit_fast.create_model("crossvit_tiny_240").eval()
+    x1, path = torch.randn(1, 3, 240, 240), tmp_path / "model.onnx"
+    if how == "dynamic_shapes":
+        torch.onnx.export(model, (x1,), path, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(model, (x1,), path, input_names=["x"], dynamic_axes={"x": {0: "batch"}},
+                          **({"dynamo": False} if "dynamo=False" in how else {}))
+    x = torch.randn(3, 3, 240, 240)
+    with torch.no_grad():
+        assert rel_err(run_onnx(path, x), model.double()(x.double())) < FP32_REL_TOL
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore::FutureWarning")
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 @pytest.mark.parametrize("backend", [backend_param("torch", "cpu"), backend_param("triton", "cpu")])
 def test_onnx_export_on_any_backend(backend, dynamo, tmp_path):

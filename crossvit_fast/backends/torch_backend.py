@@ -76,11 +76,12 @@ def attn_pool_fwd(x0: Tensor, patches: Tensor, kt: Tensor, gamma: Tensor, beta: 
     """
     kt, gamma, beta = (_acc_of(t, x0) for t in (kt, gamma, beta))
     xhat0, xhat = (layer_normed(t, gamma, beta, eps) for t in (x0.unsqueeze(1), patches))
-    s0 = torch.einsum("bhc,bnc->bhn", kt, xhat0)                    # [B, H, 1]
-    s = torch.einsum("bhc,bnc->bhn", kt, xhat)                      # [B, H, N]
+    # bmm and broadcasts, not einsum: einsum reshapes the heads-first kt view, and under export
+    # with a symbolic batch that copy-or-view choice pins the batch to 1 (ONNX from a batch of 1)
+    s0 = (kt * xhat0).sum(dim=-1, keepdim=True)                     # [B, H, 1]
+    s = torch.bmm(kt, xhat.transpose(1, 2))                         # [B, H, N]
     lse = torch.logsumexp(torch.cat([s0, s], dim=-1), dim=-1)       # scores only: [B, H, N + 1]
-    z = (torch.einsum("bhn,bnc->bhc", torch.exp(s0 - lse.unsqueeze(-1)), xhat0)
-         + torch.einsum("bhn,bnc->bhc", torch.exp(s - lse.unsqueeze(-1)), xhat))
+    z = torch.exp(s0 - lse.unsqueeze(-1)) * xhat0 + torch.bmm(torch.exp(s - lse.unsqueeze(-1)), xhat)
     return z, lse
 
 

@@ -181,7 +181,12 @@ def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: 
         o = torch.bmm(z_h, wv_h)
     else:
         o = torch.baddbmm(as_dtype(wv_bias, z.dtype).view(H, 1, C // H), z_h, wv_h)
-    return o.transpose(0, 1).reshape(B, C)
+    o = o.transpose(0, 1)                                                 # [B, H, D]
+    if isinstance(B, torch.SymInt):
+        # a batch traced as a symbol (torch.export, ONNX): reshape's copy-or-view decision would
+        # pin it to 1, the one size where this layout is a view; a copy decides nothing
+        o = o.clone(memory_format=torch.contiguous_format)
+    return o.reshape(B, C)
 
 
 def absorbed_keys(x0: Tensor, gamma: Tensor, beta: Tensor, wq_weight: Tensor,
