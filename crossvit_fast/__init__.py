@@ -22,8 +22,9 @@ _EXPORTS = {
     "GraphedInference": "cuda_graphs", "CrossViT": "model", "create_model": "variants",
     "list_models": "variants",
 }
-_SUBMODULES = ("backends", "benchmarking", "checkpoint", "cli", "cuda_graphs", "layers", "model",
-               "ops", "reference", "variants")
+_SUBMODULES = ("attention_viz", "backends", "benchmarking", "branch_streams", "checkpoint", "cli",
+               "commands", "cuda_graphs", "examples", "features", "fused_exchange", "kernels",
+               "layers", "model", "ops", "reference", "resolution", "variants", "weight_init")
 
 __all__ = sorted(_EXPORTS)
 

@@ -5,6 +5,7 @@
 No pretrained weights can be fetched where this was made, so the model has random weights (seed
 0) and the picture says so; it shows what the command draws, not what a trained model attends to.
 """
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def synthetic_image(path: Path) -> Path:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help writes nothing
     with tempfile.TemporaryDirectory() as tmp:
         image = synthetic_image(Path(tmp) / "synthetic-image.png")
         main(["attention", str(image), "--model", "crossvit_tiny_240", "--device", "cpu", "--out", str(OUT)])

@@ -311,6 +311,20 @@ def test_import_is_light_and_every_public_name_loads_on_first_use():
     assert out.stdout.splitlines() == ["False", "True", "cls_cross_attention naive_math", "True False"], out.stderr
 
 
+def test_every_public_submodule_loads_as_an_attribute_in_a_fresh_process():
+    """README names crossvit_fast.branch_streams.concurrent_branches() and the like: reachable
+    after ``import crossvit_fast`` alone, not only once a model was built."""
+    import crossvit_fast
+    package = Path(crossvit_fast.__file__).parent
+    public = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
+    public |= {p.parent.name for p in package.glob("*/__init__.py")} | {"kernels"}
+    assert public == set(crossvit_fast._SUBMODULES)
+    code = ("import crossvit_fast; print(crossvit_fast.branch_streams.concurrent_branches.__name__, "
+            "crossvit_fast.fused_exchange.applies.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["concurrent_branches", "applies"], out.stderr
+
+
 def test_help_takes_well_under_a_second():
     exe = console_script()
     subprocess.run([exe, "--help"], capture_output=True, timeout=120)   # warm the file cache
