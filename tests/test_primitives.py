@@ -189,8 +189,13 @@ def test_layer_norm_backward_keeps_a_gradient_of_another_dtype(backend, h_dtype,
     _, _, mean, rstd = impl.layer_norm_fwd(h, None, w, b, EPS)
     dy = (scale * torch.randn(M, C, device=DEVICE)).to(dy_dtype)
     dx, dweight, dbias = impl.layer_norm_bwd(dy, None, h, w, mean, rstd)
-    _, dweight_ref, dbias_ref = ref.layer_norm_bwd(*f64(dy, None, h, w, mean, rstd))
+    dx_ref, dweight_ref, dbias_ref = ref.layer_norm_bwd(*f64(dy, None, h, w, mean, rstd))
     assert dx.dtype == h_dtype
+    rounded = dx_ref.to(h_dtype)   # dx is written in h's dtype: at most one rounding off it
+    finite = rounded.isfinite()
+    assert torch.equal(dx.isfinite(), finite)
+    ulp = torch.finfo(h_dtype).eps * rounded.double().abs() + torch.finfo(h_dtype).smallest_normal
+    assert ((dx.double() - dx_ref).abs()[finite] <= ulp[finite]).all(), f"{backend} dx"
     assert_rel_close(dweight, dweight_ref, 1e-5, f"{backend} dweight")
     assert_rel_close(dbias, dbias_ref, 1e-5, f"{backend} dbias")
 

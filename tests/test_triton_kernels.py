@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from crossvit_fast import backends, ops
+from crossvit_fast.backends import use_backend as crossvit_fast_backend
 from crossvit_fast.backends import torch_backend as ref
 
 from .conftest import DEVICE
@@ -211,6 +212,61 @@ def test_ops_route_through_the_kernels():
         y = ops.cls_projection(y, nw, nb, wq, nw, backend="triton")
         y.sum().backward()
     assert all(s.grids for s in spies.values()), {k: s.grids for k, s in spies.items()}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_the_models_cross_attention_launches_the_kernels_with_and_without_grad(grad):
+    """The model on the Triton backend runs the token pass as the Triton kernels, in inference
+    (no grad: the ops' eager path) as in training: a fallback to the PyTorch math would give the
+    same numbers, so only the launches tell."""
+    from .test_model import small_model
+    model = small_model().eval()
+    x = torch.randn(2, 3, *model.img_size, device=DEVICE)
+    fusions = sum(len(block.fusion) for block in model.blocks)
+    with crossvit_fast_backend("triton"), spied("pool_fwd", "pool_bwd") as spies:
+        with torch.set_grad_enabled(grad):
+            y = model(x)
+        if grad:
+            y.sum().backward()
+    assert len(spies["pool_fwd"].grids) == fusions
+    assert len(spies["pool_bwd"].grids) == (fusions if grad else 0)
+
+
+def test_ops_route_through_the_kernels_without_grad():
+    """With gradients off (inference) each op still launches its Triton kernel."""
+    B, N, C, H = 2, 5, 24, 2
+    tokens, cls = torch.randn(B, N + 1, C, device=DEVICE), torch.randn(B, 1, C, device=DEVICE)
+    nw, nb = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
+    wq, wk, wv, wp = (torch.randn(C, C, device=DEVICE) / C ** 0.5 for _ in range(4))
+    with torch.no_grad(), spied("scores", "pool_fwd", "layer_norm_fwd", "cls_proj_fwd") as spies:
+        y = ops.cls_cross_attention(cls, tokens[:, 1:], nw, nb, wq, None, wk, None, wv, None, wp,
+                                    None, H, (C // H) ** -0.5, backend="triton")
+        y, _ = ops.add_layer_norm(y, cls, nw, nb, backend="triton")
+        ops.cls_projection(y, nw, nb, wq, nw, backend="triton")
+    assert all(s.grids for s in spies.values()), {k: s.grids for k, s in spies.items()}
+
+
+def test_attn_pool_more_token_groups_than_one_log_sum_exp_block():
+    """B = 1 and 301 tokens on a GPU plan: 76 token groups, more than the 64 the combine reads at
+    a time, so its loop over the groups' maxima and sums runs twice."""
+    assert attn_pool.plan(1, 301, 24, 2, _launch.DEFAULT_NUM_SMS, None, True).token_groups(301) > 64
+    check_attn_pool(tb.attn_pool_fwd, tb.attn_pool_bwd, (1, 300, 24, 2), torch.float32)
+
+
+def test_layer_norm_backward_programs_take_several_row_blocks(monkeypatch):
+    """The backward's programs loop over row blocks (p, p + P, ...); with one SM's worth of
+    programs (2) and 100 rows of 16, each takes four blocks, as a GPU's do on a real batch."""
+    monkeypatch.setattr(layer_norm, "num_sms", lambda device: 1)
+    M, C = 100, 200
+    h, dy, dh = (torch.randn(M, C, device=DEVICE) for _ in range(3))
+    w, b = 1 + 0.3 * torch.randn(C, device=DEVICE), 0.3 * torch.randn(C, device=DEVICE)
+    _, _, mean, rstd = ref.layer_norm_fwd(h, None, w, b, EPS)
+    with spied("layer_norm_bwd") as spies:
+        got = tb.layer_norm_bwd(dy, dh, h, w, mean, rstd)
+    assert spies["layer_norm_bwd"].grids == [(2,)]
+    want = ref.layer_norm_bwd(*f64(dy, dh, h, w, mean, rstd))
+    for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert_rel_close(g, e, 1e-5, name)
 
 
 # --- flash-decoding split ------------------------------------------------------------------------
