@@ -75,6 +75,28 @@ def test_onnx_export_from_a_batch_of_one_keeps_the_batch_dynamic(how, tmp_path):
         assert rel_err(run_onnx(path, x), model.double()(x.double())) < FP32_REL_TOL
 
 
+def test_a_batch_traced_from_one_sample_stays_symbolic():
+    """Traced size-oblivious from a batch of 1 (as the ONNX exporter traces), torch.compile with
+    dynamic shapes makes one graph for batches 1, 2 and 3, and a strict torch.export from a batch
+    of 1 runs at batch 3 (a guard from a reshape pinned both to batch 1)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_model().eval()
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True), torch.no_grad():
+        compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="eager")
+        for batch in (1, 2, 3):
+            x = torch.randn(batch, 3, *model.img_size)
+            assert torch.equal(compiled(x), model(x))
+        assert counters["stats"]["unique_graphs"] == 1
+        program = torch.export.export(model, (torch.randn(1, 3, *model.img_size),), strict=True,
+                                      dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    x = torch.randn(3, 3, *model.img_size)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), model(x))
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning",
                             "ignore::FutureWarning")
 @pytest.mark.parametrize("dynamo", EXPORTERS)

@@ -182,9 +182,11 @@ def _values(z: Tensor, wv_weight: Tensor, wv_bias: Optional[Tensor], num_heads: 
     else:
         o = torch.baddbmm(as_dtype(wv_bias, z.dtype).view(H, 1, C // H), z_h, wv_h)
     o = o.transpose(0, 1)                                                 # [B, H, D]
-    if isinstance(B, torch.SymInt):
-        # a batch traced as a symbol (torch.export, ONNX): reshape's copy-or-view decision would
-        # pin it to 1, the one size where this layout is a view; a copy decides nothing
+    if torch.compiler.is_compiling():
+        # traced (torch.compile, torch.export, ONNX), the batch may be a symbol: reshape's
+        # copy-or-view decision would pin it to 1, the one size where this layout is a view (a
+        # guard, or an export valid for batch 1 alone); a copy decides nothing. In eager, a
+        # batch of 1 keeps the free view.
         o = o.clone(memory_format=torch.contiguous_format)
     return o.reshape(B, C)
 
