@@ -493,8 +493,10 @@ class CrossViT(NotScriptable, nn.Module):
         if self.dynamic_img_size:
             return branch_sizes(size, self.img_scale, self.patch_size, self.multi_conv,
                                 what="input image size")
-        if (size != self.img_size and not self._warned_input_size
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        # traced, the warning is skipped before the flag is read: a read would make the flag a
+        # guard of the compiled graph, which an eager call setting it would then fail
+        if (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and size != self.img_size and not self._warned_input_size):
             self._warned_input_size = True
             warnings.warn(
                 f"CrossViT: input images of {size[0]}x{size[1]} are resized to the model's "

@@ -294,6 +294,24 @@ def test_other_inputs_of_a_fixed_size_model_are_resized_with_one_warning():
         small_model()(x)                                 # another model warns again
 
 
+def test_the_resize_warning_is_no_guard_of_a_compiled_model():
+    """An eager call that warns (and sets the once-per-model flag) between compiled calls of
+    another size than the model's makes no second graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_model().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 64, 40)
+    with torch.no_grad():
+        compiled(x)
+        with pytest.warns(UserWarning, match="resized"):
+            model(x)
+        compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_dynamic_img_size_is_a_factory_argument():
     """As for timm's ViTs, create_model takes dynamic_img_size=True for every variant."""
     with torch.device("meta"):
