@@ -334,10 +334,31 @@ def model_source_config(name: str, cache_dir: Optional[str | os.PathLike] = None
     config = json.loads(config_path.read_text())
     if "pretrained_cfg" not in config:   # timm's older single-dict layout
         config = {"architecture": config.pop("architecture", None), "pretrained_cfg": config}
+        if "labels" in config["pretrained_cfg"]:
+            config["pretrained_cfg"]["label_names"] = config["pretrained_cfg"].pop("labels")
     pretrained_cfg = dict(config["pretrained_cfg"], **source_fields)
-    if "num_classes" in config:
-        pretrained_cfg["num_classes"] = config["num_classes"]
-    return config.get("architecture") or "", pretrained_cfg, dict(config.get("model_args") or {})
+    for key in ("num_classes", "label_names", "label_descriptions"):   # top-level fields win
+        if key in config:
+            pretrained_cfg[key] = config[key]
+    model_args = dict(config.get("model_args") or {})
+    _input_size_from_model_args(pretrained_cfg, model_args)
+    return config.get("architecture") or "", pretrained_cfg, model_args
+
+
+def _input_size_from_model_args(cfg: dict, model_args: dict) -> None:
+    """Amends a model source's ``cfg`` in place from the arguments it was saved with, as timm's
+    ``_parse_model_cfg`` does: a dynamic size unfixes the input size, and ``in_chans`` and (for a
+    fixed size) ``img_size`` rebuild ``input_size`` as a tuple (JSON stored it as a list)."""
+    if model_args.get("dynamic_img_size") or model_args.get("strict_img_size") is False:
+        cfg["fixed_input_size"] = False
+    if model_args.get("in_chans") is not None:
+        cfg["input_size"] = (model_args["in_chans"], *cfg.get("input_size", (3, 224, 224))[1:])
+        for key in ("test_input_size", "min_input_size"):
+            if cfg.get(key):
+                cfg[key] = (model_args["in_chans"], *cfg[key][1:])
+    if model_args.get("img_size") is not None and cfg.get("fixed_input_size", False):
+        size = model_args["img_size"]
+        cfg["input_size"] = (cfg["input_size"][0], *((size, size) if isinstance(size, int) else size))
 
 
 def folder_weights(folder: str | os.PathLike, what: str) -> str:

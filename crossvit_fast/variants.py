@@ -66,10 +66,10 @@ def list_models() -> List[str]:
 _TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
+def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
                  cache_dir: Optional[str] = None, pretrained_cfg: Union[str, dict, None] = None,
                  pretrained_cfg_overlay: Optional[dict] = None, **kwargs) -> nn.Module:
-    """Build variant ``name`` (or ``name.in1k``); ``kwargs`` override its arguments as in
+    """Build variant ``model_name`` (or ``model_name.in1k``); ``kwargs`` override its arguments as in
     ``timm.create_model``, which also drops the ones that are None.
 
     The pretrained config (timm's, a ``pretrained_cfg`` dict or tag, then
@@ -86,7 +86,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     ``pretrained_strict=False`` skips keys on one side only, as in timm. A checkpoint trained at
     another image size loads with its position embeddings resampled to ``img_size``. The model
     carries what timm's factory records (``_traits``, ``_model_args``), which timm's input
-    config and ``save_for_hf`` read. ``name`` may also be a timm model source,
+    config and ``save_for_hf`` read. ``model_name`` may also be a timm model source,
     ``hf-hub:org/repo`` or ``local-dir:/path`` (written by timm's ``save_for_hf``), whose
     config.json names the variant and holds its config and arguments.
 
@@ -95,12 +95,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     the last block's of each branch; ``out_indices`` picks others, index ``b * 3 + i`` being
     branch ``b`` after block ``i``; ``feature_info`` describes them).
     """
-    if ":" in name:   # timm's model sources: hf-hub:org/repo, local-dir:/path
-        return _create_from_source(name, pretrained, checkpoint_path, cache_dir, pretrained_cfg,
+    if ":" in model_name:   # timm's model sources: hf-hub:org/repo, local-dir:/path
+        return _create_from_source(model_name, pretrained, checkpoint_path, cache_dir, pretrained_cfg,
                                    pretrained_cfg_overlay, kwargs)
-    variant, _, tag = name.partition(".")
+    variant, _, tag = model_name.partition(".")
     if variant not in MODEL_ARGS:
-        raise ValueError(f"unknown CrossViT variant {name!r}; known variants: {', '.join(list_models())}")
+        raise ValueError(f"unknown CrossViT variant {model_name!r}; known variants: {', '.join(list_models())}")
     if isinstance(pretrained_cfg, str):
         tag, pretrained_cfg = pretrained_cfg, None
     if tag and tag != "in1k":
@@ -114,6 +114,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     # what timm keeps of the factory arguments (model._model_args: save_for_hf's model_args)
     model_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")}
     pretrained_strict = kwargs.pop("pretrained_strict", True)
+    # the arguments a model source was saved with (timm's builder keeps them on the model)
+    pretrained_model_args = dict(kwargs.pop("pretrained_model_args", None) or {})
     features_only = kwargs.pop("features_only", False)
     # features_only arguments; timm drops them without features_only too
     out_indices, feature_cls = kwargs.pop("out_indices", None), kwargs.pop("feature_cls", None)
@@ -123,7 +125,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     with exportable_layers(exportable):   # as timm builds under set_layer_config(exportable=...)
         model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
     model.pretrained_cfg = model.default_cfg = cfg
-    model.pretrained_model_args = {}
+    model.pretrained_model_args = pretrained_model_args
     model._traits = _timm_traits(model, cfg)
     if pretrained:
         load_checkpoint(model, _pretrained_weights(variant, cfg, cache_dir),
@@ -151,9 +153,11 @@ def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[s
     if variant not in MODEL_ARGS:
         raise ValueError(f"create_model: {name!r} holds a {architecture or 'unnamed'!r} model, not a "
                          f"CrossViT variant ({', '.join(list_models())})")
+    if model_args:   # as timm: the saved arguments are defaults, and recorded as the source's
+        kwargs = {**model_args, **kwargs, "pretrained_model_args": dict(model_args)}
     return create_model(variant, pretrained=pretrained, checkpoint_path=checkpoint_path,
                         cache_dir=cache_dir, pretrained_cfg=source_cfg,
-                        pretrained_cfg_overlay=pretrained_cfg_overlay, **{**model_args, **kwargs})
+                        pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
 
 
 def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Union[str, Mapping]:

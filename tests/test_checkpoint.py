@@ -361,6 +361,34 @@ def test_timm_model_sources_load_the_saved_model(source, tmp_path):
                                           pretrained_cfg_overlay=overlay), saved)
 
 
+def test_a_model_source_is_read_as_timms_loader_reads_it(tmp_path):
+    """What timm records from a ``save_for_hf`` folder, ours records too: the labels at the top of
+    config.json, ``input_size`` as a tuple (timm's ``onnx_export`` adds tuples to it), the saved
+    arguments as ``pretrained_model_args``; and timm's script helper
+    ``resolve_model_input_args`` (which names the variant ``model_name``) builds the model."""
+    timm = import_timm()
+    torch.manual_seed(1)
+    saved = create_model("crossvit_tiny_240", num_classes=3).eval()
+    labels = dict(label_names=["cat", "dog", "bird"], label_descriptions={"cat": "a cat"})
+    timm.models.save_for_hf(saved, tmp_path, model_config=labels)
+    name = f"local-dir:{tmp_path}"
+    theirs = timm.create_model(name, pretrained=True)
+    ours = create_model(name, pretrained=True)
+    for key in ("label_names", "label_descriptions", "input_size", "num_classes"):
+        assert ours.pretrained_cfg[key] == theirs.pretrained_cfg[key], key
+    assert ours.pretrained_cfg["input_size"] == (3, 240, 240)
+    assert ours.pretrained_model_args == theirs.pretrained_model_args != {}
+    assert ours._model_args == theirs._model_args
+    for source, args in ((name, {}), ("crossvit_tiny_240", {"img_size": 240, "in_chans": 3})):
+        kwargs = timm.models.resolve_model_input_args(source, args, pretrained=source == name)
+        ours, theirs = create_model(**kwargs), timm.create_model(**kwargs)
+        assert ours.pretrained_model_args == theirs.pretrained_model_args, source
+        assert ours._model_args == theirs._model_args, source
+        assert ours.num_classes == theirs.num_classes
+        if source == name:
+            assert same_weights(ours, saved)
+
+
 def test_timm_model_source_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json in"):
         create_model(f"local-dir:{tmp_path}")
