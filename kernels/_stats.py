@@ -24,7 +24,9 @@ def merge_tile_stats(mean, m2, seen, x, mask, cols_in_tile):
     total = seen + cols_in_tile
     delta = tile_mean - mean
     mean = mean + delta * (cols_in_tile / total)
-    m2 = m2 + tl.sum(centred * centred, 1) + delta * delta * (seen * cols_in_tile / total)
+    # the weight first: on the first tile it is 0, and 0·delta² would be NaN where a huge tile
+    # mean overflows delta² (a row's m2 then overflows to inf, as ATen's does: rstd 0, finite)
+    m2 = m2 + tl.sum(centred * centred, 1) + delta * (delta * (seen * cols_in_tile / total))
     return mean, m2
 
 

@@ -328,6 +328,34 @@ def test_rows_with_a_large_mean_keep_fp32_accuracy():
         assert_rel_close(g, e, tol, name)
 
 
+def test_a_huge_channel_gives_the_finite_row_aten_gives():
+    """A row with one channel at 1e30 (finite fp32): its variance overflows to inf, so ATen's
+    LayerNorm takes rstd = 0 and gives finite outputs; the statistics merged tile by tile do
+    the same (they gave NaN: 0 · inf on the first tile), forward and backward."""
+    x0, patches, kt, gamma, beta = [t.float() for t in pool_inputs(2, 30, 150, 3, torch.float64)]
+    x0[0, 7] = 1e30
+    patches[1, 4, 100] = 1e30
+    args = (x0, patches, kt, gamma, beta, EPS)
+    z, lse = attn_pool.attn_pool_fwd(*args)
+    z_ref, lse_ref = ref.attn_pool_fwd(*args)
+    assert torch.isfinite(z_ref).all() and torch.isfinite(lse_ref).all()
+    assert torch.isfinite(z).all() and torch.isfinite(lse).all()
+    assert_rel_close(z, z_ref, 1e-4, "z")
+    dz = torch.randn_like(z)
+    for name, g in zip(("dx0", "dpatches", "dkt", "dgamma", "dbeta"),
+                       attn_pool.attn_pool_bwd(dz, *args[:5], z, lse, EPS)):
+        assert torch.isfinite(g).all(), name
+    ln_w, ln_b = gamma, beta
+    w, b = torch.randn(40, 150, device=DEVICE) / 150 ** 0.5, torch.zeros(40, device=DEVICE)
+    y, mean, rstd = tb.cls_proj_fwd(x0, ln_w, ln_b, w, b, EPS)
+    y_ref = ref.cls_proj_fwd(x0, ln_w, ln_b, w, b, EPS)[0]
+    assert torch.isfinite(y_ref).all() and torch.isfinite(y).all()
+    assert_rel_close(y, y_ref, 1e-4, "y")
+    for name, g in zip(("dx", "dln_weight", "dln_bias", "dweight", "dbias"),
+                       tb.cls_proj_bwd(torch.randn_like(y), x0, ln_w, ln_b, w, mean, rstd)):
+        assert torch.isfinite(g).all(), name
+
+
 @pytest.mark.parametrize("B", [1, 2, 5])
 def test_small_batches_take_a_few_tokens_per_program(B):
     """Few samples: the token kernels take 4 or 8 tokens per program inside a 16-token tile
