@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import crossvit_fast
 from crossvit_fast import backends
-from crossvit_fast.benchmarking import back_to_back_time, kernel_time, summarize, time_fn
+from crossvit_fast.benchmarking import interleaved_rounds, kernel_time, load_profiler, summarize, time_fn
 from crossvit_fast.reference import naive_math
 from crossvit_fast.variants import list_models
 
@@ -137,11 +137,14 @@ def load_timm() -> Tuple[Optional[object], Optional[str]]:
         return None, f"timm could not be imported: {type(err).__name__}: {err}"
 
 
-def build_model(spec: Spec, timm) -> torch.nn.Module:
-    """An fp32 model of ``spec.variant`` (random weights): crossvit_fast's or timm's."""
-    if spec.impl.startswith("timm"):
-        return timm.create_model(spec.variant)
-    return crossvit_fast.create_model(spec.variant)
+def build_model(spec: Spec, timm, weights: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+    """An fp32 model of ``spec.variant``: crossvit_fast's or timm's, random (seeded), or with
+    ``weights`` loaded strictly (a timm model's: the two sides of a comparison compute alike)."""
+    torch.manual_seed(0)
+    model = timm.create_model(spec.variant) if spec.impl.startswith("timm") else crossvit_fast.create_model(spec.variant)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    return model
 
 
 def wrap_model(model: torch.nn.Module, spec: Spec, settings) -> torch.nn.Module:
@@ -177,13 +180,22 @@ def count_flops(variant: str, timm) -> Dict[str, object]:
     return counts
 
 
-def step_function(model: torch.nn.Module, spec: Spec, device: torch.device,
-                  base: torch.nn.Module) -> Callable[[], object]:
-    """One inference forward or one training step of ``model`` (``base`` as wrapped by
-    :func:`wrap_model`) on a fixed random batch."""
+def step_inputs(spec: Spec, device: torch.device, input_size) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch ``(images, labels)`` for ``spec`` (seeded: each side of a comparison
+    gets the same one)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(spec.batch, *input_size, generator=generator)
+    labels = torch.randint(0, 1000, (spec.batch,), generator=generator)
+    return x.to(device), labels.to(device)
+
+
+def step_function(model: torch.nn.Module, spec: Spec, device: torch.device, base: torch.nn.Module,
+                  inputs: Tuple[torch.Tensor, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One inference forward (returning the logits) or one training step (returning the loss
+    before its update) of ``model`` (``base`` as wrapped by :func:`wrap_model`) on ``inputs``."""
     dtype = parse_dtype(spec.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    x = torch.randn(spec.batch, *base.pretrained_cfg["input_size"], device=device)
+    x, labels = inputs
     # CUDA-graph trees replay into the same output buffers: each step starts a new generation
     new_step = (torch.compiler.cudagraph_mark_step_begin if COMPILE_MODES.get(run_mode(spec.impl))
                 else lambda: None)
@@ -197,7 +209,7 @@ def step_function(model: torch.nn.Module, spec: Spec, device: torch.device,
         return infer
 
     base.train()
-    labels = torch.randint(0, base.num_classes, (spec.batch,), device=device)
+    labels = labels % base.num_classes
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -209,6 +221,7 @@ def step_function(model: torch.nn.Module, spec: Spec, device: torch.device,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        return loss.detach()
     return train
 
 
@@ -225,32 +238,74 @@ class Settings:
     matmul_n: int
     smoke: bool
     back_to_back_steps: int
+    rounds: int
 
     def config(self) -> dict:
         """The settings as recorded in the results."""
         return dict(smoke=self.smoke, preset=self.preset, device=str(self.device), warmup=self.warmup,
                     iters=self.iters, compile=self.compile_options, compile_budget_s=self.compile_budget_s,
                     fused_backend=backends.resolve(None, self.device), optimizer="AdamW",
-                    back_to_back_steps=self.back_to_back_steps,
-                    allow_tf32=torch.backends.cuda.matmul.allow_tf32, specs=[asdict(s) for s in self.specs])
+                    back_to_back_steps=self.back_to_back_steps, rounds=self.rounds,
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, specs=[asdict(s) for s in self.specs])
 
 
-def first_step(spec: Spec, settings: Settings, timm) -> Tuple[Callable[[], object], float]:
-    """``spec``'s step function, built afresh, and the seconds its first call took (for a compiled
-    row, the compilation)."""
+def first_step(base: torch.nn.Module, spec: Spec, settings: Settings,
+               inputs: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[Callable[[], torch.Tensor], float, torch.Tensor]:
+    """``spec``'s step function of ``base`` (moved to the device and wrapped), the seconds its
+    first call took (for a compiled row, the compilation) and that call's output, copied (a
+    CUDA-graph replay writes the next one over it)."""
     device = settings.device
-    torch._dynamo.reset()  # each compiled model starts afresh: no recompile limit across rows
-    base = build_model(spec, timm).to(device)
-    step = step_function(wrap_model(base, spec, settings), spec, device, base)
+    base = base.to(device)
+    step = step_function(wrap_model(base, spec, settings), spec, device, base, inputs)
     start = time.perf_counter()
-    step()
+    output = step().detach().float().clone()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return step, time.perf_counter() - start
+    return step, time.perf_counter() - start, output
+
+
+def groups_of(specs: List[Spec]) -> List[List[Spec]]:
+    """``specs`` in their order, each crossvit_fast row together with its timm peer where that
+    is among them (timm's first: its weights are loaded into ours), the others alone."""
+    def partner(spec: Spec) -> Spec:
+        side = peer(spec.impl) or "fast" + spec.impl[len("timm"):]
+        return Spec(spec.variant, spec.mode, spec.dtype, spec.batch, side)
+
+    left, groups = list(specs), []
+    while left:
+        spec = left.pop(0)
+        other = partner(spec) if partner(spec) in left else None
+        if other is None:
+            groups.append([spec])
+            continue
+        left.remove(other)
+        groups.append(sorted([spec, other], key=lambda s: not s.impl.startswith("timm")))
+    return groups
+
+
+# How far the logits (or first loss) of a crossvit_fast row may be from its timm peer's, same
+# weights and batch, relative to their largest magnitude, before the table flags the row: far
+# above rounding (bf16 autocast differs by a few percent on random weights, fp32 by TF32's
+# rounding in timm's cuDNN convolution), far below a path that computes something else.
+OUTPUT_DIFF_BAR = {"fp32": 1e-2, "bf16": 0.1, "fp16": 0.1}
+
+
+def output_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |ours − theirs| / max |theirs|, in float64."""
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
+    return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12)).item()
+
+
+def _dynamo_counts() -> Tuple[int, int]:
+    """(graphs dynamo has compiled, graph breaks it has taken) so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 class Runner:
-    """Measures specs one by one, keeping the FLOP counts and the compile seconds spent."""
+    """Measures specs group by group (a row and its peer together), keeping the FLOP counts and
+    the compile seconds spent."""
 
     def __init__(self, settings: Settings, run_peaks: dict, timm, timm_reason: Optional[str]):
         self.settings, self.peaks = settings, run_peaks
@@ -269,31 +324,83 @@ class Runner:
             return f"compile budget of {budget:g} s spent"
         return None
 
-    def measure(self, spec: Spec) -> dict:
-        """Time ``spec``: its first call (the compilation), then warm-up and timed calls. A
-        ``reduce-overhead`` row records how often inductor left CUDA graphs out (its peer then
-        runs another way than the row's name says)."""
+    def measure_group(self, specs: List[Spec]) -> Tuple[List[dict], List[Tuple[Spec, str]]]:
+        """Time ``specs`` (from :func:`groups_of`) as one comparison: the same weights and batch;
+        each's first call (the compilation), warm-up and synchronized calls; then their
+        back-to-back rounds interleaved; then their GPU time (the profiler last: it slows the
+        host after it has run). Returns the rows and the specs left out, with why. A row
+        records the graphs and graph breaks of its compilation, graphs compiled while it was
+        timed, how often inductor left CUDA graphs out (``reduce-overhead``) and how far its
+        output is from its peer's."""
         device, settings = self.settings.device, self.settings
-        skips_before = _cudagraph_skips()
-        step, first_call_s = first_step(spec, settings, self.timm)
+        torch._dynamo.reset()  # each group compiles afresh: no recompile limit across groups
+        runs, skipped, weights, inputs = {}, [], None, None
+        for spec in specs:
+            reason = self.skip_reason(spec)
+            if reason is None:
+                try:
+                    base = build_model(spec, self.timm, weights)
+                    if spec.impl.startswith("timm"):
+                        weights = {k: v.detach().clone() for k, v in base.state_dict().items()}
+                    inputs = inputs or step_inputs(spec, device, base.pretrained_cfg["input_size"])
+                    runs[spec] = self._warm_and_time(spec, base, inputs)
+                    continue
+                except torch.cuda.OutOfMemoryError:
+                    reason = "out of memory"
+                except Exception as err:  # noqa: BLE001 - one failing row must not end the study
+                    reason = f"failed: {type(err).__name__}: {str(err)[:300]}"
+                    print(f"e2e: {spec} {reason}", file=sys.stderr)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # an OOM must not leave the next row short of memory
+            skipped.append((spec, reason))
+        if not runs:
+            return [], skipped
+        graphs_before = _dynamo_counts()[0]
+        rounds = interleaved_rounds({spec: run["step"] for spec, run in runs.items()}, device,
+                                    steps=settings.back_to_back_steps, rounds=settings.rounds)
+        graphs_while_timed = _dynamo_counts()[0] - graphs_before
+        outputs = {spec.impl: run["output"] for spec, run in runs.items()}
+        rows = []
+        for spec, run in runs.items():
+            gpu_s = kernel_time(run["step"], device, iters=3)   # host time left out; kernels
+            # replayed from a CUDA graph may not be seen by the profiler (then 0, shown as —)
+            theirs = outputs.get(peer(spec.impl))
+            rows.append(self._row(spec, run, rounds[spec], gpu_s, graphs_while_timed,
+                                  None if theirs is None else output_difference(run["output"], theirs)))
+        return rows, skipped
+
+    def _warm_and_time(self, spec: Spec, base: torch.nn.Module, inputs) -> dict:
+        """``spec``'s first call, then its warm-up and synchronized calls (latency), with what
+        its compilation made and its peak memory."""
+        device, settings = self.settings.device, self.settings
+        skips_before, (graphs_before, breaks_before) = _cudagraph_skips(), _dynamo_counts()
+        step, first_call_s, output = first_step(base, spec, settings, inputs)
+        graphs, breaks = (now - before for now, before in zip(_dynamo_counts(), (graphs_before, breaks_before)))
         if spec.compiled:
             self.compile_spent_s += first_call_s
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stats = summarize(time_fn(step, device, warmup=settings.warmup, iters=settings.iters))
-        back_to_back_s = statistics.median(back_to_back_time(step, device, steps=settings.back_to_back_steps))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        gpu_s = kernel_time(step, device, iters=3)   # host time left out; kernels replayed from
-        # a CUDA graph may not be seen by the profiler (then 0, shown as —)
+        skips = _cudagraph_skips() - skips_before if run_mode(spec.impl) == "+compile-ro" else None
+        return dict(step=step, output=output, first_call_s=first_call_s, stats=stats, peak=peak,
+                    cudagraph_skips=skips, graphs=graphs if spec.compiled else None,
+                    graph_breaks=breaks if spec.compiled else None)
+
+    def _row(self, spec: Spec, run: dict, rounds: List[float], gpu_s: Optional[float],
+             graphs_while_timed: int, output_diff: Optional[float]) -> dict:
+        """The result row of ``spec``."""
+        back_to_back_s = statistics.median(rounds)
         if spec.variant not in self.flops:
             self.flops[spec.variant] = count_flops(spec.variant, self.timm)
         flops = self.flops[spec.variant][spec.mode] * spec.batch
         tflops = flops / back_to_back_s / 1e12
-        skips = _cudagraph_skips() - skips_before if run_mode(spec.impl) == "+compile-ro" else None
-        return dict(asdict(spec), images_per_s=spec.batch / back_to_back_s, **stats,
-                    cudagraph_skips=skips,
-                    back_to_back_s=back_to_back_s, gpu_s=gpu_s,
-                    first_call_s=first_call_s, peak_memory_bytes=peak,
+        return dict(asdict(spec), images_per_s=spec.batch / back_to_back_s, **run["stats"],
+                    cudagraph_skips=run["cudagraph_skips"], graphs=run["graphs"],
+                    graph_breaks=run["graph_breaks"], graphs_while_timed=graphs_while_timed,
+                    output_diff_vs_peer=output_diff,
+                    back_to_back_s=back_to_back_s, back_to_back_rounds_s=rounds, gpu_s=gpu_s,
+                    first_call_s=run["first_call_s"], peak_memory_bytes=run["peak"],
                     flops_per_image=self.flops[spec.variant][spec.mode],
                     flops_source=self.flops[spec.variant]["source"], TFLOPs=tflops,
                     flop_fraction=tflops / self.peaks["matmul"][spec.dtype]["TFLOPs"])
@@ -312,7 +419,10 @@ def warm_compile_cache(settings: Settings, timm, shard: int, shards: int) -> Non
     compilations are cache hits and cost dynamo's tracing alone (scripts/gpu_check.sh, ``warm``)."""
     compiled = [spec for spec in settings.specs if spec.compiled]
     for spec in compiled[shard::shards]:
-        step, seconds = first_step(spec, settings, timm)
+        torch._dynamo.reset()
+        base = build_model(spec, timm)
+        step, seconds, _ = first_step(base, spec, settings,
+                                      step_inputs(spec, settings.device, base.pretrained_cfg["input_size"]))
         print(f"warmed {spec} in {seconds:.1f} s", flush=True)
         del step
         if settings.device.type == "cuda":
@@ -349,12 +459,27 @@ HEADERS = ["variant", "mode", "dtype", "batch", "impl", "img/s", "back-to-back m
            "% matmul peak"]
 
 
+def row_notes(row: dict) -> List[str]:
+    """What makes ``row`` other than its name says: CUDA graphs left out, graph breaks, graphs
+    compiled while it was timed, an output far from its peer's."""
+    notes = []
+    if row.get("cudagraph_skips"):
+        notes.append(f"CUDA graphs skipped {row['cudagraph_skips']}x")
+    if row.get("graph_breaks"):
+        notes.append(f"{row['graph_breaks']} graph breaks")
+    if row.get("graphs_while_timed"):
+        notes.append(f"{row['graphs_while_timed']} graphs compiled while timed")
+    diff = row.get("output_diff_vs_peer")
+    if diff is not None and diff > OUTPUT_DIFF_BAR[row["dtype"]]:
+        notes.append(f"output differs from its peer's by {diff:.2g}")
+    return notes
+
+
 def table_row(row: dict) -> List[str]:
     """One result row as Markdown cells."""
     speedup = lambda v: fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
     peak = row["peak_memory_bytes"]
-    impl = row["impl"] + (f" (CUDA graphs skipped {row['cudagraph_skips']}x)"
-                          if row.get("cudagraph_skips") else "")
+    impl = row["impl"] + "".join(f" ({note})" for note in row_notes(row))
     return [row["variant"], row["mode"], row["dtype"], row["batch"], impl, f"{row['images_per_s']:.1f}",
             f"{row['back_to_back_s'] * 1e3:.2f}", f"{row['median_s'] * 1e3:.2f}",
             f"{row['p10_s'] * 1e3:.2f}–{row['p90_s'] * 1e3:.2f}",
@@ -378,8 +503,9 @@ def markdown(results: StudyResults) -> str:
         f"Measured matmul peak (this run, n={config['matmul_n']}): {matmuls}. Fused backend "
         f"{config['fused_backend']}; torch.compile {config['compile']}, compile budget {config['compile_budget_s']} s "
         f"(spent {payload.get('compile_spent_s', 0):.0f} s); {config['warmup']} warm-up + {config['iters']} "
-        f"synchronized runs (latency) and 3 rounds of {config['back_to_back_steps']} steps back to back "
-        f"(img/s, vs columns); training step: forward, cross-entropy, backward, {config['optimizer']}; "
+        f"synchronized runs (latency) and {config.get('rounds', 3)} rounds of {config['back_to_back_steps']} "
+        f"steps back to back, a row's rounds interleaved with its peer's (img/s, vs columns); each "
+        f"crossvit_fast row runs timm's weights on its peer's batch; training step: forward, cross-entropy, backward, {config['optimizer']}; "
         f"bf16/fp16 rows run under autocast. FLOPs: {payload['flops_source']}."
         + (" (smoke run)" if config["smoke"] else "")
         + (f" **Incomplete: {payload['stopped']}.**" if payload.get("stopped") else ""),
@@ -437,7 +563,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         iters=args.iters if args.iters is not None else (2 if smoke else 20 if gpu else 5),
         compile_options=compile_options, compile_budget_s=None if budget is not None and budget < 0 else budget,
         matmul_n=512 if smoke else 8192 if gpu else 1024, smoke=smoke,
-        back_to_back_steps=args.steps if args.steps is not None else (2 if smoke else 10))
+        back_to_back_steps=args.steps if args.steps is not None else (2 if smoke else 10),
+        rounds=3 if smoke else 6)
 
 
 def study_name(settings: Settings) -> str:
@@ -511,21 +638,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                            else "crossvit_fast's model under naive_math (timm not importable)", skipped=[])
     runner = Runner(settings, run_peaks, timm, timm_reason)
     stopped = None
+    load_profiler(settings.device)   # before any timing: its lasting cost falls on every row alike
     try:
-        for spec in tqdm(settings.specs, desc="e2e", unit="row", file=sys.stderr):
-            reason = runner.skip_reason(spec)
-            if reason is None:
-                try:
-                    results.add(runner.measure(spec))
-                    continue
-                except torch.cuda.OutOfMemoryError:
-                    reason = "out of memory"
-                except Exception as err:  # noqa: BLE001 - one failing row must not end the study
-                    reason = f"failed: {type(err).__name__}: {str(err)[:300]}"
-                    print(f"e2e: {spec} {reason}", file=sys.stderr)
-            results.payload["skipped"].append(dict(asdict(spec), reason=reason))
+        for group in tqdm(groups_of(settings.specs), desc="e2e", unit="comparison", file=sys.stderr):
+            rows, skipped = runner.measure_group(group)
+            for row in rows:
+                results.add(row)
+            for spec, reason in skipped:
+                results.payload["skipped"].append(dict(asdict(spec), reason=reason))
             if settings.device.type == "cuda":
-                torch.cuda.empty_cache()  # an OOM must not leave the next row short of memory
+                torch.cuda.empty_cache()
     except Stopped as stop:
         stopped = str(stop)
     add_speedups(results.payload["rows"])

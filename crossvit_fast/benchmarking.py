@@ -67,11 +67,11 @@ def back_to_back_time(fn: Callable[[], object], device: torch.device | str, step
     return times
 
 
-def interleaved_back_to_back(fns: Dict[str, Callable[[], object]], device: torch.device | str,
-                            steps: int = 10, rounds: int = 6) -> Dict[str, float]:
-    """Median seconds per call of each of ``fns`` (by name), run ``steps`` times back to back
-    with one synchronize, once per round, the rounds of all of them interleaved: a drift in the
-    host's or the GPU's speed (large on a lent device machine) then falls on each alike."""
+def interleaved_rounds(fns: Dict[str, Callable[[], object]], device: torch.device | str,
+                       steps: int = 10, rounds: int = 6) -> Dict[str, List[float]]:
+    """Seconds per call of each of ``fns`` (by name) in every round: ``steps`` calls back to back
+    with one synchronize, the rounds of all of them interleaved, so that a drift in the host's
+    or the GPU's speed (large on a lent device machine) falls on each alike."""
     device = torch.device(device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
@@ -82,7 +82,14 @@ def interleaved_back_to_back(fns: Dict[str, Callable[[], object]], device: torch
                 fn()
             _sync(device)
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_back_to_back(fns: Dict[str, Callable[[], object]], device: torch.device | str,
+                             steps: int = 10, rounds: int = 6) -> Dict[str, float]:
+    """The median of each of ``fns``' :func:`interleaved_rounds`."""
+    return {name: statistics.median(t)
+            for name, t in interleaved_rounds(fns, device, steps, rounds).items()}
 
 
 def kernel_time(fn: Callable[[], object], device: torch.device | str, iters: int = 10) -> Optional[float]:
@@ -104,6 +111,20 @@ def kernel_time(fn: Callable[[], object], device: torch.device | str, iters: int
             fn()
         torch.cuda.synchronize(device)
     return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e6
+
+
+def load_profiler(device: torch.device | str) -> None:
+    """Runs one empty profiler session on ``device`` (CUDA), for a study that times some calls
+    before profiling others: the profiler's CUDA tracing stays loaded after a session (kineto
+    leaves CUPTI attached), which slows later host-bound calls; loaded first, it falls on every
+    timed call alike."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]):
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
 
 
 def summarize(times: List[float]) -> Dict[str, float]:

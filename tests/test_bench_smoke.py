@@ -4,6 +4,7 @@ Run in-process (``main(argv)``) to share one torch import; about 30 s on two cor
 """
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,16 @@ def test_e2e_smoke(tmp_path):
         assert row["TFLOPs"] > 0 and row["flop_fraction"] > 0
         assert row["peak_memory_bytes"] is None  # CPU
         assert row["cudagraph_skips"] is None    # recorded for reduce-overhead rows alone
+        assert row["graphs"] is None and row["graphs_while_timed"] == 0
+        assert len(row["back_to_back_rounds_s"]) == 3
+        assert row["back_to_back_s"] == statistics.median(row["back_to_back_rounds_s"])
         assert row["vs_fast"] > 0
         if row["impl"] == "fast":
             assert row["vs_fast"] == 1.0
+            # timm's weights on timm's batch: fp32 outputs (and first losses) agree to rounding
+            assert (row["output_diff_vs_peer"] is not None) == timm_ok
+            assert not timm_ok or row["output_diff_vs_peer"] < 1e-4
+            assert e2e.row_notes(row) == []
         assert (row["vs_timm"] is not None) == timm_ok
 
 
@@ -162,8 +170,10 @@ def test_e2e_compiled_rows_against_their_peers(tmp_path):
     for impl, row in rows.items():
         check_timing(row)
         assert row["back_to_back_s"] > 0 and row["images_per_s"] == pytest.approx(1 / row["back_to_back_s"])
+        assert row["graphs"] >= 1 and row["graph_breaks"] == 0 and row["graphs_while_timed"] == 0
         if impl.startswith("fast") and timm_ok:
             assert row["vs_peer"] == pytest.approx(rows[e2e.peer(impl)]["back_to_back_s"] / row["back_to_back_s"])
+            assert row["output_diff_vs_peer"] < 1e-4
         else:
             assert row["vs_peer"] is None
 
@@ -187,6 +197,30 @@ def test_interleaved_back_to_back_alternates_rounds_and_takes_medians():
                                        "cpu", steps=2, rounds=3)
     assert order == ["a", "a", "b", "b"] * 3
     assert set(medians) == {"a", "b"} and all(m > 0 for m in medians.values())
+
+
+def test_each_fast_row_is_grouped_with_its_timm_peer_timm_first():
+    specs = e2e.PRESETS["compile-race"]()
+    groups = e2e.groups_of(sorted(specs, key=lambda s: s.compiled))
+    assert sorted(map(str, (s for g in groups for s in g))) == sorted(map(str, specs))
+    for group in groups:
+        assert [s.impl for s in group] == ["timm" + group[1].impl[4:], group[1].impl]
+        assert len({(s.variant, s.mode, s.dtype, s.batch) for s in group}) == 1
+    alone = e2e.groups_of(e2e.expand(["crossvit_tiny_240"], ["infer"], ["fp32"], [1], ["fast", "timm+compile"]))
+    assert [len(g) for g in alone] == [1, 1]
+
+
+def test_a_row_says_what_makes_it_other_than_its_name():
+    row = dict(dtype="bf16", cudagraph_skips=0, graph_breaks=0, graphs_while_timed=0, output_diff_vs_peer=0.01)
+    assert e2e.row_notes(row) == []
+    assert e2e.row_notes(dict(row, graph_breaks=2, graphs_while_timed=1, output_diff_vs_peer=0.5)) == [
+        "2 graph breaks", "1 graphs compiled while timed", "output differs from its peer's by 0.5"]
+
+
+def test_interleaved_rounds_keeps_every_round():
+    from crossvit_fast.benchmarking import interleaved_rounds
+    rounds = interleaved_rounds({"a": lambda: None, "b": lambda: None}, "cpu", steps=2, rounds=4)
+    assert [len(r) for r in rounds.values()] == [4, 4]
 
 
 def test_a_reduce_overhead_row_whose_cuda_graphs_were_skipped_says_so():
