@@ -17,7 +17,9 @@ first call's seconds (the compilation); the peak CUDA memory; and the achieved m
 (timm's FLOPs, counted once per variant with FlopCounterMode on the meta device) as a fraction
 of the matmul peak measured in the same run (bench/peaks.py).
 
-Eager rows run first and compiled ones after, each compiled model compiled once;
+Each crossvit_fast row is measured together with its timm peer (:func:`groups_of`): timm's
+weights loaded into ours, one batch, their first outputs compared, their back-to-back rounds
+interleaved. Eager rows run first and compiled ones after, each compiled model compiled once;
 ``--compile-budget-s`` caps the seconds spent compiling, past which compiled rows are left out
 (listed under ``skipped``), so that a time limit cuts the most expensive rows first.
 
