@@ -331,8 +331,8 @@ class Runner:
         each's first call (the compilation), warm-up and synchronized calls; then their
         back-to-back rounds interleaved; then their GPU time (the profiler last: it slows the
         host after it has run). Returns the rows and the specs left out, with why. A row
-        records the graphs and graph breaks of its compilation, graphs compiled while it was
-        timed, how often inductor left CUDA graphs out (``reduce-overhead``) and how far its
+        records the graphs and graph breaks of its compilation, graphs compiled after it (in
+        its own warm-up and timed calls, or in the group's interleaved rounds), how often inductor left CUDA graphs out (``reduce-overhead``) and how far its
         output is from its peer's."""
         device, settings = self.settings.device, self.settings
         torch._dynamo.reset()  # each group compiles afresh: no recompile limit across groups
@@ -358,16 +358,24 @@ class Runner:
         if not runs:
             return [], skipped
         graphs_before = _dynamo_counts()[0]
-        rounds = interleaved_rounds({spec: run["step"] for spec, run in runs.items()}, device,
-                                    steps=settings.back_to_back_steps, rounds=settings.rounds)
-        graphs_while_timed = _dynamo_counts()[0] - graphs_before
+        try:
+            rounds = interleaved_rounds({spec: run["step"] for spec, run in runs.items()}, device,
+                                        steps=settings.back_to_back_steps, rounds=settings.rounds)
+            graphs_in_rounds = _dynamo_counts()[0] - graphs_before
+            # host time left out; kernels replayed from a CUDA graph may not be seen by the
+            # profiler (then 0, shown as —)
+            gpu_s = {spec: kernel_time(run["step"], device, iters=3) for spec, run in runs.items()}
+        except Exception as err:  # noqa: BLE001 - one failing comparison must not end the study
+            reason = ("out of memory" if isinstance(err, torch.cuda.OutOfMemoryError)
+                      else f"failed while timed: {type(err).__name__}: {str(err)[:300]}")
+            print(f"e2e: {list(runs)} {reason}", file=sys.stderr)
+            return [], skipped + [(spec, reason) for spec in runs]
         outputs = {spec.impl: run["output"] for spec, run in runs.items()}
         rows = []
         for spec, run in runs.items():
-            gpu_s = kernel_time(run["step"], device, iters=3)   # host time left out; kernels
-            # replayed from a CUDA graph may not be seen by the profiler (then 0, shown as —)
             theirs = outputs.get(peer(spec.impl))
-            rows.append(self._row(spec, run, rounds[spec], gpu_s, graphs_while_timed,
+            rows.append(self._row(spec, run, rounds[spec], gpu_s[spec],
+                                  run["graphs_while_timed"] + graphs_in_rounds,
                                   None if theirs is None else output_difference(run["output"], theirs)))
         return rows, skipped
 
@@ -382,12 +390,14 @@ class Runner:
             self.compile_spent_s += first_call_s
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        graphs_after_first = _dynamo_counts()[0]
         stats = summarize(time_fn(step, device, warmup=settings.warmup, iters=settings.iters))
+        graphs_while_timed = _dynamo_counts()[0] - graphs_after_first
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         skips = _cudagraph_skips() - skips_before if run_mode(spec.impl) == "+compile-ro" else None
         return dict(step=step, output=output, first_call_s=first_call_s, stats=stats, peak=peak,
                     cudagraph_skips=skips, graphs=graphs if spec.compiled else None,
-                    graph_breaks=breaks if spec.compiled else None)
+                    graph_breaks=breaks if spec.compiled else None, graphs_while_timed=graphs_while_timed)
 
     def _row(self, spec: Spec, run: dict, rounds: List[float], gpu_s: Optional[float],
              graphs_while_timed: int, output_diff: Optional[float]) -> dict:
@@ -649,7 +659,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for spec, reason in skipped:
                 results.payload["skipped"].append(dict(asdict(spec), reason=reason))
             if settings.device.type == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()   # the next comparison starts with the memory free
     except Stopped as stop:
         stopped = str(stop)
     add_speedups(results.payload["rows"])

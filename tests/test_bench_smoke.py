@@ -210,6 +210,24 @@ def test_each_fast_row_is_grouped_with_its_timm_peer_timm_first():
     assert [len(g) for g in alone] == [1, 1]
 
 
+def test_a_comparison_that_fails_while_timed_is_left_out_and_the_study_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+    real = e2e.interleaved_rounds
+    monkeypatch.setattr(e2e, "interleaved_rounds", fail_once)
+    argv = ["--smoke", "--impls", "fast", "--iters", "1", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    payload = load(tmp_path, "e2e")
+    assert [(s["mode"], s["reason"]) for s in payload["skipped"]] == [
+        ("infer", "failed while timed: RuntimeError: boom")]
+    assert [r["mode"] for r in payload["rows"]] == ["train"]
+
+
 def test_a_row_says_what_makes_it_other_than_its_name():
     row = dict(dtype="bf16", cudagraph_skips=0, graph_breaks=0, graphs_while_timed=0, output_diff_vs_peer=0.01)
     assert e2e.row_notes(row) == []
