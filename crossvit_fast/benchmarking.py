@@ -35,10 +35,12 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     start_all = time.perf_counter()
     while len(times) < iters or time.perf_counter() - start_all < min_seconds:
         if device.type == "cuda":
+            # on `device`'s stream, which need not be the current device's
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:

@@ -9,15 +9,22 @@ the sum of launch overheads; replaying a CUDA graph launches the whole forward a
 
 A graph is captured per input shape, dtype and autocast setting, and per setting that chooses
 the forward's kernels (the backend, ``naive_math``, the experimental fused CLS ops and two
-streams). Parameters are read in place, so ``load_state_dict`` and optimizer steps on the model
-are seen by later replays; what gives a parameter new memory is not (assigning a new
-``nn.Parameter``, ``model.half()`` or ``.to()``, ``load_state_dict(assign=True)``), nor are hooks
-registered after a capture: call :meth:`GraphedInference.reset` after either.
+streams) or its kernels' precision (TF32, the attention backends enabled). Parameters are read in
+place, so ``load_state_dict`` and optimizer steps on the model are seen by later replays; what
+gives a parameter new memory is not (assigning a new ``nn.Parameter``, ``model.half()`` or
+``.to()``, ``load_state_dict(assign=True)``), nor are hooks registered after a capture: call
+:meth:`GraphedInference.reset` after either (the wrapper's own ``.half()``, ``.to()`` and
+``.cuda()`` reset it themselves).
+
+A wrapper's graphs share one memory pool per GPU, and its calls run one after another whatever
+stream or thread makes them: each call waits for the last one's replay and output copy, since
+they read and write the same buffers.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Tuple
+import threading
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,18 +49,41 @@ def _static_copy(x: Tensor) -> Tensor:
         return x.clone()
 
 
+# One call of any wrapper at a time: captures must not overlap in the process (torch's rule),
+# and a wrapper's replays share its buffers.
+_CALLS = threading.Lock()
+
+
+class _Captured(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    static_in: Tensor
+    static_out: Tensor
+
+
 class GraphedInference(nn.Module):
     """Inference-only wrapper of ``model`` (called under ``no_grad``, in eval mode)."""
 
     def __init__(self, model: nn.Module, warmup_iters: int = 3):
         super().__init__()
+        if not isinstance(warmup_iters, int) or warmup_iters < 1:
+            raise ValueError("GraphedInference: warmup_iters must be an int of at least 1 (the "
+                             "first calls compile and tune kernels, which a capture cannot), got "
+                             f"{warmup_iters!r}")
         self.model = model
         self.warmup_iters = warmup_iters
-        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.reset()
 
     def reset(self) -> None:
         """Forget every captured graph (they are recaptured on the next calls)."""
-        self._graphs.clear()
+        self._graphs: Dict[Tuple, _Captured] = {}
+        self._pools: Dict[torch.device, Tuple[int, int]] = {}     # per GPU, shared by its graphs
+        self._last_call: Dict[torch.device, torch.cuda.Event] = {}  # per GPU: the last call's end
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.half()``, ``.to()``, ``.cuda()`` and the like give the parameters new memory, which
+        no captured graph reads: forget the graphs."""
+        self.reset()
+        return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
     def _key(x: Tensor) -> Tuple:
@@ -66,10 +96,15 @@ class GraphedInference(nn.Module):
                 autocast, torch.get_autocast_dtype("cuda") if autocast else None,
                 backends.get_backend(), reference.naive_enabled(),
                 layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE,
-                layers.FUSED_CLS_EXCHANGE_MAX_BATCH, branch_streams.enabled_here())
+                layers.FUSED_CLS_EXCHANGE_MAX_BATCH, branch_streams.enabled_here(),
+                torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
 
-    def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    def _capture(self, x: Tensor) -> _Captured:
         static_in = _static_copy(x)
+        if x.device not in self._pools:
+            self._pools[x.device] = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         # A replay costs no host time per kernel, so the fused norms pay at every size. Under
@@ -82,9 +117,11 @@ class GraphedInference(nn.Module):
                     self.model(static_in)
             torch.cuda.current_stream(x.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # on x's GPU's stream: torch's default capture stream is made once per process, on the
+            # GPU current at the first capture of any graph
+            with torch.cuda.graph(graph, pool=self._pools[x.device], stream=stream):
                 static_out = self.model(static_in)
-        return graph, static_in, static_out
+        return _Captured(graph, static_in, static_out)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -95,11 +132,16 @@ class GraphedInference(nn.Module):
             raise RuntimeError("GraphedInference: the model is in training mode; call model.eval() "
                                "(dropout and stochastic depth cannot be replayed)")
         # on x's GPU whichever is current: capture and replay use the current device's streams
-        with torch.cuda.device(x.device):
+        with _CALLS, torch.cuda.device(x.device):
             key = self._key(x)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(x)
-            graph, static_in, static_out = self._graphs[key]
-            static_in.copy_(x)
-            graph.replay()
-            return static_out.clone()
+            captured = self._graphs[key]
+            stream = torch.cuda.current_stream(x.device)
+            last_call = self._last_call.setdefault(x.device, torch.cuda.Event())
+            stream.wait_event(last_call)    # a call on another stream may still use the buffers
+            captured.static_in.copy_(x)
+            captured.graph.replay()
+            out = captured.static_out.clone()
+            last_call.record(stream)
+            return out

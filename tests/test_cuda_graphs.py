@@ -86,6 +86,43 @@ def test_the_graph_key_holds_the_backend_and_naive_math():
     assert GraphedInference._key(x) == key
 
 
+def test_the_graph_key_holds_the_kernels_precision_settings():
+    """TF32 and the attention backends enabled choose other kernels: a graph captured under one
+    setting is not replayed under another."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x = torch.randn(1, 3, 48, 48)
+    key = GraphedInference._key(x)
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert GraphedInference._key(x) != key
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = not saved[1]
+        assert GraphedInference._key(x) != key
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+    with sdpa_kernel(SDPBackend.MATH):
+        assert GraphedInference._key(x) != key
+    assert GraphedInference._key(x) == key
+
+
+def test_the_wrappers_own_casts_and_moves_forget_the_graphs():
+    """``fast.half()`` gives the parameters new memory: a graph kept would read the freed fp32
+    weights."""
+    fast = GraphedInference(small_model().eval())
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.float()):
+        fast._graphs[("a key",)] = None
+        assert convert(fast) is fast and fast._graphs == {}
+    assert fast.model.head[0].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("warmup_iters", [0, -1, 1.5])
+def test_warmup_iters_below_one_is_refused(warmup_iters):
+    with pytest.raises(ValueError, match="warmup_iters must be an int of at least 1"):
+        GraphedInference(small_model(), warmup_iters=warmup_iters)
+
+
 def test_the_static_input_is_writable_in_and_out_of_inference_mode():
     """A first call under inference_mode must not leave an input buffer that only
     inference-mode calls may write (and the other way round)."""
@@ -113,13 +150,39 @@ def test_a_capture_under_inference_mode_replays_outside_it():
     assert len(fast._graphs) == 1
 
 
+@gpu
+def test_calls_on_two_streams_do_not_share_the_buffers_at_once():
+    """A call on a side stream, then one on the default stream without a synchronize: the second
+    must not overwrite the input or output buffers while the first still replays or copies."""
+    model = small_model().cuda().eval()
+    fast = GraphedInference(model)
+    xs = [torch.randn(64, 3, 48, 48, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
+        fast(xs[0])                                   # capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        for _ in range(3):
+            with torch.cuda.stream(side):
+                first = fast(xs[0])
+            second = fast(xs[1])
+            torch.cuda.synchronize()
+            assert rel_err(first, expected[0]) < FP32_PAIR_TOL
+            assert rel_err(second, expected[1]) < FP32_PAIR_TOL
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_model_on_the_second_gpu_is_captured_and_replayed_there():
+    """After a capture on the first GPU (which makes torch's default capture stream there), a
+    model on the second is captured on its own GPU's stream: a replay with a new input follows
+    it."""
+    GraphedInference(small_model().cuda(0).eval())(torch.randn(1, 3, 48, 48, device="cuda:0"))
     model = small_model().cuda(1).eval()
     fast = GraphedInference(model)
-    x = torch.randn(2, 3, 48, 48, device="cuda:1")
+    x1, x2 = (torch.randn(2, 3, 48, 48, device="cuda:1") for _ in range(2))
     torch.cuda.set_device(0)
     with torch.no_grad():
-        fast(x)
-        got, expected = fast(x), model(x)
-    assert got.device == x.device and rel_err(got, expected) < FP32_PAIR_TOL
+        fast(x1)
+        for x in (x2, x1):
+            got, expected = fast(x), model(x)
+            assert got.device == x.device and rel_err(got, expected) < FP32_PAIR_TOL
