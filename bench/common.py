@@ -97,13 +97,15 @@ class StudyResults:
         self.payload["rows"].append(row)
         self._write_json()
 
-    def finish(self, markdown: str, draw: Callable[[object, List[dict]], object],
-               stopped: Optional[str] = None) -> List[Path]:
-        """Write the JSON (complete unless ``stopped`` says why the run stopped early), ``markdown``
-        and the PNG ``draw(pyplot, rows)`` makes."""
-        self.payload["complete"] = stopped is None
-        if stopped is not None:
-            self.payload["stopped"] = stopped
+    def stop(self, reason: str) -> None:
+        """Record that the run stopped early and why, before its Markdown is made (which says so)."""
+        self.payload["stopped"] = reason
+        self._write_json()
+
+    def finish(self, markdown: str, draw: Callable[[object, List[dict]], object]) -> List[Path]:
+        """Write the JSON (complete unless :meth:`stop` was called), ``markdown`` and the PNG
+        ``draw(pyplot, rows)`` makes."""
+        self.payload["complete"] = "stopped" not in self.payload
         written = [self._write_json()]
         md_path = self.stem.with_suffix(".md")
         md_path.write_text(markdown + "\n")

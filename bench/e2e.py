@@ -649,23 +649,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                            flops_source="timm's model (FlopCounterMode, meta device)" if timm is not None
                            else "crossvit_fast's model under naive_math (timm not importable)", skipped=[])
     runner = Runner(settings, run_peaks, timm, timm_reason)
-    stopped = None
     load_profiler(settings.device)   # before any timing: its lasting cost falls on every row alike
+    groups = groups_of(settings.specs)
+    measured = 0
     try:
-        for group in tqdm(groups_of(settings.specs), desc="e2e", unit="comparison", file=sys.stderr):
+        for group in tqdm(groups, desc="e2e", unit="comparison", file=sys.stderr):
             rows, skipped = runner.measure_group(group)
             for row in rows:
                 results.add(row)
             for spec, reason in skipped:
                 results.payload["skipped"].append(dict(asdict(spec), reason=reason))
+            measured += 1
             if settings.device.type == "cuda":
                 torch.cuda.empty_cache()   # the next comparison starts with the memory free
     except Stopped as stop:
-        stopped = str(stop)
+        results.stop(str(stop))
+        for spec in (spec for group in groups[measured:] for spec in group):
+            results.payload["skipped"].append(dict(asdict(spec), reason=f"not reached ({stop})"))
     add_speedups(results.payload["rows"])
     results.payload["compile_spent_s"] = runner.compile_spent_s
     text = markdown(results)
-    written = results.finish(text, draw, stopped)
+    written = results.finish(text, draw)
     print(text[text.index("| variant"):])
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -399,7 +399,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = op_cases(settings.models, settings.patch_counts)
     plan = [(dtype_name, case, users, batch, pass_name) for dtype_name in settings.dtype_names
             for case, users in cases.items() for batch in settings.batch_sizes for pass_name in PASSES]
-    stopped = None
     try:
         for dtype_name, case, users, batch, pass_name in tqdm(plan, desc="kernels", unit="case", file=sys.stderr):
             rows, skipped = measure(case, users, batch, pass_name, dtype_name, settings, run_peaks)
@@ -407,9 +406,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for row in rows:
                 results.add(row)
     except Stopped as stop:
-        stopped = str(stop)
+        results.stop(str(stop))
     results.payload["config"]["compile_spent_s"] = settings.compile_spent_s
-    written = results.finish(markdown(results), draw, stopped)
+    written = results.finish(markdown(results), draw)
     print(markdown_table(SUMMARY_HEADERS, summary_rows(results.payload["rows"])))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

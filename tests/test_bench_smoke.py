@@ -131,6 +131,31 @@ def test_warm_compile_runs_the_compiled_rows_and_writes_nothing(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_e2e_cut_short_says_so_and_what_it_did_not_reach(tmp_path, monkeypatch):
+    """A race stopped by its time limit (SIGTERM: common.Stopped) keeps the comparisons it made,
+    and its Markdown, the file quoted in results, says that it is incomplete and which rows were
+    not reached."""
+    measure_group, calls = e2e.Runner.measure_group, []
+
+    def stopped_at_the_second(self, group):
+        calls.append(group)
+        if len(calls) == 2:
+            raise common.Stopped("stopped by SIGTERM (time limit)")
+        return measure_group(self, group)
+
+    monkeypatch.setattr(e2e.Runner, "measure_group", stopped_at_the_second)
+    assert e2e.main(["--smoke", "--impls", "fast", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("e2e-smoke-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["complete"] is False and payload["stopped"] == "stopped by SIGTERM (time limit)"
+    assert [r["mode"] for r in payload["rows"]] == [calls[0][0].mode]
+    assert [(s["mode"], s["reason"]) for s in payload["skipped"]] == [
+        (calls[1][0].mode, "not reached (stopped by SIGTERM (time limit))")]
+    text = path.with_suffix(".md").read_text()
+    assert "**Incomplete: stopped by SIGTERM (time limit).**" in text
+    assert f"{calls[1][0].mode} fp32 batch 1 fast: not reached" in text
+
+
 def test_e2e_compile_budget_leaves_compiled_rows_out(tmp_path):
     argv = ["--smoke", "--modes", "infer", "--impls", "fast,fast+compile", "--compile-budget-s", "0",
             "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]
