@@ -200,9 +200,10 @@ def _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, w_ptr, b, t, end, heads,
             C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_wb, s_wh,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, H_PAD: tl.constexpr,
             ACC: tl.constexpr, DOT: tl.constexpr, ON_N: tl.constexpr, WITH_W: tl.constexpr):
-    """Scores ``s_hj = g_h · n_j + kt_h · β`` of tokens ``t`` (``g = kt ⊙ γ``), and with
-    ``WITH_W`` also ``w_h · x̂_j`` for a second per-head vector ``w`` (the backward's ``dz``), as
-    ``[H_PAD, BLOCK_N]``; one ``tl.dot`` per channel tile each.
+    """The parts of the scores ``s_hj = g_h · n_j + kt_h · β`` of tokens ``t`` (``g = kt ⊙ γ``):
+    ``(g·n [H_PAD, BLOCK_N], kt·β, Σ_c g [H_PAD])``; with ``WITH_W`` also ``(gw·n, w·β, Σ_c gw)``
+    for a second per-head vector ``w`` (the backward's ``dz``; ``gw = w ⊙ γ``), whose sum is
+    ``w_h · x̂_j``. One ``tl.dot`` per channel tile each.
 
     ``ON_N``: the dots take the normalized tile in ``DOT`` (fp32/fp64 tokens, and autocast's
     rounded one). Otherwise (16-bit tokens) they take the raw tokens, exact in their own dtype, as
@@ -231,10 +232,10 @@ def _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, w_ptr, b, t, end, heads,
             wx += tl.dot(wg, tl.trans(tokens), input_precision="ieee")
             wsum += tl.sum(wg.to(ACC), 1)
             wb += tl.sum(w * beta[None, :], 1)
-    if ON_N:
-        return gx + kb[:, None], wx + wb[:, None]
-    s = rstd[None, :] * (gx - mean[None, :] * gsum[:, None]) + kb[:, None]
-    return s, rstd[None, :] * (wx - mean[None, :] * wsum[:, None]) + wb[:, None]
+    if not ON_N:
+        gx = rstd[None, :] * (gx - mean[None, :] * gsum[:, None])
+        wx = rstd[None, :] * (wx - mean[None, :] * wsum[:, None])
+    return gx, kb, gsum, wx, wb, wsum
 
 
 @triton.jit
@@ -277,9 +278,10 @@ def _scores_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, s_ptr, mean_ptr, 
     t = start + tl.arange(0, BLOCK_N)
     heads = tl.arange(0, H_PAD)
     mean, rstd = _row_stats(x0_ptr, p_ptr, b, t, end, C, s_x0b, s_pb, s_pn, eps, BLOCK_N, BLOCK_K, ACC)
-    s, _ = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, kt_ptr, b, t, end, heads, mean, rstd,
-                   C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_ktb, s_kth,
-                   BLOCK_N, BLOCK_K, H_PAD, ACC, DOT, ON_N, False)
+    gn, kb, _, _, _, _ = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, kt_ptr, b, t, end, heads,
+                                 mean, rstd, C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_ktb, s_kth,
+                                 BLOCK_N, BLOCK_K, H_PAD, ACC, DOT, ON_N, False)
+    s = gn + kb[:, None]
     valid = (heads < H)[:, None] & (t < end)[None, :]
     s_offs = (b * H + heads[:, None]) * T + t[None, :]
     if MAPS:
@@ -377,17 +379,20 @@ def _token_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr,
     their ``a`` and ``ds`` (``[B, H, T]``) and LayerNorm statistics (``[B, T]``).
 
     ``a = exp(s − lse)``, ``ds = a (dz · x̂ − δ)`` with ``δ_h = dz_h · z_h``; ``dn = γ ⊙ dx̂`` with
-    ``dx̂ = Σ_h a dz_h + ds kt_h``; ``dx = r (dn − mean(dn) − n mean(dn ⊙ n))``. One sweep takes
-    the two row means, the next writes ``dx`` from the same products."""
+    ``dx̂ = Σ_h a dz_h + ds kt_h``; ``dx = r (dn − mean(dn) − n mean(dn ⊙ n))``. The two row sums
+    come from the scores' sweep, not a sweep of their own: ``Σ_c dn = Σ_h a Σ_c dz_h ⊙ γ + ds
+    Σ_c g_h`` and ``Σ_c dn ⊙ n = Σ_h a (dz_h ⊙ γ) · n + ds g_h · n`` (``g = kt ⊙ γ``). The next
+    sweep writes ``dx``."""
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * tokens
     end = tl.minimum(start + tokens, T)
     t = start + tl.arange(0, BLOCK_N)
     heads = tl.arange(0, H_PAD)
     mean, rstd = _row_stats(x0_ptr, p_ptr, b, t, end, C, s_x0b, s_pb, s_pn, eps, BLOCK_N, BLOCK_K, ACC)
-    s, da = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, dz_ptr, b, t, end, heads, mean, rstd,
-                    C, H, s_x0b, s_pb, s_pn, s_ktb, s_kth, s_dzb, s_dzh,
-                    BLOCK_N, BLOCK_K, H_PAD, ACC, DOT, ON_N, True)
+    gn, kb, gsum, wn, wb, wsum = _scores(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, dz_ptr, b, t,
+                                         end, heads, mean, rstd, C, H, s_x0b, s_pb, s_pn, s_ktb,
+                                         s_kth, s_dzb, s_dzh, BLOCK_N, BLOCK_K, H_PAD, ACC, DOT,
+                                         ON_N, True)
     delta = tl.zeros([H_PAD], ACC)
     for c0 in range(0, C, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
@@ -396,19 +401,11 @@ def _token_bwd_kernel(x0_ptr, p_ptr, kt_ptr, gamma_ptr, beta_ptr, z_ptr, dz_ptr,
         delta += tl.sum(dz.to(ACC) * z, 1)
     lse = tl.load(lse_ptr + b * H + heads, mask=heads < H, other=0.0)
     valid = (heads < H)[:, None] & (t < end)[None, :]
-    a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    ds = a * (da - delta[:, None])
+    a = tl.where(valid, tl.exp(gn + kb[:, None] - lse[:, None]), 0.0)
+    ds = a * (wn + wb[:, None] - delta[:, None])
     a_op, ds_op = a.to(DOT), ds.to(DOT)
-    dn_sum = tl.zeros([BLOCK_N], ACC)
-    dnn_sum = tl.zeros([BLOCK_N], ACC)
-    for c0 in range(0, C, BLOCK_K):
-        cols = c0 + tl.arange(0, BLOCK_K)
-        _, n, _ = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
-        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)
-        dn = _dxhat(a_op, ds_op, dz_ptr, kt_ptr, b, heads, cols, H, C, s_dzb, s_dzh, s_ktb, s_kth,
-                    DOT) * gamma[None, :]
-        dn_sum += tl.sum(dn, 1)
-        dnn_sum += tl.sum(dn * n, 1)
+    dn_sum = tl.sum(a * wsum[:, None] + ds * gsum[:, None], 0)
+    dnn_sum = tl.sum(a * wn + ds * gn, 0)
     for c0 in range(0, C, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         _, n, mask = _normalized(x0_ptr, p_ptr, b, t, cols, end, C, s_x0b, s_pb, s_pn, mean, rstd, ACC)
