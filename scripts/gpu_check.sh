@@ -25,12 +25,15 @@
 # them into $OUT/inductor-cache.tgz.part-* at the end, and a later run that carries them back in
 # .inductor-cache/ (git-ignored) starts from them: what did not change since is not compiled again.
 #
-# The next session's call for issue 18 (one `run`, timeout_s 590): the tests, the batch-1 A/B, the
-# compile race with every row, then, as far as the deadline lets them, the Triton memcheck and the
-# compiled training step's profile:
-#   DEADLINE_S=560 STEPS="ext warm tests graphs_ab race sanitize_triton profile_compiled" TESTS_S=120 \
-#     RACE_S=240 PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 \
+# The next session's calls for issue 18. First (one `run`, timeout_s 590): the GPU tests (what never
+# ran on a GPU first) while the race's compilations warm, the compile race with every row, then
+# the compiled training step's profile (about 5 + 40 + 140 + 250 + 90 s):
+#   DEADLINE_S=560 STEPS="ext warm tests race profile_compiled" TESTS_S=140 RACE_S=250 \
+#     PROFILE_COMPILED_ARGS="--workloads train --modes default" PROFILE_COMPILED_S=90 \
 #     bash scripts/gpu_check.sh
+# then at once, on the still-warm machine (it goes back after 30 s idle), what the device time
+# left allows: the Triton kernels under memcheck, then the batch-1 CUDA-graph A/B:
+#   DEADLINE_S=190 STEPS="sanitize_triton graphs_ab" bash scripts/gpu_check.sh
 # and, in a later call, the batch-64 sweep of all variants, warmed in parallel first:
 #   RACE_PRESET=variants-64 WARM_N=11 STEPS="warm race" RACE_S=300 bash scripts/gpu_check.sh
 # (the fused CLS exchange, never run on a GPU before, is measured in a process of its own: a CUDA
@@ -63,7 +66,8 @@ if ls .inductor-cache/inductor-cache.tgz.part-* >/dev/null 2>&1; then
   cat .inductor-cache/inductor-cache.tgz.part-* | tar -xz -C "$CACHE_DIR" && echo "caches restored: $(du -sh "$CACHE_DIR")"
 fi
 
-pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK_ROOT" gpu_check; }
+# written beside, then renamed: a call killed while packing still returns the last whole archive
+pack() { tar -czf "$OUT/.gpu_check.tar.gz.tmp" -C "$WORK_ROOT" gpu_check && mv -f "$OUT/.gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"; }
 # phase NAME SECONDS COMMAND...: run under a time limit into logs/NAME.log. The limit is cut to what
 # is left before DEADLINE_S (less the 20 s a killed phase may take to die and the final packing),
 # and a phase with under 30 s left is skipped: the script ends before the device call's own limit,
@@ -82,29 +86,48 @@ phase() {
   echo "phase $name: rc=$rc in $((SECONDS - start))s (limit ${limit}s)" | tee -a "$WORK/logs/summary.log"
   tail -n "${TAIL_LINES:-12}" "$WORK/logs/$name.log"
   pack
+  return $rc
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   echo "commit ${CROSSVIT_FAST_COMMIT:-unknown} (plus the uncommitted changes of the sending checkout)"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import timm; print('timm', timm.__version__)"
 } > "$WORK/logs/environment.log" 2>&1
 cat "$WORK/logs/environment.log"
 phase install 60 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
-step ext && phase build_ext 180 python3 -m crossvit_fast.cli build-ext
+# kernels/ and csrc/ are importable only through the installed package-dir mapping: without it
+# nothing after this would measure what it says
+if ! python3 -c "import crossvit_fast.kernels, crossvit_fast.csrc" >> "$WORK/logs/install.log" 2>&1; then
+  echo "install failed: crossvit_fast.kernels does not import; stopping" | tee -a "$WORK/logs/summary.log"
+  pack; exit 1
+fi
+if step ext; then
+  # a build killed at its limit leaves torch's lock, on which every later load of the extension
+  # (each test worker's, at start) would wait for ever
+  phase build_ext 180 python3 -m crossvit_fast.cli build-ext ||
+    rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/crossvit_fast*/lock
+fi
 RACE_PRESET=${RACE_PRESET:-compile-race}
 WARM_N=${WARM_N:-6}   # the race preset's compiled rows (compile-race 6, compile-quick 4): one process each
+# The warming processes may run until the tests end and WARM_GRACE_S after: what they have not
+# compiled by then the race compiles itself (within its compile budget), rather than waiting.
+WARM_S=${WARM_S:-$((${TESTS_S:-150} + ${WARM_GRACE_S:-60}))}
 if step warm; then
   for k in $(seq 0 $((WARM_N - 1))); do
-    timeout -k 10 "${WARM_S:-280}" python3 -m bench.e2e --preset "$RACE_PRESET" --warm-compile "$k/$WARM_N" \
+    timeout -k 10 "$WARM_S" python3 -m bench.e2e --preset "$RACE_PRESET" --warm-compile "$k/$WARM_N" \
       > "$WORK/logs/warm_$k.log" 2>&1 &
   done
 fi
 
-GPU_TESTS="tests/test_primitives.py tests/test_triton_kernels.py tests/test_cls_exchange.py tests/test_attention_maps.py
-  tests/test_backend_models.py tests/test_ops.py tests/test_cuda_graphs.py tests/test_branch_streams.py
-  tests/test_launch_device.py
-  tests/test_csrc_compile.py tests/test_compile.py
-  tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm"
+# What has never run on a GPU first (xdist hands tests out about in this order, so a cut phase
+# leaves the last ones out). test_csrc_compile's nvcc build for three archs needs no GPU (CI runs
+# it) and takes minutes: only its GPU case runs here.
+GPU_TESTS="tests/test_compile.py tests/test_attention_maps.py tests/test_cuda_graphs.py tests/test_branch_streams.py
+  tests/test_cls_exchange.py tests/test_launch_device.py
+  tests/test_timm_parity.py::test_gpu_fp32_and_bf16_autocast_match_timm
+  tests/test_primitives.py tests/test_triton_kernels.py tests/test_backend_models.py tests/test_ops.py
+  tests/test_csrc_compile.py --deselect tests/test_csrc_compile.py::test_csrc_compiles_for_sm75_sm80_and_sm90"
 # One CPU thread per xdist worker: the timm-parity cases build models on the CPU.
 # SIGINT at the limit: pytest then still prints its summary with the failures' tracebacks (a
 # SIGTERM cut run 1's before it); --timeout: one stuck test fails instead of holding the phase
@@ -123,9 +146,9 @@ step tune && phase tune "${TUNE_S:-180}" python3 scripts/tune_attn_pool.py sweep
 step model_profile && phase model_profile "${MODEL_PROFILE_S:-90}" python3 scripts/profile_model.py
 # host time per eager call of each fused op against timm's ATen ops (batch 1)
 step host && phase host_cost "${HOST_S:-60}" python3 scripts/host_cost.py --out "$WORK/results"
-if step warm; then   # the warming processes are the shell's only background jobs
+if step warm; then   # the warming processes are the shell's only background jobs (each under WARM_S)
   start=$SECONDS; wait
-  echo "phase warm: done $((SECONDS - start))s after the phases before it" | tee -a "$WORK/logs/summary.log"
+  echo "phase warm: done $((SECONDS - start))s after the phases before it (limit ${WARM_S}s each)" | tee -a "$WORK/logs/summary.log"
   grep -h "warmed\|Error" "$WORK"/logs/warm_*.log | tail -n 12
 fi
 # CUDA-graph replays at batch 1 (crossvit_tiny_240, fp32 and bf16): timm, crossvit_fast, and
@@ -174,7 +197,12 @@ step kernels && phase bench_kernels "$KERNELS_S" python3 -m bench.kernels --dtyp
 cp "$WORK"/results/e2e*.md "$OUT"/ 2>/dev/null
 # The device tool returns at most 8 files and 64 MiB from $OUT: the caches come back only where
 # they pack into 45 MiB (3 parts), beside the logs' archive and the results' Markdown.
-if [ "${PACK_CACHE:-1}" = 1 ]; then
+# Skipped where the caches are far past that (gzip would only spend the call's last seconds) or
+# the deadline is near.
+cache_mb=$(du -sm "$CACHE_DIR" 2>/dev/null | cut -f1)
+if [ "${PACK_CACHE:-1}" = 1 ] && { [ "${cache_mb:-0}" -gt 200 ] || [ $((DEADLINE_S - SECONDS)) -lt 30 ]; }; then
+  echo "caches not packed: ${cache_mb} MiB, $((DEADLINE_S - SECONDS))s before DEADLINE_S"
+elif [ "${PACK_CACHE:-1}" = 1 ]; then
   rm -f "$OUT"/inductor-cache.tgz.part-*
   tar -cz -C "$CACHE_DIR" . > /tmp/inductor-cache.tgz
   size=$(stat -c %s /tmp/inductor-cache.tgz)
