@@ -138,7 +138,9 @@ class GraphedInference(nn.Module):
                 self._graphs[key] = self._capture(x)
             captured = self._graphs[key]
             stream = torch.cuda.current_stream(x.device)
-            last_call = self._last_call.setdefault(x.device, torch.cuda.Event())
+            last_call = self._last_call.get(x.device)
+            if last_call is None:
+                last_call = self._last_call[x.device] = torch.cuda.Event()
             stream.wait_event(last_call)    # a call on another stream may still use the buffers
             captured.static_in.copy_(x)
             captured.graph.replay()
