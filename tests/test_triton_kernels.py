@@ -255,7 +255,8 @@ def test_attn_pool_more_token_groups_than_one_log_sum_exp_block():
 
 def test_layer_norm_backward_programs_take_several_row_blocks(monkeypatch):
     """The backward's programs loop over row blocks (p, p + P, ...); with one SM's worth of
-    programs (2) and 100 rows of 16, each takes four blocks, as a GPU's do on a real batch."""
+    programs (4) and 100 rows in blocks of 8 (13 blocks), each takes three or four, as a GPU's do
+    on a real batch, and sums its partials over its rows once at the end."""
     monkeypatch.setattr(layer_norm, "num_sms", lambda device: 1)
     M, C = 100, 200
     h, dy, dh = (torch.randn(M, C, device=DEVICE) for _ in range(3))
@@ -263,7 +264,8 @@ def test_layer_norm_backward_programs_take_several_row_blocks(monkeypatch):
     _, _, mean, rstd = ref.layer_norm_fwd(h, None, w, b, EPS)
     with spied("layer_norm_bwd") as spies:
         got = tb.layer_norm_bwd(dy, dh, h, w, mean, rstd)
-    assert spies["layer_norm_bwd"].grids == [(2,)]
+    assert layer_norm._blocks(C, layer_norm.BWD_BLOCK_ELEMENTS)[1] == 8
+    assert spies["layer_norm_bwd"].grids == [(layer_norm.BWD_PROGRAMS_PER_SM,)] == [(4,)]
     want = ref.layer_norm_bwd(*f64(dy, dh, h, w, mean, rstd))
     for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
         assert_rel_close(g, e, 1e-5, name)
