@@ -8,8 +8,7 @@ number of programs each loop over row blocks, write ``dx (+ dh)`` and one row of
 ``dweight``/``dbias`` each, summed by the caller. Each backward program keeps its partials as a
 whole ``[ROWS, BLOCK_C]`` block in registers and sums its rows once at the end, not in every
 iteration (a column sum crosses warps: shared memory and a barrier), and takes half the forward's
-elements per iteration, so that a few programs fit on each SM at once (the H100 measured the
-backward at 35–46% of copy bandwidth with two programs of ~170 registers per SM).
+elements per iteration, so that four programs fit on each SM at once (:func:`_bwd_blocks`).
 """
 from __future__ import annotations
 
@@ -24,19 +23,35 @@ from torch import Tensor
 from ._launch import acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, num_sms, unit_last_stride
 
 
-# Elements of a row block: per program in the forward, per iteration in the backward.
-FWD_BLOCK_ELEMENTS = 4096
-BWD_BLOCK_ELEMENTS = 2048
-# Backward programs per SM (each loops over row blocks; more would only add partial rows).
-BWD_PROGRAMS_PER_SM = 4
+# The backward's row blocks: 16 elements of each tensor per thread, which with the partial sums
+# kept in registers compiles to at most BWD_REGISTERS per thread (capped there, no spills at every
+# CrossViT width), so that REGISTERS_PER_SM / BWD_REGISTERS threads' worth of programs are
+# resident on an SM at once: 4 programs of 4 warps (it was 2 of ~170 registers, and the H100
+# measured that backward at 35–46% of copy bandwidth).
+BWD_ELEMENTS_PER_THREAD = 16
+BWD_REGISTERS = 128
+REGISTERS_PER_SM = 65536   # every GPU from sm_80 to sm_90
 
 
 @functools.lru_cache(maxsize=None)   # called on every launch: cached per width
-def _blocks(C: int, elements: int) -> Tuple[int, int, int]:
-    """``(BLOCK_C, ROWS, num_warps)``: row blocks of about ``elements`` elements. ``C`` a plain
-    int: a symbolic width (the compiler, dynamic shapes) does not hash; ``int()`` specializes it."""
+def _blocks(C: int) -> Tuple[int, int, int]:
+    """``(BLOCK_C, ROWS, num_warps)`` of the forward: about 4K elements per program. ``C`` a
+    plain int: a symbolic width (the compiler, dynamic shapes) does not hash; ``int()``
+    specializes it."""
     block_c = next_power_of_2(C)
-    return block_c, max(1, min(16, elements // block_c)), (4 if block_c <= 1024 else 8)
+    return block_c, max(1, min(16, 4096 // block_c)), (4 if block_c <= 1024 else 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_blocks(C: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_C, ROWS, num_warps, programs_per_sm)`` of the backward: row blocks of about 2K
+    elements (one row where it is wider), 4 to 16 warps of :data:`BWD_ELEMENTS_PER_THREAD` each,
+    and as many programs per SM as fit at :data:`BWD_REGISTERS` (past a width of 8K, more
+    elements per thread: those spill)."""
+    block_c = next_power_of_2(C)
+    rows = max(1, min(16, 2048 // block_c))
+    num_warps = min(16, max(4, rows * block_c // (32 * BWD_ELEMENTS_PER_THREAD)))
+    return block_c, rows, num_warps, REGISTERS_PER_SM // (BWD_REGISTERS * 32 * num_warps)
 
 
 def _rows(t: Tensor, C: int) -> Tensor:
@@ -115,7 +130,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     xr = _rows(x, C)
     res = None if residual is None else _rows(residual, C)
     weight, bias = contiguous_as(weight, acc), contiguous_as(bias, acc)
-    block_c, rows, num_warps = _blocks(int(C), FWD_BLOCK_ELEMENTS)
+    block_c, rows, num_warps = _blocks(int(C))
     y = x.new_empty((M, C), dtype=out_dtype or dtype)
     h = x if res is None else x.new_empty((M, C), dtype=dtype)
     mean, rstd = x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc)
@@ -135,13 +150,14 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
     dy, hr = _rows(dy, C), _rows(h, C)
     dh = None if dh is None else _rows(dh, C)
     weight, mean, rstd = (contiguous_as(t, acc) for t in (weight, mean, rstd))
-    block_c, rows, num_warps = _blocks(int(C), BWD_BLOCK_ELEMENTS)
-    programs = max(1, min(cdiv(M, rows), BWD_PROGRAMS_PER_SM * num_sms(h.device)))
+    block_c, rows, num_warps, programs_per_sm = _bwd_blocks(int(C))
+    programs = max(1, min(cdiv(M, rows), programs_per_sm * num_sms(h.device)))
     dx = h.new_empty((M, C))
     dw, db = h.new_empty((programs, C), dtype=acc), h.new_empty((programs, C), dtype=acc)
     launch(_layer_norm_bwd_kernel)[(programs,)](
         dy, dy if dh is None else dh, hr, weight, mean, rstd, dx, dw, db, M, C,
         dy.stride(0), (dy if dh is None else dh).stride(0), hr.stride(0),
         ROWS=rows, BLOCK_C=block_c, HAS_DH=dh is not None,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
+        maxnreg=BWD_REGISTERS)
     return dx, dw.sum(dim=0), db.sum(dim=0)
