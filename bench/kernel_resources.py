@@ -5,7 +5,8 @@ The kernels' launch wrappers run on meta tensors (nothing is computed) with each
 instead of made: the kernel, its grid, its arguments. Each distinct launch is then compiled with
 ``triton.compile`` for sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (RTX 40xx, L4) and sm_90 (H100,
 H200), typed as inductor types a compiled model's launches (Python floats as fp64, pointers
-16-byte aligned), and the bundled ``ptxas -v`` reports registers and spills. A configuration
+16-byte aligned), and Triton's bundled ``cuobjdump`` reads the registers and the stack (spilled
+registers) of the binary it made. A configuration
 *fits* where its shared memory is within the GPU's per-block limit. ``--check`` fails where one
 misses a target (:func:`violations`: not fitting, spilling, a token-pass launch under a full
 wave from batch 8 up or under 4 programs per SM at batch 256); tests/test_kernel_resources.py runs
@@ -198,31 +199,34 @@ def record_launches(variant: str, batch: int, mode: str, sms: int) -> List[Tuple
     return out
 
 
-_PTXAS_LINE = re.compile(r"Used (\d+) registers")
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_RESOURCES = re.compile(r"Function (\w+):\s*REG:(\d+) STACK:(\d+)")
 
 
 def compile_for(kernel, typed, cc: int) -> dict:
-    """Compile one launch for compute capability ``cc``: shared bytes, registers, spill bytes."""
+    """Compile one launch for compute capability ``cc``: shared bytes, registers, stack bytes.
+
+    Registers and stack are read from the binary Triton made (``cuobjdump -res-usage`` of its
+    cubin), not from a second ``ptxas -v`` of its PTX: Triton passes ptxas options of its own
+    (Triton 3.9 ``--regAllocOptLevel=2``), so a second assembly can allocate differently, and a
+    cached compilation costs no assembly at all. A Triton kernel's stack holds nothing but
+    spilled registers."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     signature, constexprs, attrs, options = typed
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                               target=GPUTarget("cuda", cc, 32), options=options)
-    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
-    ptx = Path(os.environ.get("TMPDIR", "/tmp")) / f"crossvit-fast-{os.getpid()}.ptx"
-    ptx.write_text(compiled.asm["ptx"])
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"crossvit-fast-{os.getpid()}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
     try:
-        log = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
     finally:
-        ptx.unlink(missing_ok=True)
-    registers = int(_PTXAS_LINE.search(log).group(1))
-    spills = _SPILL.search(log)
-    return dict(shared=compiled.metadata.shared, registers=registers,
-                spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else 0)
+        cubin.unlink(missing_ok=True)
+    name, registers, stack = _RESOURCES.search(usage).groups()
+    assert name == kernel.__name__, (name, kernel.__name__)
+    return dict(shared=compiled.metadata.shared, registers=int(registers), stack_bytes=int(stack))
 
 
 def _freeze(typed) -> tuple:
@@ -258,8 +262,8 @@ def violations(rows: List[dict]) -> List[str]:
         where = f"{r['target']} {r['variant']} batch {r['batch']} {r['mode']} {r['op']}: {r['kernel']}"
         if not r["fits"]:
             out.append(f"{where} needs {r['shared']} B of shared memory (limit {r['shared_limit']})")
-        if r["spill_bytes"]:
-            out.append(f"{where} spills {r['spill_bytes']} B ({r['registers']} registers)")
+        if r["stack_bytes"]:
+            out.append(f"{where} spills {r['stack_bytes']} B of stack ({r['registers']} registers)")
         if r["kernel"] in TOKEN_PASS_KERNELS:
             if r["batch"] >= WAVE_FROM_BATCH and r["programs"] < r["sms"]:
                 out.append(f"{where} launches {r['programs']} programs, under a wave of {r['sms']}")
@@ -282,8 +286,8 @@ def summary(rows: List[dict]) -> List[dict]:
                         fit=sum(r["fits"] for r in group), shared_limit=group[0]["shared_limit"],
                         max_shared=max(r["shared"] for r in group),
                         max_registers=max(r["registers"] for r in group),
-                        spilling=sum(bool(r["spill_bytes"]) for r in group),
-                        max_spill_bytes=max(r["spill_bytes"] for r in group),
+                        spilling=sum(bool(r["stack_bytes"]) for r in group),
+                        max_stack_bytes=max(r["stack_bytes"] for r in group),
                         programs_per_sm={b: (min(v), max(v)) for b, v in per_batch.items()},
                         not_fitting=sorted({f"{r['variant']} {r['op']}" for r in group if not r["fits"]})))
     return out
@@ -304,16 +308,16 @@ def markdown(rows: List[dict], made_with: str, plans: Optional[Dict[Tuple[int, i
     """The summary table (every configuration is in the JSON), every miss of the targets, and the
     CUDA backend's plan where given; ``made_with``: Triton and commit."""
     bad = [r for r in rows if not r["fits"]]
-    spilling = [r for r in rows if r["spill_bytes"]]
+    spilling = [r for r in rows if r["stack_bytes"]]
     misses = violations(rows)
     batches = sorted({r["batch"] for r in rows})
     head = ["kernel", "mode", "target", "fit", "max shared KB (limit)", "max regs", "spilling",
-            "max spill B", *[f"programs/SM at batch {b}" for b in batches]]
+            "max stack B", *[f"programs/SM at batch {b}" for b in batches]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summary(rows):
         cells = [g["kernel"], g["mode"], g["target"], f"{g['fit']}/{g['configurations']}",
                  f"{g['max_shared'] / 1024:.1f} ({g['shared_limit'] / 1024:.0f})", g["max_registers"],
-                 g["spilling"], g["max_spill_bytes"],
+                 g["spilling"], g["max_stack_bytes"],
                  *[f"{g['programs_per_sm'][b][0]:.2f}–{g['programs_per_sm'][b][1]:.2f}"
                    if b in g["programs_per_sm"] else "not launched" for b in batches]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -59,10 +59,10 @@ def test_the_targets_can_fail():
     """The check itself: a row over the limit, one that spills, and token-pass launches under a
     wave or under the programs per SM asked at batch 256 are each reported."""
     good = dict(target="sm_90", variant="v", batch=256, mode="bf16", op="op", kernel="_scores_kernel",
-                shared=1024, shared_limit=232448, fits=True, registers=128, spill_bytes=0, sms=132,
+                shared=1024, shared_limit=232448, fits=True, registers=128, stack_bytes=0, sms=132,
                 programs=132 * PROGRAMS_PER_SM_AT_256, programs_per_sm=PROGRAMS_PER_SM_AT_256)
     assert violations([good]) == []
-    bad = [dict(good, shared=240000, fits=False), dict(good, spill_bytes=8),
+    bad = [dict(good, shared=240000, fits=False), dict(good, stack_bytes=8),
            dict(good, batch=8, programs=100, programs_per_sm=100 / 132),
            dict(good, programs=256, programs_per_sm=256 / 132)]
     assert [len(violations([r])) for r in bad] == [1, 1, 1, 1]
