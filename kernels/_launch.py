@@ -102,33 +102,5 @@ def traced(kernel):
     trace ``wrap_triton`` hands back the kernel itself. A kernel that Triton's CPU interpreter
     runs cannot be recorded (torch 2.11's ``wrap_triton`` refuses it): it is returned as it is,
     for the eager calls of the op that the tests make."""
-    return _TracedLaunch(kernel) if isinstance(kernel, JITFunction) else kernel
-
-
-class _TracedLaunch:
-    """``wrap_triton(kernel)[grid](...)``, with a launch's register cap (``maxnreg``) made the
-    kernel's one autotuning config: the compiler takes ``num_warps`` and ``num_stages`` from a
-    launch but ``maxnreg`` only from a config (torch 2.11 to 2.15 would record it as a kernel
-    argument and drop the cap)."""
-
-    def __init__(self, kernel: JITFunction):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        from torch.library import wrap_triton
-
-        def launch(*args, maxnreg=None, **kwargs):
-            kernel = self.kernel
-            if maxnreg is not None:
-                kernel = _with_register_cap(kernel, kwargs.pop("num_warps", 4),
-                                            kwargs.pop("num_stages", 3), maxnreg)
-            return wrap_triton(kernel)[grid](*args, **kwargs)
-        return launch
-
-
-@functools.lru_cache(maxsize=None)   # one kernel object per setting: the compiler's table keeps each
-def _with_register_cap(kernel: JITFunction, num_warps: int, num_stages: int, maxnreg: int):
-    """``kernel`` with one autotuning config holding the launch options (nothing is tuned)."""
-    import triton
-    return triton.autotune([triton.Config({}, num_warps=num_warps, num_stages=num_stages,
-                                          maxnreg=maxnreg)], key=[])(kernel)
+    from torch.library import wrap_triton
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel

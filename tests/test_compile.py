@@ -467,18 +467,9 @@ def test_compiled_layer_norm_launches_the_triton_kernels(compilable_triton):
     def step(x, residual):
         y, h = crossvit_fast.ops.add_layer_norm(x, residual, w, b, backend="triton")
         return (y * h).sum()
-    graph = _joint_graph(step, x, residual)
-    kernels, custom_ops = _kernels_and_ops(graph)
+    kernels, custom_ops = _kernels_and_ops(_joint_graph(step, x, residual))
     assert not custom_ops, custom_ops
     assert kernels == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}
-    # the backward's register cap reaches inductor as the launch's config, not as an argument
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from crossvit_fast.kernels.layer_norm import BWD_REGISTERS, _bwd_blocks
-    (launch,) = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target) and
-                 kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ == "_layer_norm_bwd_kernel"]
-    (config,) = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"]).configs
-    assert (config.maxnreg, config.num_warps) == (BWD_REGISTERS, _bwd_blocks(24)[2])
-    assert "maxnreg" not in launch.kwargs["kwargs"]
 
 
 @triton_here
