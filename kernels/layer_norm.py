@@ -8,7 +8,7 @@ number of programs each loop over row blocks, write ``dx (+ dh)`` and one row of
 ``dweight``/``dbias`` each, summed by the caller. Each backward program keeps its partials as a
 whole ``[ROWS, BLOCK_C]`` block in registers and sums its rows once at the end, not in every
 iteration (a column sum crosses warps: shared memory and a barrier), and takes half the forward's
-elements per iteration, so that four programs fit on each SM at once (:func:`_bwd_blocks`).
+elements per iteration, so that three programs fit on each SM at once (:func:`_bwd_blocks`).
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ from ._launch import acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, nu
 
 
 # The backward's row blocks: 16 elements of each tensor per thread, which with the partial sums
-# kept in registers compiles to at most BWD_REGISTERS per thread (capped there, no spills at every
-# CrossViT width), so that REGISTERS_PER_SM / BWD_REGISTERS threads' worth of programs are
-# resident on an SM at once: 4 programs of 4 warps (it was 2 of ~170 registers, and the H100
-# measured that backward at 35–46% of copy bandwidth).
+# kept in registers compiles to 118 to 148 registers at the CrossViT widths (Triton 3.6 and 3.9),
+# so that three programs of 4 warps (12 warps) are resident on an SM at once (it was 2 programs of
+# ~170 registers, and the H100 measured that backward at 35–46% of copy bandwidth). No register
+# cap: inductor drops a user kernel's maxnreg, and a compiled launch would differ from an eager.
 BWD_ELEMENTS_PER_THREAD = 16
-BWD_REGISTERS = 128
-REGISTERS_PER_SM = 65536   # every GPU from sm_80 to sm_90
+BWD_WARPS_PER_SM = 12
 
 
 @functools.lru_cache(maxsize=None)   # called on every launch: cached per width
@@ -45,13 +44,12 @@ def _blocks(C: int) -> Tuple[int, int, int]:
 @functools.lru_cache(maxsize=None)
 def _bwd_blocks(C: int) -> Tuple[int, int, int, int]:
     """``(BLOCK_C, ROWS, num_warps, programs_per_sm)`` of the backward: row blocks of about 2K
-    elements (one row where it is wider), 4 to 16 warps of :data:`BWD_ELEMENTS_PER_THREAD` each,
-    and as many programs per SM as fit at :data:`BWD_REGISTERS` (past a width of 8K, more
-    elements per thread: those spill)."""
+    elements (one row where it is wider), 4 to 16 warps of :data:`BWD_ELEMENTS_PER_THREAD` each
+    (past a width of 8K, more elements per thread), :data:`BWD_WARPS_PER_SM` warps per SM."""
     block_c = next_power_of_2(C)
     rows = max(1, min(16, 2048 // block_c))
     num_warps = min(16, max(4, rows * block_c // (32 * BWD_ELEMENTS_PER_THREAD)))
-    return block_c, rows, num_warps, REGISTERS_PER_SM // (BWD_REGISTERS * 32 * num_warps)
+    return block_c, rows, num_warps, max(1, BWD_WARPS_PER_SM // num_warps)
 
 
 def _rows(t: Tensor, C: int) -> Tensor:
@@ -158,6 +156,5 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, 
         dy, dy if dh is None else dh, hr, weight, mean, rstd, dx, dw, db, M, C,
         dy.stride(0), (dy if dh is None else dh).stride(0), hr.stride(0),
         ROWS=rows, BLOCK_C=block_c, HAS_DH=dh is not None,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
-        maxnreg=BWD_REGISTERS)
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps)
     return dx, dw.sum(dim=0), db.sum(dim=0)
