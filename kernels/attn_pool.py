@@ -77,6 +77,7 @@ class Plan(NamedTuple):
     pool_bwd_stages: int  # pipeline stages of the pooling backward
     token_warps: int    # num_warps of the token kernels (scores, maps, token backward)
     token_stages: int   # their pipeline stages
+    token_bwd_warps: int  # num_warps of the token backward
 
     def token_groups(self, T: int) -> int:
         return cdiv(T, self.tokens)
@@ -113,12 +114,15 @@ def plan(B: int, T: int, C: int, H: int, sms: int, splits: Optional[int] = None,
     # room for a second tile in flight only on channel tiles narrower than 64 (with one stage
     # those spilled, with two the 64-wide ones: bench.kernel_resources, Triton 3.8 and 3.9).
     # The token kernels take 8 warps on 16-token tiles too, with one stage: under Triton 3.6 four
-    # warps spilled (the maps kernel in bf16 on sm_90, the fp32 token backward on sm_86/89), and
-    # two stages the fp32 token backward on sm_90.
+    # warps spilled (the maps kernel in bf16 on sm_90), and two stages the fp32 token backward on
+    # sm_90. The token backward on 16-token tiles with 16-bit dots takes 4 warps: with 8, Triton
+    # 3.9's binaries spilled 8 B under autocast on sm_90 (its ptxas trades them for occupancy),
+    # and with 4 its fp32 one on sm_80 (registers and stack of the binaries, Triton 3.6 and 3.9).
     return Plan(h_pad=max(16, next_power_of_2(H)), block_n=block_n, tokens=tokens,
                 block_k=block_k, block_c=block_c, splits=cdiv(T, chunk), chunk=chunk,
                 warps=8 if block_n >= 32 else 4, pool_bwd_stages=2 if block_c < 64 else 1,
-                token_warps=8, token_stages=NUM_STAGES if block_n >= 32 else 1)
+                token_warps=8, token_stages=NUM_STAGES if block_n >= 32 else 1,
+                token_bwd_warps=8 if block_n >= 32 or wide_dots else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +137,7 @@ def interpreter_plan(B: int, T: int, C: int, H: int, splits: Optional[int] = Non
     chunk = cdiv(cdiv(T, max(1, splits or 1)), block_n) * block_n
     return Plan(h_pad=max(16, next_power_of_2(H)), block_n=block_n, tokens=block_n,
                 block_k=block_k, block_c=block_k, splits=cdiv(T, chunk), chunk=chunk, warps=4,
-                pool_bwd_stages=1, token_warps=4, token_stages=1)
+                pool_bwd_stages=1, token_warps=4, token_stages=1, token_bwd_warps=4)
 
 
 # Tests of the kernels set this to plan CPU tensors as for a GPU (tiles, token groups, splits).
@@ -563,7 +567,7 @@ def attn_pool_bwd(dz: Tensor, x0: Tensor, patches: Tensor, kt: Tensor, gamma: Te
         x0.stride(0), patches.stride(0), patches.stride(1), kt.stride(0), kt.stride(1),
         dz.stride(0), dz.stride(1), dx0.stride(0), dpatches.stride(0), dpatches.stride(1), eps,
         H_PAD=p.h_pad, BLOCK_N=p.block_n, BLOCK_K=p.block_k, ACC=ACC, DOT=DOT, ON_N=ON_N,
-        num_warps=p.token_warps, num_stages=p.token_stages)
+        num_warps=p.token_bwd_warps, num_stages=p.token_stages)
     dkt = x0.new_empty((B, p.splits, H, C), dtype=acc)
     dgamma, dbeta = (x0.new_empty((B * p.splits, C), dtype=acc) for _ in range(2))
     launch(_pool_bwd_kernel)[(B, cdiv(C, p.block_c), p.splits)](
