@@ -208,8 +208,8 @@ def compile_for(kernel, typed, cc: int) -> dict:
     Registers and stack are read from the binary Triton made (``cuobjdump -res-usage`` of its
     cubin), not from a second ``ptxas -v`` of its PTX: Triton passes ptxas options of its own
     (Triton 3.9 ``--regAllocOptLevel=2``), so a second assembly can allocate differently, and a
-    cached compilation costs no assembly at all. A Triton kernel's stack holds nothing but
-    spilled registers."""
+    cached compilation costs no assembly at all. The stack of these kernels holds spilled
+    registers only (no ``noinline`` helper, whose frame would count too)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
