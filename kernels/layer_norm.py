@@ -24,7 +24,7 @@ from ._launch import acc_dtype, cdiv, contiguous_as, direct, next_power_of_2, nu
 
 
 # The backward's row blocks: 16 elements of each tensor per thread, which with the partial sums
-# kept in registers compiles to 118 to 148 registers at the CrossViT widths (Triton 3.6 and 3.9),
+# kept in registers compiles to 112 to 148 registers at the CrossViT widths (Triton 3.6 and 3.9),
 # so that three programs of 4 warps (12 warps) are resident on an SM at once (it was 2 programs of
 # ~170 registers, and the H100 measured that backward at 35–46% of copy bandwidth). No register
 # cap: inductor drops a user kernel's maxnreg, and a compiled launch would differ from an eager.
