@@ -7,6 +7,8 @@ Same constructor, submodule names, ``state_dict`` keys, outputs and methods as
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -245,6 +247,9 @@ def _check_branches(patch_size, embed_dim, num_heads, img_scale, mlp_ratio, dept
         if len(value) < branches:
             raise ValueError(f"{name} must have an entry for each of the {branches} branches, "
                              f"got {tuple(value)}")
+    if not all(isinstance(s, numbers.Real) and 0 < s < math.inf for s in img_scale[:branches]):
+        raise ValueError(f"img_scale must give each branch a positive, finite scale of its image "
+                         f"size, got {tuple(img_scale)}")
     depths = tuple(map(tuple, depth))
     for cfg in depths:
         if len(cfg) < max(branches, 2):

@@ -1,6 +1,8 @@
 """The one-branch configuration timm's CrossVit also builds (one ``patch_size``): its CLS token,
 projected, attends over its own patch tokens. Same keys, logits, intermediates and gradients as
 timm's; every backend; the arguments' lengths checked."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,10 @@ def test_attention_maps_checkpointing_and_features_only(pair):
     (dict(patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2), img_scale=(1.0,)),
      r"img_scale must have an entry for each of the 2 branches, got \(1.0,\)"),
     (dict(mlp_ratio=()), r"mlp_ratio must have an entry for each of the 1 branches"),
+    *((dict(patch_size=(12, 16), embed_dim=(24, 48), num_heads=(2, 2), img_scale=scale),
+       r"img_scale must give each branch a positive, finite scale of its image size, got "
+       + re.escape(repr(scale)))
+      for scale in ((1.0, -0.5), (0.0, 1.0), (1.0, float("nan")), (1.0, float("inf")))),
     (dict(depth=(1, 3, 1)), r"depth must list each multi-scale block's .*got \(1, 3, 1\)"),
     (dict(patch_size=12), r"patch_size must be a list or tuple with an entry per branch, got 12"),
     (dict(depth=((1,),)), r"each depth entry must give the 1 branches' depths, its last number "
