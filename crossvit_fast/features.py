@@ -79,15 +79,13 @@ class FeatureGetterNet(nn.ModuleDict):
                  return_dict: bool = False, output_fmt: str = "NCHW", norm: bool = False,
                  prune: bool = True):
         super().__init__()
-        if out_map is not None or return_dict:
-            raise NotImplementedError("features_only: out_map and return_dict are not supported "
-                                      "(as in timm's FeatureGetterNet); the features come as a list")
         if prune:   # absolute indices from here on: negative ones would shift after pruning
             out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
         self.feature_info = FeatureInfo(copy.deepcopy(model.feature_info), out_indices)
         self.model = model
         self.out_indices = out_indices
-        self.out_map, self.return_dict = out_map, return_dict   # timm's attributes (unused)
+        # timm's FeatureGetterNet keeps these and returns the list all the same
+        self.out_map, self.return_dict = out_map, return_dict
         self.output_fmt = output_fmt
         self.norm = norm
 

@@ -67,6 +67,23 @@ def test_timms_own_getter_class_and_unsupported_kinds(timm):
     assert len(net.model.blocks) == 1 and len(net(torch.randn(1, 3, 240, 240))) == 1
     with pytest.raises(ValueError, match="feature_cls 'hook' is not supported"):
         create_model(NAME, features_only=True, feature_cls="hook")
+    # timm lower-cases the name
+    assert isinstance(create_model(NAME, features_only=True, feature_cls="Getter"), FeatureGetterNet)
+
+
+def test_the_getter_keeps_out_map_and_return_dict_as_timms_does(timm):
+    """timm's FeatureGetterNet takes both, keeps them and returns its list all the same."""
+    from timm.models._features import FeatureGetterNet as TimmGetter
+    torch.manual_seed(0)
+    ours = FeatureGetterNet(create_model(NAME).eval(), out_indices=2, out_map=(0, 1), return_dict=True)
+    ref = TimmGetter(timm.create_model(NAME).eval(), out_indices=2, out_map=(0, 1), return_dict=True)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert (ours.out_map, ours.return_dict) == (ref.out_map, ref.return_dict) == ((0, 1), True)
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        got, expected = ours(x), ref(x)
+    assert isinstance(got, list) and len(got) == len(expected) == 2
+    assert all(rel_err(g, e) < 1e-5 for g, e in zip(got, expected))
 
 
 def test_pretrained_features_only_loads_the_weights(tmp_path):
