@@ -211,7 +211,7 @@ def _feature_net(model: CrossViT, out_indices, feature_cls) -> nn.Module:
     over ``forward_intermediates``, by default the last block's features of each branch."""
     if out_indices is None:
         out_indices = default_out_indices(model.num_feature_blocks, model.num_branches)
-    if feature_cls is None or isinstance(feature_cls, str) and feature_cls.lower() == "getter":
+    if feature_cls is None or (isinstance(feature_cls, str) and feature_cls.lower() == "getter"):
         feature_cls = FeatureGetterNet
     elif isinstance(feature_cls, str):
         raise ValueError(f"create_model: feature_cls {feature_cls!r} is not supported for CrossViT; "
