@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import math
 import textwrap
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -20,6 +21,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from .layers import patches_along
+from .resolution import branch_sizes
 
 PANEL_INCHES = 3.0
 DPI = 100
@@ -44,27 +48,70 @@ class Preprocessed(NamedTuple):
     note: str            # how the image became that crop, for the picture's heading
 
 
+# timm's evaluation defaults (resolve_data_config) for a model without a pretrained_cfg
+EVAL_DEFAULTS = dict(crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                     std=(0.229, 0.224, 0.225))
+
+
 def load_image(path, model, name: Optional[str] = None) -> Preprocessed:
-    """The image (a path, or one :func:`read_image` read; ``name`` for the note) resized
-    (bicubic, shorter side to ``size / crop_pct``) and centre-cropped to the model's ``img_size``,
-    as timm's evaluation transform does; with a note saying so (the original size, the resized
-    one, the crop, and how much of the image's width and height the crop keeps)."""
+    """The image (a path, or a Pillow image; ``name`` for the note) resized and centre-cropped to
+    the model's ``img_size`` as timm's evaluation transform does (:func:`eval_resize`, with the
+    model's ``pretrained_cfg``: ``crop_pct``, ``interpolation``, ``mean``, ``std``, timm's
+    defaults where it has none), with a note saying so (the original size, the resized one, the
+    crop, and how much of the image's width and height the crop keeps)."""
     from PIL import Image
-    cfg = model.pretrained_cfg
+    cfg = {**EVAL_DEFAULTS, **(getattr(model, "pretrained_cfg", None) or {})}
     height, width = model.img_size
-    img = read_image(path) if isinstance(path, (str, Path)) else path
+    if isinstance(path, (str, Path)):
+        img = read_image(path)
+    elif isinstance(path, Image.Image):
+        img = path.convert("RGB")
+    else:
+        raise TypeError(f"path must be an image file's path or a PIL image, got {type(path).__name__}")
     original = img.size
-    crop_pct = cfg.get("crop_pct", 1.0)
-    scale = max(height, width) / crop_pct / min(img.size)
-    img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
-                     Image.BICUBIC)
-    left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
+    crop_pct = cfg["crop_pct"]
+    img = img.resize(eval_resize(img.size, (height, width), crop_pct), _resample(cfg["interpolation"]))
+    left, top = (_crop_offset(have, want) for have, want in zip(img.size, (width, height)))
     rgb = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
     mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
     batch = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
     if name is None:
         name = Path(path).name if isinstance(path, (str, Path)) else "the image"
     return Preprocessed(batch, rgb, crop_note(name, original, img.size, (width, height), crop_pct))
+
+
+def eval_resize(size: Tuple[int, int], img_size: Tuple[int, int], crop_pct: float) -> Tuple[int, int]:
+    """The ``(width, height)`` timm's evaluation transform resizes an image of ``size`` (width,
+    height) to before its centre crop of ``img_size`` (height, width): each side of ``img_size``
+    divided by ``crop_pct``, rounded down; a square target sets the shorter side and the longer
+    one keeps the aspect ratio, rounded down (torchvision's ``Resize(int)``), another target is
+    met on the side that needs the smaller scale, both rounded (timm's ``ResizeKeepRatio``)."""
+    w, h = size
+    target_h, target_w = (math.floor(side / crop_pct) for side in img_size)
+    if target_h == target_w:
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = target_h, int(target_h * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+    ratio = min(h / target_h, w / target_w)
+    return round(w / ratio), round(h / ratio)
+
+
+def _crop_offset(have: int, want: int) -> int:
+    """Where torchvision's ``CenterCrop`` starts a crop of ``want`` along a side of ``have``
+    pixels: the middle, rounded half to even; where the side is shorter, padded with black
+    (Pillow fills a crop outside the image with black)."""
+    return int(round((have - want) / 2)) if have >= want else -((want - have) // 2)
+
+
+def _resample(interpolation: str):
+    """Pillow's filter for a timm ``interpolation`` name."""
+    from PIL import Image
+    filters = dict(bicubic=Image.BICUBIC, bilinear=Image.BILINEAR, nearest=Image.NEAREST,
+                   lanczos=Image.LANCZOS, box=Image.BOX, hamming=Image.HAMMING)
+    if interpolation not in filters:
+        raise ValueError(f"pretrained_cfg['interpolation'] must be one of {', '.join(filters)}, "
+                         f"got {interpolation!r}")
+    return filters[interpolation]
 
 
 def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], crop: Tuple[int, int],
@@ -80,12 +127,26 @@ def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], cr
             f"timm evaluates (crop_pct {crop_pct:g}): the model sees, and this shows, the middle {kept}")
 
 
-def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
+def patch_grids(model, image_size: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int]]:
+    """Each branch's patch grid ``(gh, gw)`` for an input of ``image_size`` (height, width): the
+    model's own, unless it was built with ``dynamic_img_size`` and ``image_size`` is given."""
+    if image_size is None or not model.dynamic_img_size:
+        return [tuple(embed.grid_size) for embed in model.patch_embed]
+    sizes = branch_sizes(tuple(image_size), model.img_scale, model.patch_size, model.multi_conv,
+                         what="image_size")
+    return [tuple(patches_along(side, p, model.multi_conv) for side in size)
+            for size, p in zip(sizes, model.patch_size)]
+
+
+def cls_maps_on_grids(model, maps: Dict[str, Tensor],
+                      image_size: Optional[Tuple[int, int]] = None) -> List[List[Tensor]]:
     """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the (first) fusion
     block's attention over the other branch's patches (a one-branch model: its own), the CLS
     column dropped, ``[heads, gh, gw]`` on that branch's patch grid (sample 0). Only a fusion's
-    first block attends over the patches: timm chains the next ones on the CLS token alone."""
-    grids = [embed.grid_size for embed in model.patch_embed]
+    first block attends over the patches: timm chains the next ones on the CLS token alone.
+    ``image_size``: the input's (height, width), which sets the grids of a ``dynamic_img_size``
+    model; a ValueError where a map's patch count is not its grid's."""
+    grids = patch_grids(model, image_size)
     out = []
     for i, stage in enumerate(model.blocks):
         row = []
@@ -93,7 +154,13 @@ def cls_maps_on_grids(model, maps: Dict[str, Tensor]) -> List[List[Tensor]]:
             first = ".0" if isinstance(fusion, torch.nn.Sequential) else ""
             name = f"blocks.{i}.fusion.{d}{first}.attn.attn_drop"
             gh, gw = grids[(d + 1) % len(grids)]
-            row.append(maps[name][0, :, 0, 1:].float().reshape(-1, gh, gw).cpu())
+            patches = maps[name][0, :, 0, 1:]
+            if patches.shape[-1] != gh * gw:
+                hint = ("pass the input's image_size" if model.dynamic_img_size and image_size is None
+                        else "maps from another model or input size?")
+                raise ValueError(f"maps[{name!r}] has {patches.shape[-1]} patches; the patch grid "
+                                 f"{gh}x{gw} has {gh * gw} ({hint})")
+            row.append(patches.float().reshape(patches.shape[0], gh, gw).cpu())
         out.append(row)
     return out
 
@@ -154,6 +221,9 @@ def output_format(out: str) -> str:
     from matplotlib.backend_bases import FigureCanvasBase
     if Path(out).is_dir():
         raise ValueError(f"--out {out}: is a folder; expected a file path")
+    blocking = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, so no folder can hold the picture")
     suffix = Path(out).suffix
     fmt = suffix[1:].lower() or "png"
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -175,7 +245,6 @@ def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: 
     (:func:`heading_lines`: ``title``, ``note``, the top-5 ``classes``), wrapped to the width;
     a PNG keeps it, a paragraph a line, as its ``Description`` text too.
     """
-    import matplotlib.pyplot as plt
     heading = heading_lines(title, note, classes, class_names)
     fig, _ = figure(rgb, grids, heads, heading)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -183,17 +252,16 @@ def render(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], out: str, heads: 
     metadata = {"Title": title, "Description": "\n".join(heading)} if fmt == "png" else None
     fig.savefig(out, dpi=DPI, format=fmt, metadata=metadata)
     width, height = fig.get_size_inches()
-    plt.close(fig)
     return round(width * DPI), round(height * DPI)
 
 
 def figure(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], heads: bool, heading: Sequence[str]):
     """``(matplotlib figure, heading lines)`` of :func:`render`: the figure's height is the rows'
     and the heading's as drawn (measured, wrapped to the width), with room for the first row's
-    panel titles below it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    panel titles below it. Drawn on its own Agg canvas: pyplot's backend and figures are left
+    as they are."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = []   # (label, [(panel title, map [gh, gw])])
     for i, row in enumerate(grids):
@@ -206,8 +274,9 @@ def figure(rgb: np.ndarray, grids: Sequence[Sequence[Tensor]], heads: bool, head
                                         for label, m in directions]))
     cols = 1 + max(len(panels) for _, panels in rows)
     width = PANEL_INCHES * cols
-    fig, axes = plt.subplots(len(rows), cols, figsize=(width, PANEL_INCHES * len(rows)), dpi=DPI,
-                             squeeze=False)
+    fig = Figure(figsize=(width, PANEL_INCHES * len(rows)), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     text = fig.text(0.5, 1.0, "", ha="center", va="top", fontsize=HEADING_POINTS)
     lines = _wrap(fig, text, heading, (width - 2 * SIDE_INCHES) * DPI)
     top = TOP_PAD_INCHES + text.get_window_extent(fig.canvas.get_renderer()).height / DPI + PANEL_TITLE_INCHES
@@ -274,5 +343,5 @@ def draw_attention(image: str, model_name: str, out: str, checkpoint: Optional[s
              f"({backends.resolve(None, device)} backend)")
     names = imagenet_class_names() if model.num_classes == 1000 else None
     classes = top5(logits) if model.num_classes > 0 else None
-    return render(rgb, cls_maps_on_grids(model, maps), out, heads=heads, title=title, classes=classes,
+    return render(rgb, cls_maps_on_grids(model, maps, tuple(batch.shape[-2:])), out, heads=heads, title=title, classes=classes,
                   note=note, class_names=names)

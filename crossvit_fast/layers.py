@@ -121,15 +121,16 @@ def branch_attention_path(branches: bool) -> Iterator[None]:
         _set_recording(saved)
 
 
-def _recording_attn_drop(attn_drop: nn.Module, record: bool):
+def _recording_attn_drop(attn_drop: nn.Module, record: bool, at_least_fp32: bool = False):
     """``attn_drop`` itself, or where ``record`` and this thread records, a callable that
-    records its input first."""
+    records its input first (with ``at_least_fp32`` a 16-bit one as fp32)."""
     maps = _recording()[0] if record else None
     if maps is None:
         return attn_drop
 
     def record_then_drop(a: Tensor) -> Tensor:
-        maps[attn_drop] = a.detach()
+        kept = a.detach()
+        maps[attn_drop] = kept.to(torch.promote_types(kept.dtype, torch.float32)) if at_least_fp32 else kept
         return attn_drop(a)
     return record_then_drop
 
@@ -521,8 +522,9 @@ class CrossAttention(NotScriptable, nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        attn_drop = _recording_attn_drop(self.attn_drop, True, at_least_fp32=True)
         out = reference.cross_attention(x, self.wq, self.wk, self.wv, self.proj, self.num_heads,
-                                        self.scale, attn_drop=_recording_attn_drop(self.attn_drop, True))
+                                        self.scale, attn_drop=attn_drop)
         return self.proj_drop(out)
 
 

@@ -452,6 +452,7 @@ def test_attention_with_a_bad_image_is_one_line(tmp_path, capsys, monkeypatch, c
 @pytest.mark.parametrize("out, message", [
     ("maps.xyz", "--out {out}: matplotlib cannot write '.xyz' files"),
     (".", "--out {out}: is a folder; expected a file path"),
+    ("img.png/maps.png", "is a file, so no folder can hold the picture"),   # was: Errno 17, after the model ran
 ])
 def test_attention_with_a_bad_out_is_one_line_before_the_model_runs(tmp_path, capsys, monkeypatch,
                                                                      out, message):
@@ -493,7 +494,7 @@ def test_attention_says_the_image_was_centre_cropped_and_names_the_classes(tmp_p
     title, note, top5 = Image.open(out).text["Description"].split("\n", 2)
     assert "crossvit_tiny_240" in title
     # shorter side to 240 / 0.875 = 274 (timm's crop_pct), then the middle 240x240
-    assert note == ("wide.png (320x200) resized to 439x274 and centre-cropped to 240x240 as timm evaluates "
+    assert note == ("wide.png (320x200) resized to 438x274 and centre-cropped to 240x240 as timm evaluates "
                     "(crop_pct 0.875): the model sees, and this shows, the middle 55% of its width and "
                     "88% of its height")
     assert top5.startswith("top-5: ") and top5.count("(0.") == 5
@@ -538,6 +539,74 @@ def test_attention_class_names_from_timm_and_numbers_without(monkeypatch):
         attention_viz.imagenet_class_names.cache_clear()
 
 
+@pytest.mark.parametrize("size, img_size, crop_pct, resized", [
+    # torchvision's Resize(int): the shorter side to floor(240 / 0.875) = 274, the longer one
+    # int(274 * long / short), rounded down (was 439 for 438.4, and 366 for 365.3)
+    ((320, 200), (240, 240), 0.875, (438, 274)),
+    ((480, 640), (240, 240), 0.875, (274, 365)),
+    ((640, 480), (384, 384), 1.0, (512, 384)),
+    ((500, 500), (408, 408), 1.0, (408, 408)),
+    # timm's ResizeKeepRatio for a non-square target (274, 365): the smaller scale, each side rounded
+    ((640, 480), (240, 320), 0.875, (365, 274)),
+    ((1000, 300), (240, 320), 0.875, (913, 274)),
+])
+def test_attention_resizes_as_timms_evaluation_transform(size, img_size, crop_pct, resized):
+    from crossvit_fast.attention_viz import eval_resize
+    assert eval_resize(size, img_size, crop_pct) == resized
+
+
+def test_attention_centre_crop_starts_where_torchvisions_does():
+    """torchvision's CenterCrop: int(round((have - want) / 2)), half to even; a shorter side is
+    padded with black around the image (the crop starts before it)."""
+    from crossvit_fast.attention_viz import _crop_offset
+    assert [_crop_offset(have, 240) for have in (240, 241, 243, 438, 439)] == [0, 0, 2, 99, 100]
+    assert _crop_offset(200, 240) == -20 and _crop_offset(201, 240) == -19
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
+def test_attention_loads_any_pillow_image_and_a_model_without_pretrained_cfg(mode):
+    """A Pillow image in any mode is taken as RGB (was: a numpy broadcast error on L, RGBA, P);
+    a model built directly (no pretrained_cfg) takes timm's evaluation defaults (was: an
+    AttributeError)."""
+    import numpy as np
+    from PIL import Image
+    from crossvit_fast import CrossViT
+    from crossvit_fast.attention_viz import load_image
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8))
+    model = CrossViT(img_size=48, img_scale=(1.0, 32 / 48), patch_size=(12, 16), embed_dim=(24, 48),
+                     depth=((1, 1, 0),), num_heads=(2, 2), mlp_ratio=(2, 2, 1), num_classes=10)
+    assert not hasattr(model, "pretrained_cfg")
+    batch, shown, note = load_image(rgb.convert(mode), model)
+    assert batch.shape == (1, 3, 48, 48) and shown.shape == (48, 48, 3)
+    assert "resized to 86x54 and centre-cropped to 48x48" in note   # floor(48 / 0.875) = 54, int(54 * 1.6) = 86
+    expected, _, _ = load_image(rgb.convert(mode).convert("RGB"), model)
+    assert torch.equal(batch, expected)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(batch * std + mean, torch.from_numpy(shown).permute(2, 0, 1)[None], atol=1e-6)
+    with pytest.raises(TypeError, match="path must be an image file's path or a PIL image"):
+        load_image(np.zeros((48, 48, 3)), model)
+
+
+def test_attention_drawing_leaves_pyplots_backend_alone(tmp_path):
+    """render draws on its own Agg canvas: a notebook's backend (here svg) and pyplot's figures
+    are as they were (was: matplotlib.use('Agg') for the whole process)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from crossvit_fast.attention_viz import render
+    before = matplotlib.get_backend()
+    try:
+        plt.switch_backend("svg")
+        figures = plt.get_fignums()
+        grids = [[torch.rand(2, 4, 4), torch.rand(2, 3, 3)]]
+        render(np.random.rand(48, 48, 3), grids, str(tmp_path / "maps.png"), title="t")
+        assert (tmp_path / "maps.png").stat().st_size > 0
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        plt.switch_backend(before)
+
+
 def test_attention_square_image_crop_note():
     from crossvit_fast.attention_viz import crop_note
     assert crop_note("sq.png", (240, 240), (274, 274), (240, 240), 0.875).endswith(
@@ -574,8 +643,7 @@ def test_attention_heading_overlaps_nothing(heads):
             assert not any(title.overlaps(b) for b in boxes), title
             assert not any(title.overlaps(t) for j, t in enumerate(titles) if j != i), title
     finally:
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+        fig.clear()
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -260,13 +260,54 @@ def test_recording_in_one_thread_leaves_other_threads_forwards_alone(monkeypatch
 
 def test_the_drawn_maps_are_each_fusions_first_block_over_the_patch_grid():
     """With two blocks in a fusion (timm chains the second on the CLS token alone), the map the
-    attention command draws is the first block's, over the other branch's whole patch grid."""
+    attention command draws is the first block's, its patch columns (not the CLS one) laid out
+    row by row on the other branch's grid; on a non-square grid, so a transposed layout fails."""
     from crossvit_fast.attention_viz import cls_maps_on_grids
-    model = small_model(depth=((1, 2, 2),) * 3).eval()
+    model = small_model(depth=((1, 2, 2),) * 3, img_size=(48, 96)).eval()
     with torch.no_grad():
-        _, maps = model.forward_attention_maps(torch.randn(1, 3, 48, 48))
+        _, maps = model.forward_attention_maps(torch.randn(1, 3, 48, 96))
     grids = [embed.grid_size for embed in model.patch_embed]
-    for row in cls_maps_on_grids(model, maps):
+    assert grids[0][0] != grids[0][1] and grids[1][0] != grids[1][1]
+    for i, row in enumerate(cls_maps_on_grids(model, maps)):
         for d, drawn in enumerate(row):
-            assert drawn.shape == (2, *grids[(d + 1) % 2])
-            assert torch.isfinite(drawn).all() and (drawn > 0).all()
+            first = maps[f"blocks.{i}.fusion.{d}.0.attn.attn_drop"]
+            assert torch.equal(drawn, first[0, :, 0, 1:].reshape(2, *grids[(d + 1) % 2]))
+
+
+def test_the_drawn_maps_of_a_dynamic_size_model_follow_the_inputs_grid():
+    """dynamic_img_size: the grids are the input's, given as image_size (was: the model's grid,
+    so a 48x96 input drew as 4 'heads' of garbage on a 2x2 grid); without it, or for the wrong
+    size, a ValueError naming the map and the grid (never a silent reshape)."""
+    from crossvit_fast.attention_viz import cls_maps_on_grids, patch_grids
+    model = small_model(dynamic_img_size=True).eval()
+    with torch.no_grad():
+        _, maps = model.forward_attention_maps(torch.randn(1, 3, 48, 96))
+    grids = patch_grids(model, (48, 96))
+    assert grids == [(4, 8), (2, 4)] and patch_grids(model) == [(4, 4), (2, 2)]
+    for i, row in enumerate(cls_maps_on_grids(model, maps, image_size=(48, 96))):
+        for d, drawn in enumerate(row):
+            first = maps[f"blocks.{i}.fusion.{d}.attn.attn_drop"]
+            assert torch.equal(drawn, first[0, :, 0, 1:].reshape(2, *grids[(d + 1) % 2]))
+    with pytest.raises(ValueError, match=r"has 8 patches; the patch grid 2x2 has 4 \(pass the input's image_size\)"):
+        cls_maps_on_grids(model, maps)
+    with pytest.raises(ValueError, match="has 8 patches; the patch grid 2x3 has 6"):
+        cls_maps_on_grids(model, maps, image_size=(48, 72))
+
+
+@pytest.mark.parametrize("where", ["autocast", "bf16 model"])
+def test_the_fusions_maps_are_fp32_on_timms_path_too(where):
+    """Where the fusion runs timm's math (here: training with attention dropout), its maps are
+    fp32 as where it runs fused (was: bf16 under autocast and in a bf16 model); the branch
+    maps stay in the dtype their attention computes in."""
+    model = small_model(attn_drop_rate=0.1).train()
+    x = torch.randn(2, 3, 48, 48)
+    if where == "bf16 model":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "autocast"):
+        _, maps = model.forward_attention_maps(x, branches=True)
+    fusion = {n: m for n, m in maps.items() if ".fusion." in n}
+    assert len(fusion) == 3 * 2
+    assert all(m.dtype == torch.float32 for m in fusion.values()), {n: m.dtype for n, m in fusion.items()}
+    assert all(m.dtype == torch.bfloat16 for n, m in maps.items() if n not in fusion)
+    for m in fusion.values():   # softmax rows, before dropout
+        assert torch.allclose(m.sum(-1), torch.ones(()), atol=2e-2)
