@@ -1,9 +1,11 @@
 """The 11 CrossViT variants by timm's names, and ``create_model`` / ``list_models``."""
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import warnings
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch.nn as nn
 
@@ -55,26 +57,47 @@ def default_cfg(name: str) -> dict:
                 license="apache-2.0")
 
 
-def list_models() -> List[str]:
-    """The variant names ``create_model`` accepts (timm's names), sorted."""
-    return sorted(MODEL_ARGS)
+def list_models(filter: Union[str, Iterable[str]] = "", module: Union[str, Iterable[str]] = "",
+                pretrained: bool = False, exclude_filters: Union[str, Iterable[str]] = "",
+                name_matches_cfg: bool = False, include_tags: Optional[bool] = None) -> List[str]:
+    """The variant names ``create_model`` accepts, as ``timm.list_models`` lists them (its
+    arguments, its natural order: ``crossvit_9_240`` before ``crossvit_15_240``): ``filter`` and
+    ``exclude_filters`` fnmatch wildcards, ``module`` ``'crossvit'`` (any other lists none),
+    ``include_tags`` (default ``pretrained``) the names with their tag (``.in1k``). Every
+    variant has pretrained weights and a config of its own name."""
+    names = list(MODEL_ARGS) if not _strings(module) or "crossvit" in _strings(module) else []
+    include, exclude = _strings(filter), _strings(exclude_filters)
+    if include_tags if include_tags is not None else pretrained:
+        names = [f"{name}.in1k" for name in names]
+        # a filter without a tag matches the tagged names too, as timm expands it
+        include = [g for f in include for g in ((f, f + ".*") if "." not in f else (f,))]
+        exclude = [g for f in exclude for g in ((f, f + ".*") if "." not in f else (f,))]
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, f) for f in include)]
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, f) for f in exclude)]
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)])
 
 
-# timm.create_model flags that set timm's layer config while the model is built. Of them only
-# ``exportable`` reaches CrossVit's layers (its attention then runs without SDPA); the others
-# pick activation implementations CrossVit does not use.
-_TIMM_LAYER_FLAGS = ("scriptable", "exportable", "no_jit")
+def _strings(value: Union[str, Iterable[str]]) -> List[str]:
+    """timm's filter arguments: one string, or several; empty ones dropped."""
+    return [v for v in ([value] if isinstance(value, str) else list(value or ())) if v]
 
 
-def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
-                 cache_dir: Optional[str] = None, pretrained_cfg: Union[str, dict, None] = None,
-                 pretrained_cfg_overlay: Optional[dict] = None, **kwargs) -> nn.Module:
+def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: Union[str, dict, None] = None,
+                 pretrained_cfg_overlay: Optional[dict] = None, checkpoint_path: Optional[str] = None,
+                 cache_dir: Optional[str] = None, scriptable: Optional[bool] = None,
+                 exportable: Optional[bool] = None, no_jit: Optional[bool] = None, **kwargs) -> nn.Module:
     """Build variant ``model_name`` (or ``model_name.in1k``); ``kwargs`` override its arguments as in
-    ``timm.create_model``, which also drops the ones that are None.
+    ``timm.create_model`` (its parameters, in its order), which also drops the ones that are None.
 
     The pretrained config (timm's, a ``pretrained_cfg`` dict or tag, then
     ``pretrained_cfg_overlay``) sets the defaults of ``num_classes``, ``in_chans`` and
-    ``img_size`` (from its ``input_size``), as timm's builder does. ``checkpoint_path`` loads a
+    ``img_size`` (from its ``input_size``), as timm's builder does. A ``pretrained_cfg`` dict is
+    merged into the variant's config, except where the weights come from: as in timm, that is
+    the dict's own (``file``, ``url``, ``hf_hub_id``, ``state_dict``; none: ``pretrained=True``
+    has nothing to load), never timm's published weights. ``scriptable``, ``exportable`` and
+    ``no_jit`` set timm's layer config while the model is built; of them only ``exportable``
+    reaches CrossVit's layers (its attention then runs without SDPA). ``checkpoint_path`` loads a
     ``.safetensors`` or ``torch.save`` file (timm or official IBM key style; a training
     checkpoint's EMA weights first, as timm) strictly; ``pretrained=True`` loads the config's
     ``state_dict`` or ``file``, else the weights of its ``hf_hub_id`` (timm's published ones
@@ -97,7 +120,8 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Opt
     """
     if ":" in model_name:   # timm's model sources: hf-hub:org/repo, local-dir:/path
         return _create_from_source(model_name, pretrained, checkpoint_path, cache_dir, pretrained_cfg,
-                                   pretrained_cfg_overlay, kwargs)
+                                   pretrained_cfg_overlay,
+                                   dict(kwargs, scriptable=scriptable, exportable=exportable, no_jit=no_jit))
     variant, _, tag = model_name.partition(".")
     if variant not in MODEL_ARGS:
         raise ValueError(f"unknown CrossViT variant {model_name!r}; known variants: {', '.join(list_models())}")
@@ -105,12 +129,11 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Opt
         tag, pretrained_cfg = pretrained_cfg, None
     if tag and tag != "in1k":
         raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
-    exportable = bool(kwargs.get("exportable"))
-    if kwargs.get("scriptable"):   # timm's train.py --torchscript: said here, not at the script call
+    if scriptable:   # timm's train.py --torchscript: said here, not at the script call
         warnings.warn("crossvit_fast: scriptable=True, but this model cannot be compiled by "
                       "torch.jit.script (its fused ops are Python custom ops); torch.jit.trace, "
                       "torch.export and torch.compile work", UserWarning, stacklevel=2)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_LAYER_FLAGS}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     # what timm keeps of the factory arguments (model._model_args: save_for_hf's model_args)
     model_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")}
     pretrained_strict = kwargs.pop("pretrained_strict", True)
@@ -119,10 +142,8 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Opt
     features_only = kwargs.pop("features_only", False)
     # features_only arguments; timm drops them without features_only too
     out_indices, feature_cls = kwargs.pop("out_indices", None), kwargs.pop("feature_cls", None)
-    if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
-        pretrained_cfg = pretrained_cfg.to_dict()   # timm's PretrainedCfg
-    cfg = dict(default_cfg(variant), **(pretrained_cfg or {}), **(pretrained_cfg_overlay or {}))
-    with exportable_layers(exportable):   # as timm builds under set_layer_config(exportable=...)
+    cfg = _pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
+    with exportable_layers(bool(exportable)):   # as timm builds under set_layer_config(exportable=...)
         model = CrossViT(**{**MODEL_ARGS[variant], **_defaults_from_cfg(cfg), **kwargs})
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = pretrained_model_args
@@ -137,6 +158,27 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Opt
         model = _feature_net(model, out_indices, feature_cls)
     model._model_args = model_args
     return model
+
+
+# the keys of a pretrained config that say where its weights come from
+_WEIGHTS_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "source")
+
+
+def _pretrained_cfg(variant: str, pretrained_cfg, overlay: Optional[Mapping]) -> dict:
+    """The variant's config, then a ``pretrained_cfg`` dict (or timm ``PretrainedCfg``) over it
+    with its weights' source in place of the variant's, then ``overlay`` over both."""
+    cfg = default_cfg(variant)
+    if pretrained_cfg is not None:
+        if hasattr(pretrained_cfg, "to_dict"):   # timm's PretrainedCfg
+            pretrained_cfg = pretrained_cfg.to_dict()
+        if not isinstance(pretrained_cfg, Mapping):
+            raise TypeError(f"create_model: pretrained_cfg must be a tag, a dict or timm's PretrainedCfg, "
+                            f"got {type(pretrained_cfg).__name__}")
+        cfg = {k: v for k, v in cfg.items() if k not in _WEIGHTS_SOURCE_KEYS}
+        cfg.update(pretrained_cfg)
+    if overlay is not None and not isinstance(overlay, Mapping):
+        raise TypeError(f"create_model: pretrained_cfg_overlay must be a dict, got {type(overlay).__name__}")
+    return {**cfg, **(overlay or {})}
 
 
 def _create_from_source(name: str, pretrained: bool, checkpoint_path: Optional[str],

@@ -279,6 +279,40 @@ def test_pretrained_from_the_configs_url_downloads_once(source, tmp_path):
     assert same_weights(timm_model, source)
 
 
+def test_a_pretrained_cfg_dict_names_its_own_weights(source, tmp_path):
+    """A ``pretrained_cfg`` dict replaces where the weights come from, as timm's does (was: merged,
+    so its url lost to timm's hf_hub_id and timm's published weights loaded): its url's file
+    loads; a dict naming no weights has none to load (RuntimeError, as timm's); an overlay
+    sharing keys with the dict wins over it (was: TypeError 'multiple values')."""
+    served = tmp_path / "served" / "mine.pth"
+    served.parent.mkdir()
+    torch.save(source.state_dict(), served)
+    make_hub_cache(tmp_path, NAME, create_model(NAME).state_dict())          # timm's in1k, cached
+    # (timm's dict replaces the whole config: its input size is given, else timm's default 224)
+    size = dict(input_size=(3, 240, 240), fixed_input_size=True, num_classes=1000)
+    for factory in (create_model, import_timm().create_model):
+        model = factory(NAME, pretrained=True, cache_dir=str(tmp_path),
+                        pretrained_cfg=dict(url=served.as_uri(), **size))
+        assert same_weights(model, source), factory
+        with pytest.raises(RuntimeError, match=f"No pretrained weights exist for {NAME}"):
+            factory(NAME, pretrained=True, cache_dir=str(tmp_path),
+                    pretrained_cfg=dict(architecture=NAME, **size))
+        model = factory(NAME, pretrained_cfg=dict(size, num_classes=10), pretrained_cfg_overlay=dict(num_classes=5))
+        assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5
+    # a model source's config with an overlay of a key it has (was: the same TypeError)
+    folder = tmp_path / "saved"
+    import_timm().models.save_for_hf(source, str(folder))
+    model = create_model(f"local-dir:{folder}", pretrained=True, pretrained_cfg_overlay=dict(crop_pct=0.95))
+    assert model.pretrained_cfg["crop_pct"] == 0.95 and same_weights(model, source)
+
+
+def test_pretrained_cfg_of_another_type_is_named():
+    with pytest.raises(TypeError, match="pretrained_cfg must be a tag, a dict or timm's PretrainedCfg, got int"):
+        create_model(NAME, pretrained_cfg=123)
+    with pytest.raises(TypeError, match="pretrained_cfg_overlay must be a dict, got list"):
+        create_model(NAME, pretrained_cfg_overlay=[("num_classes", 5)])
+
+
 def test_pretrained_source_order_is_timms(source, tmp_path):
     """state_dict, then file, then hf_hub_id, then url: the first the config names is loaded."""
     other = create_model(NAME)

@@ -97,7 +97,7 @@ ARGUMENT_ERRORS = [
     (["check", "--tol", "0"], "argument --tol: expected a positive number, got '0'"),
     (["check", "--checkpoint", ""], "argument --checkpoint: expected the path of a checkpoint file, got an empty one"),
     (["check", "--tol", "nan"], "argument --tol: expected a positive number, got 'nan'"),
-    (["check", "--model", "crossvit_99"], "argument --model: unknown model 'crossvit_99'; expected one of crossvit_15_240,"),
+    (["check", "--model", "crossvit_99"], "argument --model: unknown model 'crossvit_99'; expected one of crossvit_9_240,"),
     (["check", "--backends", "torch,gpu"], "argument --backends: unknown backend 'gpu'; expected one of auto, triton, cuda, torch"),
     (["check", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["check", "--bogus"], "unrecognized arguments: --bogus"),

@@ -29,7 +29,31 @@ def small_model(**kwargs) -> CrossViT:
 
 
 def test_list_models_is_timms_eleven():
-    assert list_models() == VARIANTS and len(VARIANTS) == 11
+    assert sorted(list_models()) == VARIANTS and len(VARIANTS) == 11
+
+
+def test_list_models_takes_timms_arguments_and_order():
+    """timm's filters, module, pretrained and tags, in timm's natural order (was: no arguments,
+    so list_models('crossvit_1*') raised a TypeError)."""
+    timm = import_timm()
+    calls = [dict(), dict(filter="crossvit_1*"), dict(filter=["*tiny*", "*_9_*"]),
+             dict(filter="crossvit*", exclude_filters="*dagger*"), dict(pretrained=True),
+             dict(filter="crossvit_9*", pretrained=True), dict(filter="*.in1k", pretrained=True),
+             dict(module="crossvit"), dict(filter="crossvit*", include_tags=True),
+             dict(filter="crossvit_15*", exclude_filters="*408", include_tags=True),
+             dict(filter="crossvit*", name_matches_cfg=True)]
+    for kwargs in calls:
+        theirs = timm.list_models(**{"module": "crossvit", **kwargs})   # timm's CrossViTs
+        assert list_models(**kwargs) == theirs and theirs, kwargs
+    assert list_models()[:2] == ["crossvit_9_240", "crossvit_9_dagger_240"]
+    assert list_models(module="vision_transformer") == [] and list_models("resnet*") == []
+
+
+def test_create_model_takes_timms_positional_arguments():
+    """timm's order: (name, pretrained, pretrained_cfg, pretrained_cfg_overlay, checkpoint_path,
+    cache_dir, ...): a dict third is the config (was: read as a checkpoint path)."""
+    model = create_model("crossvit_tiny_240", False, dict(num_classes=10), dict(crop_pct=0.9))
+    assert model.num_classes == 10 and model.pretrained_cfg["crop_pct"] == 0.9
 
 
 def test_create_model_takes_timms_factory_arguments():
