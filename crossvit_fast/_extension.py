@@ -7,6 +7,9 @@ the ops ``torch.ops.crossvit_fast_cuda.*``. Code is generated for the architectu
 extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and
 rebuilds only when the sources or flags change, so later processes just load it.
 
+With no visible GPU (a container's build step) ``TORCH_CUDA_ARCH_LIST`` must be set. A build
+lock left by a killed build is named, not waited on forever.
+
 A failed build never raises from :func:`load_extension`: it warns once, with the compiler's
 message, and returns the reason, which marks the ``cuda`` backend unavailable.
 :func:`build_extension` (``crossvit-fast build-ext``) builds ahead of time and raises on failure.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -27,6 +32,8 @@ import torch
 
 NAME = "crossvit_fast_cuda"
 _REASON_CHARS = 2000  # the tail of a compiler message kept in the reason (the warning has it all)
+# torch's build lock older than this was left by a killed build (a build takes minutes)
+STALE_LOCK_S = 1800
 
 
 def sources() -> List[Path]:
@@ -44,9 +51,35 @@ def build_extension(verbose: bool = True) -> None:
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    cpp_extension.load(name=NAME, sources=[str(p) for p in sources()],
-                       extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                       with_cuda=True, is_python_module=False, verbose=verbose)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not arch_list and torch.cuda.device_count() == 0:
+        raise RuntimeError("no visible GPU to build the CUDA extension for: set TORCH_CUDA_ARCH_LIST "
+                           "to the compute capabilities to build for, e.g. TORCH_CUDA_ARCH_LIST='8.0;8.6;9.0'")
+    _check_build_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock")
+    try:
+        cpp_extension.load(name=NAME, sources=[str(p) for p in sources()],
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                           with_cuda=True, is_python_module=False, verbose=verbose)
+    except ValueError as err:   # torch's reading of the architecture list
+        if not arch_list:
+            raise
+        raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: {err}; expected compute "
+                           f"capabilities separated by ';', e.g. '8.0;9.0+PTX'") from err
+
+
+def _check_build_lock(lock: Path) -> None:
+    """torch's build lock ``lock``, which makes ``load`` wait, silently, until it is gone: a
+    RuntimeError naming it where it is older than :data:`STALE_LOCK_S` (a killed build left
+    it), else a warning that this process waits on another's build."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        raise RuntimeError(f"{lock} is {age / 60:.0f} minutes old: a build of the CUDA extension was "
+                           f"killed and left it; delete it (no build is that long) and try again")
+    warnings.warn(f"crossvit_fast: waiting for another process's build of the CUDA extension to "
+                  f"end ({lock} exists; if no build is running, delete it)", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)

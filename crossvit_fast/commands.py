@@ -326,7 +326,7 @@ def build_ext(args) -> int:
     from ._extension import build_extension
     try:
         build_extension(verbose=True)
-    except RuntimeError as err:   # no CUDA build of torch, no toolkit, or the compiler's output above
+    except RuntimeError as err:   # no CUDA build of torch, no toolkit or GPU list, a stale lock, or the compiler's output above
         raise CommandError(str(err)) from err
     print("crossvit_fast CUDA extension built")
     return 0
