@@ -96,6 +96,17 @@ def test_timm_defaults_match(timm):
     assert ours.feature_info == ref.feature_info
 
 
+def test_every_variants_config_is_timms(timm):
+    """The config ``create_model`` gives each of the 11 variants (no model built: timm's registry)
+    has every key of timm's, with timm's value."""
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    for name in crossvit_fast.list_models():
+        theirs = timm.models.get_pretrained_cfg(f"{name}.in1k").to_dict()
+        ours = crossvit_fast.variants.default_cfg(name)
+        for key, value in theirs.items():
+            assert as_tuple(ours.get(key)) == as_tuple(value), (name, key)
+
+
 def test_official_ibm_style_checkpoint_loads_strictly(timm, tmp_path):
     ref, _ = pair(timm, "crossvit_tiny_240")
     ibm = {k.replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
