@@ -10,6 +10,7 @@ so does every block norm under ``torch.compile``, which fuses them itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import sys
@@ -386,15 +387,19 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
+        self.attn_dim = dim
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.q_norm = nn.Identity()
         self.k_norm = nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = nn.Identity()
+        self.gate = None
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """``attn_mask`` (boolean: True attends; or added to the scores) and ``is_causal`` as in
+        timm's ``Attention`` and SDPA; CrossViT passes neither."""
         B, N, C = x.shape
         # q, k, v: the [B, H, N, D] views of timm's permute (same strides, same SDPA call), taken
         # as unbind(2) then transpose: their gradients then stack straight into qkv's layout,
@@ -404,12 +409,27 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         branch_maps = _recording()[1]
         if self.fused_attn and not branch_maps:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
         else:  # timm's non-fused path, recording the maps for forward_attention_maps
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            bias = _attention_bias(N, attn, attn_mask, is_causal)
+            attn = (attn if bias is None else attn + bias).softmax(dim=-1)
             x = _recording_attn_drop(self.attn_drop, branch_maps)(attn) @ v
         x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
+
+
+def _attention_bias(n: int, scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool
+                    ) -> Optional[Tensor]:
+    """What SDPA adds to the ``[.., n, n]`` scores for ``attn_mask`` / ``is_causal`` (timm's
+    ``resolve_self_attn_mask``): ``-inf`` above the diagonal where causal (it wins over a mask),
+    ``-inf`` where a boolean mask is False, a float mask as it is."""
+    if is_causal:
+        return scores.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        return torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
 
 
 class Mlp(nn.Module):
@@ -437,9 +457,10 @@ class Block(NotScriptable, nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, proj_drop=0., attn_drop=0.,
                  drop_path=0., act_layer: Type[nn.Module] = nn.GELU,
-                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+                 norm_layer: Optional[Type[nn.Module]] = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or functools.partial(LayerNorm, eps=1e-6)   # timm's Block default
         self.norm1 = norm_layer(dim, **dd)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                               proj_drop=proj_drop, **dd)
@@ -450,9 +471,12 @@ class Block(NotScriptable, nn.Module):
         self.ls2 = nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         y, _ = add_and_norm(self.norm1, x, None)
-        y, x = add_and_norm(self.norm2, self.drop_path1(self.ls1(self.attn(y))), x)
+        # without a mask, attn is called on y alone: a replaced attn need not take timm's arguments
+        attn = (self.attn(y) if attn_mask is None and not is_causal
+                else self.attn(y, attn_mask=attn_mask, is_causal=is_causal))
+        y, x = add_and_norm(self.norm2, self.drop_path1(self.ls1(attn)), x)
         return x + self.drop_path2(self.ls2(self.mlp(y)))
 
 

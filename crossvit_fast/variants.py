@@ -44,6 +44,11 @@ MODEL_ARGS: Dict[str, dict] = {
 }
 
 
+class UnknownModelError(ValueError, RuntimeError):
+    """A model name or pretrained tag that is not one of the variants'. A RuntimeError too, as
+    ``timm.create_model`` raises for an unknown model (code catching that catches this)."""
+
+
 def default_cfg(name: str) -> dict:
     """timm's default config of variant ``name`` (input size, normalisation, hub id, ...)."""
     dagger = "dagger" in name
@@ -124,11 +129,11 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: Unio
                                    dict(kwargs, scriptable=scriptable, exportable=exportable, no_jit=no_jit))
     variant, _, tag = model_name.partition(".")
     if variant not in MODEL_ARGS:
-        raise ValueError(f"unknown CrossViT variant {model_name!r}; known variants: {', '.join(list_models())}")
+        raise UnknownModelError(f"unknown CrossViT variant {model_name!r}; known variants: {', '.join(list_models())}")
     if isinstance(pretrained_cfg, str):
         tag, pretrained_cfg = pretrained_cfg, None
     if tag and tag != "in1k":
-        raise ValueError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
+        raise UnknownModelError(f"unknown pretrained tag {tag!r} of {variant}: timm publishes 'in1k' only")
     if scriptable:   # timm's train.py --torchscript: said here, not at the script call
         warnings.warn("crossvit_fast: scriptable=True, but this model cannot be compiled by "
                       "torch.jit.script (its fused ops are Python custom ops); torch.jit.trace, "

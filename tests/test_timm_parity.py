@@ -168,3 +168,26 @@ def test_a_seeded_model_starts_from_timms_weights(timm, name):
     assert ref.keys() == ours.keys()
     differing = [k for k in ref if not torch.equal(ref[k], ours[k])]
     assert not differing, differing[:5]
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_branch_block_takes_timms_attention_mask(timm, fused_attn):
+    """timm's Block and Attention take ``attn_mask`` and ``is_causal`` (was: TypeError) and have
+    ``attn_dim`` and ``gate``; the same outputs as timm's, float64, SDPA and the matrix path. A
+    Block built with its defaults norms with timm's default eps, 1e-6 (was: 1e-5)."""
+    from crossvit_fast.layers import Block
+    torch.manual_seed(0)
+    ours = Block(16, num_heads=2, qkv_bias=True).double().eval()
+    theirs = timm.models.vision_transformer.Block(16, num_heads=2, qkv_bias=True).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    ours.attn.fused_attn = theirs.attn.fused_attn = fused_attn
+    assert (ours.attn.attn_dim, ours.attn.gate) == (theirs.attn.attn_dim, theirs.attn.gate)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    keep = torch.rand(2, 1, 5, 5) > 0.3
+    keep[..., 0] = True   # every query attends somewhere
+    for kwargs in (dict(), dict(is_causal=True), dict(attn_mask=keep),
+                   dict(attn_mask=torch.randn(2, 1, 5, 5, dtype=torch.float64))):
+        expected = theirs(x, **kwargs)
+        assert rel_err(ours(x, **kwargs), expected) < 1e-12, kwargs
+        assert rel_err(ours.attn(x, **kwargs), theirs.attn(x, **kwargs)) < 1e-12, kwargs
+    assert rel_err(ours(x, is_causal=True), ours(x)) > 1e-3   # the mask is not ignored
