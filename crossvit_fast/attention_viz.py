@@ -22,9 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layers import patches_along
-from .resolution import branch_sizes
-
 PANEL_INCHES = 3.0
 DPI = 100
 HEADING_POINTS = 9
@@ -127,17 +124,6 @@ def crop_note(name: str, original: Tuple[int, int], resized: Tuple[int, int], cr
             f"timm evaluates (crop_pct {crop_pct:g}): the model sees, and this shows, the middle {kept}")
 
 
-def patch_grids(model, image_size: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int]]:
-    """Each branch's patch grid ``(gh, gw)`` for an input of ``image_size`` (height, width): the
-    model's own, unless it was built with ``dynamic_img_size`` and ``image_size`` is given."""
-    if image_size is None or not model.dynamic_img_size:
-        return [tuple(embed.grid_size) for embed in model.patch_embed]
-    sizes = branch_sizes(tuple(image_size), model.img_scale, model.patch_size, model.multi_conv,
-                         what="image_size")
-    return [tuple(patches_along(side, p, model.multi_conv) for side in size)
-            for size, p in zip(sizes, model.patch_size)]
-
-
 def cls_maps_on_grids(model, maps: Dict[str, Tensor],
                       image_size: Optional[Tuple[int, int]] = None) -> List[List[Tensor]]:
     """Per multi-scale block, per direction (branch 0's CLS, branch 1's CLS): the (first) fusion
@@ -146,7 +132,7 @@ def cls_maps_on_grids(model, maps: Dict[str, Tensor],
     first block attends over the patches: timm chains the next ones on the CLS token alone.
     ``image_size``: the input's (height, width), which sets the grids of a ``dynamic_img_size``
     model; a ValueError where a map's patch count is not its grid's."""
-    grids = patch_grids(model, image_size)
+    grids = model.patch_grids(image_size)
     out = []
     for i, stage in enumerate(model.blocks):
         row = []

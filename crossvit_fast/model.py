@@ -491,10 +491,9 @@ class CrossViT(NotScriptable, nn.Module):
                                 f"{param.dtype}, and autocast does not cast float64; cast one to "
                                 f"the other")
 
-    def _branch_sizes(self, x: Tensor) -> List[Tuple[int, int]]:
-        """Each branch's image size for input ``x``: the model's (timm: the input is resized to
-        it), or with ``dynamic_img_size`` the input's own, scaled per branch."""
-        size = tuple(x.shape[-2:])
+    def _branch_sizes(self, size: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """Each branch's image size for inputs of ``size``: the model's (timm: the input is resized
+        to it), or with ``dynamic_img_size`` the input's own, scaled per branch."""
         if self.dynamic_img_size:
             return branch_sizes(size, self.img_scale, self.patch_size, self.multi_conv,
                                 what="input image size")
@@ -512,16 +511,26 @@ class CrossViT(NotScriptable, nn.Module):
                 f"Shown once per model.", UserWarning, stacklevel=4)
         return self.img_size_scaled
 
+    def _grids(self, sizes: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+        """Each branch's patch grid ``(gh, gw)`` at its image size in ``sizes``."""
+        return [tuple(patches_along(side, p, self.multi_conv) for side in size)
+                for size, p in zip(sizes, self.patch_size)]
+
+    def patch_grids(self, image_size: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int]]:
+        """Each branch's patch grid ``(gh, gw)`` for inputs of ``image_size`` (height, width): the
+        model's own, or with ``dynamic_img_size`` the input's."""
+        return self._grids(self.img_size_scaled if image_size is None else self._branch_sizes(tuple(image_size)))
+
     def _embed(self, x: Tensor) -> Tuple[List[Tensor], List[Tuple[int, int]]]:
         """The tokens ``[CLS ‖ patches] + pos_embed`` of each branch, and each branch's patch grid."""
         self._check_input(x)
         B = x.shape[0]
         xs, grids = [], []
-        for i, (patch_embed, size) in enumerate(zip(self.patch_embed, self._branch_sizes(x))):
+        sizes = self._branch_sizes(tuple(x.shape[-2:]))
+        for i, (patch_embed, size, grid) in enumerate(zip(self.patch_embed, sizes, self._grids(sizes))):
             x_ = patch_embed(scale_image(x, size, self.crop_scale))
             cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
             x_ = torch.cat((cls_tokens, x_), dim=1)
-            grid = tuple(patches_along(side, self.patch_size[i], self.multi_conv) for side in size)
             pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1
             if grid != patch_embed.grid_size:   # dynamic_img_size only
                 pos_embed = resample_pos_embed(pos_embed, grid, patch_embed.grid_size)

@@ -75,8 +75,8 @@ def list_models(filter: Union[str, Iterable[str]] = "", module: Union[str, Itera
     if include_tags if include_tags is not None else pretrained:
         names = [f"{name}.in1k" for name in names]
         # a filter without a tag matches the tagged names too, as timm expands it
-        include = [g for f in include for g in ((f, f + ".*") if "." not in f else (f,))]
-        exclude = [g for f in exclude for g in ((f, f + ".*") if "." not in f else (f,))]
+        include, exclude = ([g for f in fs for g in ((f, f + ".*") if "." not in f else (f,))]
+                            for fs in (include, exclude))
     if include:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, f) for f in include)]
     names = [n for n in names if not any(fnmatch.fnmatchcase(n, f) for f in exclude)]

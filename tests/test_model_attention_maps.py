@@ -278,12 +278,12 @@ def test_the_drawn_maps_of_a_dynamic_size_model_follow_the_inputs_grid():
     """dynamic_img_size: the grids are the input's, given as image_size (was: the model's grid,
     so a 48x96 input drew as 4 'heads' of garbage on a 2x2 grid); without it, or for the wrong
     size, a ValueError naming the map and the grid (never a silent reshape)."""
-    from crossvit_fast.attention_viz import cls_maps_on_grids, patch_grids
+    from crossvit_fast.attention_viz import cls_maps_on_grids
     model = small_model(dynamic_img_size=True).eval()
     with torch.no_grad():
         _, maps = model.forward_attention_maps(torch.randn(1, 3, 48, 96))
-    grids = patch_grids(model, (48, 96))
-    assert grids == [(4, 8), (2, 4)] and patch_grids(model) == [(4, 4), (2, 2)]
+    grids = model.patch_grids((48, 96))
+    assert grids == [(4, 8), (2, 4)] and model.patch_grids() == [(4, 4), (2, 2)]
     for i, row in enumerate(cls_maps_on_grids(model, maps, image_size=(48, 96))):
         for d, drawn in enumerate(row):
             first = maps[f"blocks.{i}.fusion.{d}.attn.attn_drop"]
