@@ -7,8 +7,9 @@ the ops ``torch.ops.crossvit_fast_cuda.*``. Code is generated for the architectu
 extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and
 rebuilds only when the sources or flags change, so later processes just load it.
 
-With no visible GPU (a container's build step) ``TORCH_CUDA_ARCH_LIST`` must be set. A build
-lock left by a killed build is named, not waited on forever.
+With no visible GPU (a container's build step) ``TORCH_CUDA_ARCH_LIST`` must be set. Before
+torch 2.14 a build lock left by a killed build made every later load wait forever: it is named
+instead. From 2.14 torch holds an OS lock, which a killed build releases, on a file that stays.
 
 A failed build never raises from :func:`load_extension`: it warns once, with the compiler's
 message, and returns the reason, which marks the ``cuda`` backend unavailable.
@@ -55,7 +56,11 @@ def build_extension(verbose: bool = True) -> None:
     if not arch_list and torch.cuda.device_count() == 0:
         raise RuntimeError("no visible GPU to build the CUDA extension for: set TORCH_CUDA_ARCH_LIST "
                            "to the compute capabilities to build for, e.g. TORCH_CUDA_ARCH_LIST='8.0;8.6;9.0'")
-    _check_build_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock")
+    lock = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock"
+    if _lock_file_blocks(cpp_extension):
+        _check_build_lock_file(lock)
+    else:
+        _warn_if_build_lock_held(lock)
     try:
         cpp_extension.load(name=NAME, sources=[str(p) for p in sources()],
                            extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
@@ -67,8 +72,15 @@ def build_extension(verbose: bool = True) -> None:
                            f"capabilities separated by ';', e.g. '8.0;9.0+PTX'") from err
 
 
-def _check_build_lock(lock: Path) -> None:
-    """torch's build lock ``lock``, which makes ``load`` wait, silently, until it is gone: a
+def _lock_file_blocks(cpp_extension) -> bool:
+    """Whether this torch waits while its lock *file* exists (``FileBaton``, torch < 2.14),
+    rather than on an OS advisory lock held on it (``FileLock``, torch >= 2.14: the file stays
+    after every build, and the kernel releases a killed build's lock)."""
+    return not hasattr(cpp_extension, "FileLock")
+
+
+def _check_build_lock_file(lock: Path) -> None:
+    """torch's lock file ``lock``, which makes ``load`` wait, silently, until it is gone: a
     RuntimeError naming it where it is older than :data:`STALE_LOCK_S` (a killed build left
     it), else a warning that this process waits on another's build."""
     try:
@@ -78,8 +90,26 @@ def _check_build_lock(lock: Path) -> None:
     if age > STALE_LOCK_S:
         raise RuntimeError(f"{lock} is {age / 60:.0f} minutes old: a build of the CUDA extension was "
                            f"killed and left it; delete it (no build is that long) and try again")
+    _warn_waiting(f"{lock} exists; if no build is running, delete it")
+
+
+def _warn_if_build_lock_held(lock: Path) -> None:
+    """A warning that this process waits, where another process holds torch's OS lock on
+    ``lock`` (its build is running); the file itself means nothing."""
+    import filelock  # torch's own dependency, whose lock torch >= 2.14 takes
+
+    if not lock.exists():
+        return
+    try:
+        with filelock.FileLock(str(lock), timeout=0):
+            return
+    except filelock.Timeout:
+        _warn_waiting(f"another process holds the lock on {lock}")
+
+
+def _warn_waiting(why: str) -> None:
     warnings.warn(f"crossvit_fast: waiting for another process's build of the CUDA extension to "
-                  f"end ({lock} exists; if no build is running, delete it)", RuntimeWarning, stacklevel=3)
+                  f"end ({why})", RuntimeWarning, stacklevel=4)
 
 
 @functools.lru_cache(maxsize=None)

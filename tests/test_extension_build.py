@@ -1,9 +1,12 @@
 """Building the CUDA extension where it cannot be built: each failure says what is wrong and how
 to fix it, never a traceback from torch's internals or a silent wait. A CUDA build of torch with
 a toolkit is emulated (``torch.version.cuda``, ``CUDA_HOME``): the failures come before nvcc."""
+import fcntl
 import os
 import time
+import warnings
 
+import filelock
 import pytest
 import torch
 from torch.utils import cpp_extension
@@ -46,14 +49,33 @@ def test_a_bad_architecture_list_is_named(cuda_torch, monkeypatch, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_stale_build_lock_is_named_not_waited_on(cuda_torch, monkeypatch):
-    """A killed build leaves torch's lock, on which every later load waited forever, silently."""
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    lock = cuda_torch / _extension.NAME / "lock"
+@pytest.fixture
+def lock_file_torch(cuda_torch, monkeypatch):
+    """torch < 2.14, which waits while its lock file exists (``FileBaton``)."""
+    monkeypatch.delattr(cpp_extension, "FileLock", raising=False)
+    return cuda_torch
+
+
+@pytest.fixture
+def os_lock_torch(cuda_torch, monkeypatch):
+    """torch >= 2.14, which waits on an OS lock held on a file that outlives every build."""
+    monkeypatch.setattr(cpp_extension, "FileLock", filelock.FileLock, raising=False)
+    return cuda_torch
+
+
+def _lock_file(build_root, age_s=0.0):
+    lock = build_root / _extension.NAME / "lock"
     lock.parent.mkdir()
     lock.touch()
-    old = time.time() - _extension.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_a_stale_build_lock_is_named_not_waited_on(lock_file_torch, monkeypatch):
+    """A killed build leaves torch's lock, on which every later load waited forever, silently."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    lock = _lock_file(lock_file_torch, age_s=_extension.STALE_LOCK_S + 60)
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("load would wait on the lock"))
     with pytest.raises(RuntimeError, match=f"{lock} is 31 minutes old: a build of the CUDA extension was "
                                            f"killed and left it; delete it"):
@@ -62,15 +84,41 @@ def test_a_stale_build_lock_is_named_not_waited_on(cuda_torch, monkeypatch):
         assert str(lock) in _extension.load_extension()
 
 
-def test_a_running_build_is_waited_on_with_a_warning(cuda_torch, monkeypatch):
+def test_a_running_build_is_waited_on_with_a_warning(lock_file_torch, monkeypatch):
     """A lock younger than STALE_LOCK_S is another process's build (e.g. DDP's other ranks): wait
     on it as torch does, but say so."""
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    lock = cuda_torch / _extension.NAME / "lock"
-    lock.parent.mkdir()
-    lock.touch()
+    lock = _lock_file(lock_file_torch)
     loads = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: loads.append(kw["name"]))
     with pytest.warns(RuntimeWarning, match=f"waiting for another process's build .*{lock} exists"):
         _extension.build_extension(verbose=False)
+    assert loads == [_extension.NAME]
+
+
+def test_an_old_lock_file_is_no_error_where_torch_holds_an_os_lock(os_lock_torch, monkeypatch):
+    """From torch 2.14 every build leaves its lock file (was: RuntimeError, the CUDA backend lost,
+    half an hour after any build; a warning before that)."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    _lock_file(os_lock_torch, age_s=_extension.STALE_LOCK_S + 60)
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: loads.append(kw["name"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _extension.build_extension(verbose=False)
+        assert _extension.load_extension() is None
+    assert loads == [_extension.NAME] * 2
+
+
+def test_a_held_os_lock_is_waited_on_with_a_warning(os_lock_torch, monkeypatch):
+    """Another process's running build holds the OS lock: wait on it as torch does, but say so."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    lock = _lock_file(os_lock_torch)
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: loads.append(kw["name"]))
+    with open(lock, "a") as holder:   # flock, as filelock takes it: conflicts across open files
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        with pytest.warns(RuntimeWarning, match=f"waiting for another process.s build .*another "
+                                                f"process holds the lock on {lock}"):
+            _extension.build_extension(verbose=False)
     assert loads == [_extension.NAME]
