@@ -248,8 +248,10 @@ class Settings:
                     iters=self.iters, compile=self.compile_options, compile_budget_s=self.compile_budget_s,
                     fused_backend=backends.resolve(None, self.device), optimizer="AdamW",
                     back_to_back_steps=self.back_to_back_steps, rounds=self.rounds,
-                    allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, specs=[asdict(s) for s in self.specs])
+                    # torch's per-backend API: allow_tf32 raises once a program has used it
+                    matmul_fp32_precision=torch.backends.cuda.matmul.fp32_precision,
+                    cudnn_conv_fp32_precision=torch.backends.cudnn.conv.fp32_precision,
+                    specs=[asdict(s) for s in self.specs])
 
 
 def first_step(base: torch.nn.Module, spec: Spec, settings: Settings,

@@ -60,6 +60,15 @@ class _Captured(NamedTuple):
     static_out: Tensor
 
 
+def _fp32_precisions() -> Tuple[str, str, str]:
+    """The fp32 precision settings (TF32 or not) of matmuls and cuDNN convolutions, read through
+    torch's per-backend API: it follows the legacy setters too, and, unlike
+    ``torch.get_float32_matmul_precision()`` or ``allow_tf32``, does not raise once a program has
+    set TF32 through it."""
+    return (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.conv.fp32_precision)
+
+
 class GraphedInference(nn.Module):
     """Inference-only wrapper of ``model`` (called under ``no_grad``, in eval mode)."""
 
@@ -97,7 +106,7 @@ class GraphedInference(nn.Module):
                 backends.get_backend(), reference.naive_enabled(),
                 layers.FUSED_CLS_PROJECTION, layers.FUSED_CLS_EXCHANGE,
                 layers.FUSED_CLS_EXCHANGE_MAX_BATCH, branch_streams.enabled_here(),
-                torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                *_fp32_precisions(),
                 torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
                 torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
 

@@ -86,25 +86,50 @@ def test_the_graph_key_holds_the_backend_and_naive_math():
     assert GraphedInference._key(x) == key
 
 
-def test_the_graph_key_holds_the_kernels_precision_settings():
+@pytest.fixture
+def fp32_precisions_restored():
+    """torch's fp32 precision settings, put back as they were (through its per-backend API,
+    which the legacy setters cannot restore once it has been used)."""
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+             torch.backends.cudnn.conv.fp32_precision)
+    yield
+    (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+     torch.backends.cudnn.conv.fp32_precision) = saved
+
+
+def test_the_graph_key_holds_the_kernels_precision_settings(fp32_precisions_restored):
     """TF32 and the attention backends enabled choose other kernels: a graph captured under one
     setting is not replayed under another."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     x = torch.randn(1, 3, 48, 48)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = True
     key = GraphedInference._key(x)
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        torch.set_float32_matmul_precision("high")
-        assert GraphedInference._key(x) != key
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = not saved[1]
-        assert GraphedInference._key(x) != key
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+    torch.set_float32_matmul_precision("high")
+    assert GraphedInference._key(x) != key
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    assert GraphedInference._key(x) != key
+    torch.backends.cudnn.allow_tf32 = True
+    assert GraphedInference._key(x) == key
     with sdpa_kernel(SDPBackend.MATH):
         assert GraphedInference._key(x) != key
     assert GraphedInference._key(x) == key
+
+
+def test_the_graph_key_follows_tf32_set_through_torchs_per_backend_api(fp32_precisions_restored):
+    """Once TF32 is set as torch's docs advise (was: RuntimeError from
+    ``torch.get_float32_matmul_precision()`` on every call, the legacy and new APIs mixed)."""
+    x = torch.randn(1, 3, 48, 48)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    tf32 = GraphedInference._key(x)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert GraphedInference._key(x) != tf32
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert GraphedInference._key(x) != tf32
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert GraphedInference._key(x) == tf32
 
 
 def test_the_wrappers_own_casts_and_moves_forget_the_graphs():
