@@ -104,9 +104,11 @@ if ! python3 -c "import crossvit_fast.kernels, crossvit_fast.csrc" >> "$WORK/log
 fi
 if step ext; then
   # a build killed at its limit leaves torch's lock, on which every later load of the extension
-  # (each test worker's, at start) would wait for ever
+  # (each test worker's, at start) would wait for ever (torch < 2.14). torch builds in
+  # $TORCH_EXTENSIONS_DIR/<name>, else in <user cache>/torch_extensions/py<ver>_cu<ver>/<name>.
+  ext_root=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}
   phase build_ext 180 python3 -m crossvit_fast.cli build-ext ||
-    rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/crossvit_fast*/lock
+    rm -f "$ext_root"/crossvit_fast*/lock "$ext_root"/*/crossvit_fast*/lock
 fi
 RACE_PRESET=${RACE_PRESET:-compile-race}
 WARM_N=${WARM_N:-6}   # the race preset's compiled rows (compile-race 6, compile-quick 4): one process each

@@ -35,7 +35,8 @@ def run_script(tmp_path: Path, steps: str, **env: str):
     full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(log),
                     OUT=str(tmp_path / "out"), WORK_ROOT=str(tmp_path / "work"),
                     CACHE_DIR=str(tmp_path / "cache"), DEADLINE_S="600", STEPS=steps,
-                    TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), **env)
+                    TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    full_env.update(env)
     proc = subprocess.run(["bash", str(SCRIPT)], env=full_env, capture_output=True, text=True,
                           timeout=120)
     archive = tmp_path / "out" / "gpu_check.tar.gz"
@@ -70,10 +71,17 @@ def test_a_failed_install_stops_the_run_and_says_why(tmp_path):
     assert not any("build-ext" in c or "-m pytest" in c or "bench.e2e" in c for c in calls)
 
 
-def test_a_failed_extension_build_leaves_no_lock_behind(tmp_path):
-    lock = tmp_path / "ext" / "py312_cu130" / "crossvit_fast_cuda" / "lock"
+@pytest.mark.parametrize("layout", ["TORCH_EXTENSIONS_DIR", "user cache"])
+def test_a_failed_extension_build_leaves_no_lock_behind(tmp_path, layout):
+    """Where torch builds: ``$TORCH_EXTENSIONS_DIR/<name>`` (was: looked for one level deeper),
+    else ``$XDG_CACHE_HOME/torch_extensions/py<ver>_cu<ver>/<name>``."""
+    if layout == "TORCH_EXTENSIONS_DIR":
+        lock, env = tmp_path / "ext" / "crossvit_fast_cuda" / "lock", {}
+    else:
+        lock = tmp_path / "xdg" / "torch_extensions" / "py312_cu130" / "crossvit_fast_cuda" / "lock"
+        env = dict(TORCH_EXTENSIONS_DIR="", XDG_CACHE_HOME=str(tmp_path / "xdg"))
     lock.parent.mkdir(parents=True)
     lock.write_text("")
-    rc, summary, _ = run_script(tmp_path, "ext", STUB_BUILD_RC="1")
+    rc, summary, _ = run_script(tmp_path, "ext", STUB_BUILD_RC="1", **env)
     assert rc == 0 and any(line.startswith("phase build_ext: rc=1 ") for line in summary)
     assert not lock.exists()
