@@ -353,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="exit 1 (listing them) where a configuration misses a target")
     parser.add_argument("--out", default=None, help="folder for kernel-resources.{json,md} (default: print only)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton import knobs   # late, as this module imports Triton everywhere
+    if knobs.runtime.interpret:
         raise SystemExit("bench.kernel_resources compiles the kernels: unset TRITON_INTERPRET")
     variants = list_models() if args.variants == "all" else args.variants.split(",")
     rows = table(variants, [int(b) for b in args.batches.split(",")], args.modes.split(","),

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton.language as tl
 from torch import Tensor
+from triton import knobs
 from triton.runtime.jit import JITFunction
 
-# Read once, as triton.jit does when it decorates the kernels.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Read once, as triton.jit does when it decorates the kernels (TRITON_INTERPRET=1, true, on or yes).
+INTERPRET = bool(knobs.runtime.interpret)
 # SM count assumed where there is no CUDA device (an H100), so grid heuristics still apply.
 DEFAULT_NUM_SMS = 132
 

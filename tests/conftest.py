@@ -13,6 +13,14 @@ if not torch.cuda.is_available():
 
 from crossvit_fast import backends, layers  # noqa: E402  (after TRITON_INTERPRET is set)
 
+from crossvit_fast.backends import triton_backend  # noqa: E402
+
+if not torch.cuda.is_available() and triton_backend.triton is not None:
+    # every Triton test would fail inside the interpreter: one line saying why instead
+    _conflict = triton_backend.interpreter_numpy_conflict()
+    if _conflict:
+        raise pytest.UsageError(f"the Triton kernels cannot be tested here: {_conflict}")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -552,6 +552,35 @@ def test_unavailable_reason(monkeypatch):
     assert tb.unavailable_reason(torch.device("meta")) is not None
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs CPU tensors")
+@pytest.mark.parametrize("value", ["true", "on", "YES"])
+def test_the_interpreter_is_recognised_as_triton_reads_the_variable(monkeypatch, value):
+    """Triton interprets for TRITON_INTERPRET=true/on/yes too (was: 'not set' for all but 1)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
+    ("3.10.0+git1", "2.10.0", False), ("2.9.0", "3.0.0", True)])
+def test_an_interpreter_that_cannot_run_with_this_numpy_says_so(monkeypatch, triton_version,
+                                                                   numpy_version, refused):
+    """Triton 3.6's interpreter with numpy 2.4 (was: a TypeError inside every kernel that indexes
+    with a loaded value)."""
+    import numpy
+    import triton
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = tb.interpreter_numpy_conflict()
+    if refused:
+        assert reason == (f"Triton {triton_version}'s CPU interpreter needs numpy below 2.4, and numpy "
+                          f"{numpy_version} is installed: pip install 'numpy<2.4' (or Triton 3.7 or newer)")
+        if DEVICE == "cpu":
+            assert tb.unavailable_reason(torch.device("cpu")) == reason
+    else:
+        assert reason is None
+
+
 def test_gpus_older_than_the_a100_are_refused_with_the_reason(monkeypatch):
     """The kernels are built and checked for sm_80 and up (bench.kernel_resources): an older GPU
     gets one clear reason, and ``auto`` then takes the next backend."""

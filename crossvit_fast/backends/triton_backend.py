@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import re
 import types
 from typing import Optional, Tuple
 
@@ -47,12 +47,29 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
                     f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton.knobs.runtime.interpret:
             return "no CUDA device and TRITON_INTERPRET is not set (Triton runs CPU tensors only in its interpreter)"
         if not _launch.INTERPRET:
             return "TRITON_INTERPRET was set after the Triton kernels were imported; set it before importing Triton"
-        return None
+        return interpreter_numpy_conflict()
     return f"Triton does not run on {device.type} tensors"
+
+
+def interpreter_numpy_conflict() -> Optional[str]:
+    """Why this Triton's CPU interpreter cannot run with this numpy, or ``None``: Triton before
+    3.7 converts one-element arrays to ints in a way numpy 2.4 refuses (a TypeError in every
+    kernel that indexes with a loaded value)."""
+    import numpy
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter needs numpy below 2.4, and numpy "
+                f"{numpy.__version__} is installed: pip install 'numpy<2.4' (or Triton 3.7 or newer)")
+    return None
+
+
+def _major_minor(version: str) -> Tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 def _eager_on_device_of(t: Tensor, launch):
