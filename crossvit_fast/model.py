@@ -313,6 +313,16 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, List[in
     return take, max(take)
 
 
+class InputError(ValueError, RuntimeError):
+    """A bad image batch: a RuntimeError too, as torch raises inside timm's CrossVit for it
+    (another channel count, another device)."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An image batch of the wrong dtype or layout: a RuntimeError too, as torch raises inside
+    timm's CrossVit for it."""
+
+
 class CrossViT(NotScriptable, nn.Module):
     """Dual-branch multi-scale vision transformer, timm-compatible (``timm...CrossVit``); a
     one-branch configuration (one ``patch_size``) runs as in timm, its CLS token attending over
@@ -467,29 +477,31 @@ class CrossViT(NotScriptable, nn.Module):
         self.head.train(self.training)
 
     def _check_input(self, x: Tensor) -> None:
+        """An image batch the model can run, else an error saying what is wrong with ``x``:
+        where timm's CrossVit fails inside torch with a RuntimeError, one that is also that."""
         if not isinstance(x, Tensor):
             raise TypeError(f"CrossViT: x must be a torch.Tensor image batch, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"CrossViT: x must be a 4-D image batch [B, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"CrossViT: x must have {self.in_chans} channels (in_chans), got {x.shape[1]} "
+            raise InputError(f"CrossViT: x must have {self.in_chans} channels (in_chans), got {x.shape[1]} "
                              f"(shape {tuple(x.shape)})")
         if not x.is_floating_point():
-            raise TypeError(f"CrossViT: x must be a floating-point image batch, got {x.dtype}")
+            raise InputTypeError(f"CrossViT: x must be a floating-point image batch, got {x.dtype}")
         if x.layout != torch.strided or x.is_mkldnn:
-            raise TypeError(f"CrossViT: x must be a dense (strided) tensor, got layout {x.layout}; "
+            raise InputTypeError(f"CrossViT: x must be a dense (strided) tensor, got layout {x.layout}; "
                             f"convert it with x.to_dense()")
         param = self.cls_token_0
         if x.device != param.device:
-            raise ValueError(f"CrossViT: x is on {x.device} but the model is on {param.device}")
+            raise InputError(f"CrossViT: x is on {x.device} but the model is on {param.device}")
         if x.dtype != param.dtype:
             if autocast_dtype(x.device.type) is None:
-                raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
-                                f"{param.dtype}; cast one to the other, or run under torch.autocast")
+                raise InputTypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
+                                     f"{param.dtype}; cast one to the other, or run under torch.autocast")
             if torch.float64 in (x.dtype, param.dtype):   # autocast leaves float64 as it is
-                raise TypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
-                                f"{param.dtype}, and autocast does not cast float64; cast one to "
-                                f"the other")
+                raise InputTypeError(f"CrossViT: x is {x.dtype} but the model's parameters are "
+                                     f"{param.dtype}, and autocast does not cast float64; cast one "
+                                     f"to the other")
 
     def _branch_sizes(self, size: Tuple[int, int]) -> List[Tuple[int, int]]:
         """Each branch's image size for inputs of ``size``: the model's (timm: the input is resized

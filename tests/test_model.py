@@ -213,6 +213,20 @@ def test_bad_images_get_clear_errors():
         small_model(embed_dim=(25, 48))
 
 
+def test_bad_images_are_runtime_errors_where_timms_are():
+    """torch raises RuntimeError inside timm's CrossVit for these: handlers written for timm (its
+    validate.py's retry) catch ours too (was: ValueError or TypeError alone)."""
+    model = small_model()
+    for x in (torch.randn(2, 1, 48, 48), torch.zeros(2, 3, 48, 48, dtype=torch.uint8),
+              torch.randn(2, 3, 48, 48, dtype=torch.float16), torch.randn(2, 3, 48, 48, dtype=torch.float64),
+              torch.randn(2, 3, 48, 48, device="meta"), torch.randn(2, 3, 48, 48).to_sparse()):
+        with pytest.raises(RuntimeError, match="CrossViT: x "):
+            model(x)
+    with pytest.raises(ValueError) as err:   # timm: a ValueError too (unpacking the shape)
+        model(torch.randn(3, 48, 48))
+    assert not isinstance(err.value, RuntimeError)
+
+
 def test_autocast_bf16_runs_and_stays_close_to_fp32(fused_cls_projection):
     torch.manual_seed(0)
     model = small_model().eval()
