@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from safetensors import SafetensorError
 
 from .resolution import resample_checkpoint_pos_embeds
 
+_logger = logging.getLogger(__name__)
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
@@ -33,7 +36,8 @@ class CheckpointError(RuntimeError, ValueError):
     A RuntimeError, as timm's ``load_checkpoint`` raises for an unreadable ``torch.save`` file and
     torch's ``load_state_dict`` for mismatched keys, so that handlers written for timm catch it
     too (and a ValueError, as before). Where timm raises another type, the subclass raised is
-    that type too: :class:`CheckpointNotFoundError`, :class:`SafetensorsCheckpointError`."""
+    that type too: :class:`CheckpointNotFoundError`, :class:`SafetensorsCheckpointError`,
+    :class:`CheckpointDownloadError`."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -42,6 +46,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class SafetensorsCheckpointError(CheckpointError, SafetensorError):
     """An unreadable ``.safetensors`` file: a SafetensorError too, as timm lets through there."""
+
+
+class CheckpointDownloadError(CheckpointError, OSError):
+    """Weights or a config that could not be fetched: an OSError too, as the errors of
+    huggingface_hub and urllib that timm lets through are."""
 
 
 def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -58,14 +67,14 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = True) -> Dict[str, 
     safetensors = path.suffix == ".safetensors" or _looks_like_safetensors(path)
     state = _read_safetensors(path) if safetensors else _read_pickle(path)
     keys = (_EMA_KEYS if use_ema else ()) + _WRAPPER_KEYS
-    for key in keys:
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
+    wrapper = next((k for k in keys if isinstance(state, Mapping) and isinstance(state.get(k), Mapping)), "")
+    if wrapper:
+        state = state[wrapper]
     if not (isinstance(state, Mapping) and all(isinstance(k, str) for k in state)
             and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError(f"checkpoint {path}: expected a mapping of parameter names to tensors "
                               f"(optionally under {' or '.join(repr(k) for k in keys)})")
+    _logger.info("Loaded %s from checkpoint '%s'", wrapper, path)   # timm's line
     return dict(state)
 
 
@@ -267,7 +276,7 @@ def hub_file(repo: str, filenames: Sequence[str], cache_dir: Optional[str | os.P
             return hf_hub_download(repo, candidate, cache_dir=cache_dir)
     except Exception as err:
         detail = " ".join(str(err).split()).rstrip(".")
-        raise CheckpointError(
+        raise CheckpointDownloadError(
             f"could not fetch {what} from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}{': ' + detail if detail else ''}. Without network access, download "
             f"{filenames[0]} from https://huggingface.co/{repo} on another machine and pass "
@@ -296,7 +305,7 @@ def url_file(url: str, cache_dir: Optional[str | os.PathLike] = None, what: str 
             torch.hub.download_url_to_file(url, str(cached), progress=False)
         except Exception as err:
             detail = " ".join(str(err).split()).rstrip(".")
-            raise CheckpointError(
+            raise CheckpointDownloadError(
                 f"could not fetch {what} from {url}: {type(err).__name__}"
                 f"{': ' + detail if detail else ''}. Without network access, download it on another "
                 f"machine and pass pretrained_cfg_overlay=dict(file=PATH) with pretrained=True") from err

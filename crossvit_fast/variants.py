@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 import warnings
@@ -14,6 +15,8 @@ from .checkpoint import (CheckpointError, folder_weights, load_checkpoint, model
 from .features import FeatureGetterNet, default_out_indices
 from .layers import exportable_layers
 from .model import CrossViT
+
+_logger = logging.getLogger(__name__)   # timm's lines, where timm logs them
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -213,22 +216,29 @@ def _pretrained_weights(variant: str, cfg: dict, cache_dir: Optional[str]) -> Un
     ``state_dict``, its ``file``, (with ``TIMM_USE_OLD_CACHE=1``) its ``url``'s file where
     already cached, its ``hf_hub_id`` repository's weights (the Hub or its cache), the file at
     its ``url`` (downloaded once); a CheckpointError (a RuntimeError, as timm's)
-    where it names none."""
+    where it names none. Logs where from, as timm does."""
     source = cfg.get("source")
     if source == "local-dir":
+        _logger.info(f"Loading pretrained weights from local directory ({cfg['file']})")
         return folder_weights(cfg["file"], f"pretrained weights for {variant}")
     if cfg.get("state_dict") and source != "hf-hub":
+        _logger.info("Loading pretrained weights from state dict")
         return cfg["state_dict"]
     if cfg.get("file") and source != "hf-hub":
+        _logger.info(f"Loading pretrained weights from file ({cfg['file']})")
         return cfg["file"]
     if cfg.get("url") and source != "hf-hub" and _use_old_cache():
         cached = url_cache_path(cfg["url"])   # timm looks in the default folder only
         if cached is not None and cached.is_file():
+            _logger.info(f"Loading pretrained weights from url ({cfg['url']})")
             return str(cached)
     if cfg.get("hf_hub_id"):
-        return pretrained_path(variant, cache_dir, repo=cfg["hf_hub_id"],
-                               filename=cfg.get("hf_hub_filename"))
+        hub_filename = cfg.get("hf_hub_filename")
+        location = (cfg["hf_hub_id"], hub_filename) if hub_filename else cfg["hf_hub_id"]
+        _logger.info(f"Loading pretrained weights from Hugging Face hub ({location})")
+        return pretrained_path(variant, cache_dir, repo=cfg["hf_hub_id"], filename=hub_filename)
     if cfg.get("url"):
+        _logger.info(f"Loading pretrained weights from url ({cfg['url']})")
         return url_file(cfg["url"], cache_dir, f"pretrained weights for {variant}")
     raise CheckpointError(f"No pretrained weights exist for {cfg.get('architecture') or variant}: its "
                           f"pretrained config names no state_dict, file, hf_hub_id or url. Use "

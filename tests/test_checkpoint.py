@@ -88,6 +88,25 @@ def test_timm_train_script_checkpoint_loads_its_ema_weights(source, tmp_path):
     assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "last.ckpt")), source)
 
 
+def test_loading_logs_timms_lines(source, tmp_path, caplog):
+    """What was loaded, in timm's words (was: nothing; timm's inference.py users read this line
+    to see that the EMA weights were taken)."""
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": create_model(NAME).state_dict(), "state_dict_ema": source.state_dict()}, path)
+    plain = tmp_path / "plain.pth"
+    torch.save(source.state_dict(), plain)
+    with caplog.at_level(logging.INFO, logger="crossvit_fast"):
+        create_model(NAME, checkpoint_path=str(path))
+        create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(plain)))
+        make_hub_cache(tmp_path, NAME, source.state_dict())
+        create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Loaded state_dict_ema from checkpoint '{path}'",
+        f"Loading pretrained weights from file ({plain})", f"Loaded  from checkpoint '{plain}'",
+        f"Loading pretrained weights from Hugging Face hub (timm/{NAME}.in1k)",
+        f"Loaded  from checkpoint '{tmp_path}/models--timm--{NAME}.in1k/snapshots/{HUB_COMMIT}/model.safetensors'"]
+
+
 def test_another_variant_is_refused(tmp_path):
     torch.save(create_model("crossvit_tiny_240").state_dict(), tmp_path / "tiny.pth")
     with pytest.raises(CheckpointError, match="shape mismatches"):
@@ -206,14 +225,16 @@ def test_compiled_model_checkpoint_loads(source, tmp_path):
     assert same_weights(create_model(NAME, checkpoint_path=str(tmp_path / "compiled.pth")), source)
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 def make_hub_cache(root, name, state, repo_id=None, filename="model.safetensors"):
     """The on-disk layout huggingface_hub uses for a cached file of repo ``repo_id`` (default
     timm/<name>.in1k)."""
     repo = root / ("models--" + (repo_id or f"timm/{name}.in1k").replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    snap = repo / "snapshots" / HUB_COMMIT
     snap.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in state.items()}
     (snap / filename).parent.mkdir(parents=True, exist_ok=True)
@@ -348,9 +369,9 @@ def test_timm_use_old_cache_prefers_a_cached_url(source, tmp_path, monkeypatch):
 
 def test_pretrained_url_errors_and_no_source(tmp_path):
     absent = (tmp_path / "absent.pth").as_uri()
-    with pytest.raises(CheckpointError, match=f"could not fetch pretrained weights for {NAME} from "
-                                              f"{absent}: .*pretrained_cfg_overlay=dict\\(file=PATH\\) "
-                                              f"with pretrained=True$"):
+    with pytest.raises(OSError, match=f"could not fetch pretrained weights for {NAME} from "
+                                      f"{absent}: .*pretrained_cfg_overlay=dict\\(file=PATH\\) "
+                                      f"with pretrained=True$"):
         create_model(NAME, pretrained=True, cache_dir=str(tmp_path / "cache"),
                      pretrained_cfg_overlay=dict(hf_hub_id=None, url=absent))
     assert not (tmp_path / "cache" / "absent.pth").exists()
@@ -459,7 +480,8 @@ def test_pretrained_without_network_or_cache_says_what_to_do(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=NO_WEIGHTS + "$") as err:
         crossvit_fast.checkpoint.pretrained_path(NAME, cache_dir=str(tmp_path))
     assert time.perf_counter() - start < FAST_S and "HF_HUB_OFFLINE" in str(err.value)
-    with pytest.raises(CheckpointError, match=NO_WEIGHTS + "$"):
+    # an OSError too, as huggingface_hub's error that timm lets through (was: not one)
+    with pytest.raises(OSError, match=NO_WEIGHTS + "$"):
         create_model(NAME, pretrained=True, cache_dir=str(tmp_path))
 
 
