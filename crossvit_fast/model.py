@@ -490,7 +490,7 @@ class CrossViT(NotScriptable, nn.Module):
             raise InputTypeError(f"CrossViT: x must be a floating-point image batch, got {x.dtype}")
         if x.layout != torch.strided or x.is_mkldnn:
             raise InputTypeError(f"CrossViT: x must be a dense (strided) tensor, got layout {x.layout}; "
-                            f"convert it with x.to_dense()")
+                                 f"convert it with x.to_dense()")
         param = self.cls_token_0
         if x.device != param.device:
             raise InputError(f"CrossViT: x is on {x.device} but the model is on {param.device}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import types
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 try:
     import triton  # noqa: F401
@@ -61,15 +61,10 @@ def interpreter_numpy_conflict() -> Optional[str]:
     kernel that indexes with a loaded value)."""
     import numpy
 
-    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
         return (f"Triton {triton.__version__}'s CPU interpreter needs numpy below 2.4, and numpy "
                 f"{numpy.__version__} is installed: pip install 'numpy<2.4' (or Triton 3.7 or newer)")
     return None
-
-
-def _major_minor(version: str) -> Tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
 
 
 def _eager_on_device_of(t: Tensor, launch):
